@@ -1,0 +1,26 @@
+"""Test-wide settings: 8 emulated CPU devices, strict JAX numerics, hermetic environment."""
+import os
+
+# Must happen before jax is imported anywhere in the test session.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds-dir")  # never touch a user's datasets
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(TESTS_DIR, "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    return DATA_DIR
