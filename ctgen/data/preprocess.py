@@ -1,0 +1,272 @@
+"""Preprocessing shared by every data source and by generation: HU, orientation, grid, value ranges.
+
+Canonical layout (a contract for all of ctgen)
+-----------------------------------------------
+A volume is a numpy array `vol_DxHxW` = (slices, rows, cols) of axial slices in the DICOM patient
+frame LPS:
+
+* D (slice axis) increases toward the patient's head (S): slice 0 is the most inferior slice;
+* H (row axis) increases toward the patient's back (P): row 0 is anterior;
+* W (column axis) increases toward the patient's left (L): column 0 is the patient's right.
+
+So `vol[k]` shown as an image (row 0 at the top) is the usual radiological view from the feet:
+anterior up, patient right on the viewer's left. In nibabel axis codes the array axes (D, H, W)
+are ("S", "P", "L"); a NIfTI written with `canonical_affine` stores them as (i, j, k) = (W, H, D),
+i.e. voxel axes "LPS". Oblique scans are brought to the nearest canonical axes without
+resampling (the rotation is dropped; `orientation` records where the data came from).
+
+`spacing` is always in millimetres in (D, H, W) order. `orientation` on an example is the
+original file's voxel-axis codes in storage order (i, j, k), e.g. "RAS" or "LPS".
+
+Value ranges (the only place these conversions live)
+----------------------------------------------------
+Stored: int16 HU clipped to [-1000, 1000]. CT-ViT and MaskGIT: HU / 1000 in [-1, 1].
+Super-resolution: (HU / 1000 + 1) / 2 in [0, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from nibabel import orientations as nio
+
+HU_MIN = -1000.0
+HU_MAX = 1000.0
+CANONICAL_AXCODES_DHW = ("S", "P", "L")
+CANONICAL_AXCODES_IJK = ("L", "P", "S")  # the same frame with axes in (W, H, D) order
+
+
+class VolumeError(ValueError):
+    """A volume that cannot be used; the message names the file and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- value ranges
+def clip_hu(hu: np.ndarray) -> np.ndarray:
+    return np.clip(hu, HU_MIN, HU_MAX)
+
+
+def hu_to_model(hu: np.ndarray) -> np.ndarray:
+    """HU -> CT-ViT / MaskGIT range [-1, 1] (float32), clipping first."""
+    return (clip_hu(np.asarray(hu, np.float32)) / np.float32(HU_MAX)).astype(np.float32)
+
+
+def model_to_hu(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> HU (float32), clipping out-of-range model outputs."""
+    return (np.clip(np.asarray(x, np.float32), -1.0, 1.0) * np.float32(HU_MAX)).astype(np.float32)
+
+
+def hu_to_sr(hu: np.ndarray) -> np.ndarray:
+    """HU -> super-resolution range [0, 1] (float32)."""
+    return ((hu_to_model(hu) + np.float32(1.0)) * np.float32(0.5)).astype(np.float32)
+
+
+def sr_to_hu(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> HU (float32)."""
+    return model_to_hu(np.asarray(x, np.float32) * np.float32(2.0) - np.float32(1.0))
+
+
+def model_to_sr(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> [0, 1]."""
+    return ((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + np.float32(1.0)) * np.float32(0.5)).astype(np.float32)
+
+
+def sr_to_model(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> [-1, 1]."""
+    return (np.clip(np.asarray(x, np.float32), 0.0, 1.0) * np.float32(2.0) - np.float32(1.0)).astype(np.float32)
+
+
+def to_int16_hu(hu: np.ndarray) -> np.ndarray:
+    """Clip to [-1000, 1000] and round to the int16 storage format."""
+    return np.rint(clip_hu(np.asarray(hu, np.float32))).astype(np.int16)
+
+
+def apply_rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values -> HU (float32) with DICOM RescaleSlope / RescaleIntercept."""
+    return np.asarray(stored, np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+# ----------------------------------------------------------------------------- orientation
+def axcodes(affine: np.ndarray) -> str:
+    """nibabel axis codes of a voxel-to-RAS affine, e.g. "RAS"."""
+    return "".join(nio.aff2axcodes(affine))
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths (mm) of the (i, j, k) axes of an affine."""
+    return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def to_canonical(vol_ijk: np.ndarray, affine: np.ndarray,
+                 spacing_ijk: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Reorient a 3-D array with voxel-to-RAS `affine` to the canonical (D, H, W) layout.
+
+    spacing_ijk: voxel sizes to use instead of the affine's (e.g. from a CSV when the header
+      lacks them). Returns `(vol_DxHxW, spacing_dhw float32 (3,), original axis codes)`.
+    """
+    if vol_ijk.ndim != 3:
+        raise ValueError(f"expected a 3-D volume, got shape {vol_ijk.shape}")
+    ornt = nio.io_orientation(affine)
+    if np.isnan(ornt).any():
+        raise ValueError("affine has a degenerate axis; cannot determine orientation")
+    xform = nio.ornt_transform(ornt, nio.axcodes2ornt(CANONICAL_AXCODES_IJK))
+    vol_whd = nio.apply_orientation(vol_ijk, xform)
+    sizes = voxel_sizes(affine) if spacing_ijk is None else np.asarray(spacing_ijk, np.float64)
+    spacing_whd = np.empty(3, np.float64)
+    spacing_whd[xform[:, 0].astype(int)] = sizes
+    vol_DxHxW = np.ascontiguousarray(vol_whd.transpose(2, 1, 0))
+    return vol_DxHxW, spacing_whd[::-1].astype(np.float32), axcodes(affine)
+
+
+def canonical_affine(spacing_dhw: Sequence[float], origin_lps: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """Voxel-to-RAS affine for a canonical volume stored as (i, j, k) = (W, H, D), i.e. `vol.transpose(2, 1, 0)`.
+
+    origin_lps: LPS position (mm) of voxel (0, 0, 0).
+    """
+    dz, dy, dx = (float(s) for s in spacing_dhw)
+    aff = np.diag([-dx, -dy, dz, 1.0])  # i -> L (= -R), j -> P (= -A), k -> S
+    aff[:3, 3] = [-origin_lps[0], -origin_lps[1], origin_lps[2]]
+    return aff
+
+
+# ----------------------------------------------------------------------------- resampling
+def _resize_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """(n_out, n_in) linear-interpolation weights (half-pixel centres, edge replicate).
+
+    Downsampling with `antialias` widens the triangle filter by the scale factor (as PIL's
+    bilinear resize does), so every input voxel contributes.
+    """
+    scale = n_in / n_out
+    support = max(scale, 1.0) if antialias else 1.0
+    centre = (np.arange(n_out) + 0.5) * scale - 0.5
+    src = np.arange(n_in)
+    w = np.maximum(0.0, 1.0 - np.abs(src[None, :] - centre[:, None]) / support)
+    empty = w.sum(1) == 0  # only possible without antialias far outside: replicate nearest
+    if empty.any():
+        idx = np.clip(np.rint(centre[empty]).astype(int), 0, n_in - 1)
+        w[np.nonzero(empty)[0], idx] = 1.0
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+def resize_axis(x: np.ndarray, n_out: int, axis: int, antialias: bool = True) -> np.ndarray:
+    """Linearly resize one axis of a 3-D float32 array to `n_out` samples."""
+    n_in = x.shape[axis]
+    if n_in == n_out:
+        return x
+    m = _resize_matrix(n_in, n_out, antialias)
+    if axis == 0:
+        return (m @ x.reshape(n_in, -1)).reshape((n_out,) + x.shape[1:])
+    if axis == 1:
+        return np.matmul(m, x)
+    if axis == 2:
+        return np.matmul(x, m.T)
+    raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+
+
+def resize_volume(vol: np.ndarray, shape_dhw: Sequence[int], antialias: bool = True) -> np.ndarray:
+    """Separable (anti-aliased) linear resize of a (D, H, W) array to `shape_dhw` (float32).
+
+    Axes are processed in order of decreasing reduction, so the most expensive pass runs on the
+    smallest array.
+    """
+    x = np.asarray(vol, np.float32)
+    order = sorted(range(3), key=lambda a: shape_dhw[a] / x.shape[a])
+    for a in order:
+        x = resize_axis(x, int(shape_dhw[a]), a, antialias)
+    return x
+
+
+def _crop_or_pad(x: np.ndarray, shape: Sequence[int], fill: float) -> np.ndarray:
+    """Centre-crop or pad (with `fill`) each axis to `shape`."""
+    out = x
+    for a, n in enumerate(shape):
+        cur = out.shape[a]
+        if cur > n:
+            start = (cur - n) // 2
+            out = np.take(out, np.arange(start, start + n), axis=a)
+        elif cur < n:
+            before = (n - cur) // 2
+            pad = [(0, 0)] * 3
+            pad[a] = (before, n - cur - before)
+            out = np.pad(out, pad, constant_values=fill)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GridConfig:
+    """Target grid of prepared volumes.
+
+    shape: (D, H, W); D may be None to keep the slice count the spacing gives.
+    spacing: target spacing (D, H, W) in mm, or None. None = paper mode: resize the whole
+      volume to `shape` by array size (GenerateCT); spacing then follows from the extent.
+      With a spacing, the volume is resampled to it and centre-cropped / padded (air) to `shape`.
+    odd_slices: force 1 + 2k slices (CT-ViT's first frame + pairs) by dropping the top slice.
+    """
+
+    shape: tuple[int | None, int, int] = (201, 128, 128)
+    spacing: tuple[float, float, float] | None = None
+    odd_slices: bool = True
+
+    def __post_init__(self):
+        if len(self.shape) != 3 or any(s is not None and int(s) < 1 for s in self.shape):
+            raise ValueError(f"grid shape must be 3 positive sizes (D may be None), got {self.shape}")
+        if self.shape[0] is None and self.spacing is None:
+            raise ValueError("a free slice count (D=None) needs a target spacing")
+
+
+def to_grid(vol_DxHxW: np.ndarray, spacing_dhw: Sequence[float], grid: GridConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a canonical HU volume onto `grid`. Returns (float32 HU volume, new spacing (3,))."""
+    spacing = np.asarray(spacing_dhw, np.float64)
+    in_shape = np.asarray(vol_DxHxW.shape)
+    if grid.spacing is None:
+        out_shape = np.asarray(grid.shape)
+        vol = resize_volume(vol_DxHxW, out_shape)
+        new_spacing = spacing * in_shape / out_shape
+    else:
+        target = np.asarray(grid.spacing, np.float64)
+        res_shape = np.maximum(1, np.rint(in_shape * spacing / target)).astype(int)
+        vol = resize_volume(vol_DxHxW, res_shape)
+        new_spacing = spacing * in_shape / res_shape
+        want = [res_shape[0] if grid.shape[0] is None else grid.shape[0], grid.shape[1], grid.shape[2]]
+        vol = _crop_or_pad(vol, want, HU_MIN)
+    if grid.odd_slices and vol.shape[0] % 2 == 0:
+        vol = vol[:-1]
+    return vol, new_spacing.astype(np.float32)
+
+
+def check_hu_volume(hu: np.ndarray, name: str) -> None:
+    """Raise VolumeError unless `hu` looks like a CT volume in HU (3-D, finite, air present)."""
+    if hu.ndim != 3 or min(hu.shape) < 2:
+        raise VolumeError(f"{name}: not a 3-D volume (shape {hu.shape})")
+    if hu.shape[0] < 8:
+        raise VolumeError(f"{name}: only {hu.shape[0]} slices; a chest CT needs at least 8")
+    bad = ~np.isfinite(hu)
+    if bad.any():
+        raise VolumeError(f"{name}: {int(bad.sum())} NaN/inf voxels")
+    lo, hi = np.percentile(hu[:: max(1, hu.shape[0] // 16)], [1, 99])
+    if lo > -500 or hi < -200 or hi > 4000:
+        raise VolumeError(
+            f"{name}: values do not look like CT in HU (1st/99th percentile {lo:.0f}/{hi:.0f}; "
+            "a CT has air near -1000 and tissue above -200); wrong modality or missing rescale?")
+
+
+def preprocess(vol_ijk: np.ndarray, affine: np.ndarray, grid: GridConfig, *, name: str,
+               spacing_ijk: Sequence[float] | None = None) -> dict:
+    """HU volume in file order -> prepared example fields.
+
+    Returns {"volume": int16 (D,H,W) HU clipped, "spacing": float32 (3,), "orientation": str,
+    "original_spacing": float32 (3,) (D,H,W), "original_shape": int32 (3,) (D,H,W)}.
+    """
+    check_hu_volume(vol_ijk, name)
+    vol, spacing, orient = to_canonical(vol_ijk, affine, spacing_ijk)
+    if not (np.all(spacing > 0) and np.all(np.isfinite(spacing))):
+        raise VolumeError(f"{name}: invalid voxel spacing {spacing.tolist()}")
+    orig_shape = np.asarray(vol.shape, np.int32)
+    out, new_spacing = to_grid(np.clip(vol, HU_MIN, HU_MAX), spacing, grid)
+    return {
+        "volume": to_int16_hu(out),
+        "spacing": new_spacing,
+        "orientation": orient,
+        "original_spacing": spacing.astype(np.float32),
+        "original_shape": orig_shape,
+    }
