@@ -1,4 +1,6 @@
 from ctgen.cli import main
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ctgen.errors import UserError
+
 LOGICAL_AXES = (
     "batch", "length", "embed", "mlp", "heads", "kv", "vocab", "joined_kv",
     "conv_in", "conv_out", "conv_k", "codebook", "norm", "pos",
@@ -141,7 +143,7 @@ def rules_from_config(rules_cfg) -> tuple[tuple[str, Any], ...]:
     out = []
     for item in rules_cfg:
         if len(item) != 2:
-            raise ValueError(f"sharding rule {item!r} must be [logical_name, mesh_axes]")
+            raise UserError(f"sharding rule {item!r} must be [logical_name, mesh_axes]")
         logical, axes = item
         _check_names([logical])
         axes = None if axes in (None, "", "none", "None") else axes
@@ -149,6 +151,6 @@ def rules_from_config(rules_cfg) -> tuple[tuple[str, Any], ...]:
             axes = tuple(axes)
         for a in _as_tuple(axes):
             if a not in ("data", "fsdp", "tensor"):
-                raise ValueError(f"sharding rule {item!r}: mesh axis {a!r} is not one of data/fsdp/tensor")
+                raise UserError(f"sharding rule {item!r}: mesh axis {a!r} is not one of data/fsdp/tensor")
         out.append((logical, axes))
     return tuple(out)

@@ -47,7 +47,7 @@ class Phase:
 
 
 class Stage(Protocol):
-    """What a model stage provides to the shared loop. See `ctgen.train.toy` for a small example."""
+    """What a model stage provides to the shared loop. See `ctgen.stages.toy` for a small example."""
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         """Create the model (called under `nnx.eval_shape` first, then inside a sharded jit)."""
@@ -64,8 +64,12 @@ class Stage(Protocol):
         """A finite iterable of host-local eval batches, or None for no eval."""
 
     def eval_step(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        """Per-batch eval metrics (means over the batch); averaged over batches by the loop."""
+        """Per-batch eval metrics (means over the batch); the loop jits this over the mesh and
+        averages the results over eval batches."""
 
-    def preview(self, model: nnx.Module, batch: Batch, out_dir: str, step: int) -> None:
-        """Write human-viewable previews (PNG, NIfTI) for `batch`; called on every process, so
-        stages write files only when `jax.process_index() == 0`."""
+    def preview_step(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+        """Arrays to look at (e.g. reconstructions); jitted by the loop, gathered to host."""
+
+    def write_preview(self, outputs: dict[str, Any], batch: Batch, out_dir: str, step: int) -> None:
+        """Write previews (PNG, NIfTI) from `preview_step` outputs and the host batch (which keeps
+        text fields). Called on process 0 only."""

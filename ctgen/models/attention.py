@@ -1,0 +1,163 @@
+"""GenerateCT's attention, continuous position bias and PEG transformer, in NNX.
+
+Matches `transformer_maskgit/attention.py` numerically:
+- pre-norm attention whose norm has a learnable gamma and a constant zero beta;
+- in self-attention, keys/values come from the *un-normalised* input, queries from the normalised one;
+- q and k are L2-normalised per head, times learnable per-channel scales, logits times 8;
+- optional learned null key/value pairs (cross-attention) prepended to the keys;
+- continuous (SwinV2-style) relative position bias from a small MLP over sign*log(1+|d|);
+- transformer layer: x += PEG(x); x += attn(x, bias); [x += cross_attn(x, ctx)]; x += GEGLU-FF(x);
+  final gamma-only norm.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ctgen.models.layers import PEG, Dense, GEGLUFeedForward, ScaleNorm, l2_normalize, leaky_relu
+from ctgen.parallel.axes import param, with_axes
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with L2-normalised, learnably scaled queries and keys.
+
+    x_BxNxD may have any number of leading batch axes (..., N, D). `bias_HxNxM` is added to the
+    logits of the non-null keys. `mask_BxM` (True = attend) masks context keys.
+    """
+
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, dim_context: int | None = None,
+                 num_null_kv: int = 0, scale: float = 8.0, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = heads * dim_head
+        dim_context = dim_context or dim
+        self.heads, self.dim_head, self.scale = heads, dim_head, scale
+        self.num_null_kv = num_null_kv
+        self.cross = dim_context != dim or num_null_kv > 0
+        self.norm = ScaleNorm(dim)
+        # Only cross-attention normalises its context; self-attention's context_norm is unused in
+        # GenerateCT, so it is not a ctgen parameter (conversion writes its constant value).
+        self.context_norm = ScaleNorm(dim_context) if self.cross else None
+        self.null_kv = (nnx.Param(with_axes(jax.nn.initializers.normal(1.0), "heads", None, "kv")(
+            rngs.params(), (heads, 2 * num_null_kv, dim_head))) if num_null_kv else None)
+        self.to_q = Dense(dim, inner, axes=("embed", "joined_kv"), use_bias=False, dtype=dtype, rngs=rngs)
+        self.to_kv = Dense(dim_context, 2 * inner, axes=("embed", "joined_kv"), use_bias=False, dtype=dtype,
+                           rngs=rngs)
+        self.q_scale = param(jnp.ones((dim_head,), jnp.float32), "kv")
+        self.k_scale = param(jnp.ones((dim_head,), jnp.float32), "kv")
+        self.to_out = Dense(inner, dim, axes=("joined_kv", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, context: jax.Array | None = None, bias_HxNxM: jax.Array | None = None,
+                 mask_BxM: jax.Array | None = None) -> jax.Array:
+        h, dh = self.heads, self.dim_head
+        if context is not None:
+            context = self.context_norm(context)
+        kv_input = x if context is None else context  # self-attention: k/v from the raw input
+        q = self.to_q(self.norm(x))
+        kv = self.to_kv(kv_input)
+        inner = h * dh
+        k, v = kv[..., :inner], kv[..., inner:]
+        lead_q, lead_k = q.shape[:-1], k.shape[:-1]
+        q = q.reshape(*lead_q, h, dh)
+        k = k.reshape(*lead_k, h, dh)
+        v = v.reshape(*lead_k, h, dh)
+        if self.null_kv is not None:
+            # (h, 2n, dh): even rows are keys, odd rows values; prepend to every sequence.
+            null = self.null_kv[...].astype(k.dtype)
+            nk = jnp.swapaxes(null[:, 0::2], 0, 1)  # (n, h, dh)
+            nv = jnp.swapaxes(null[:, 1::2], 0, 1)
+            batch = k.shape[:-3]
+            k = jnp.concatenate([jnp.broadcast_to(nk, (*batch, *nk.shape)), k], axis=-3)
+            v = jnp.concatenate([jnp.broadcast_to(nv, (*batch, *nv.shape)), v], axis=-3)
+        q = l2_normalize(q) * self.q_scale[...].astype(q.dtype).reshape((1,) * (q.ndim - 1) + (dh,))
+        k = l2_normalize(k) * self.k_scale[...].astype(k.dtype).reshape((1,) * (k.ndim - 1) + (dh,))
+        logits = jnp.einsum("...nhd,...mhd->...hnm", q, k, preferred_element_type=jnp.float32) * self.scale
+        if bias_HxNxM is not None:
+            if self.num_null_kv:
+                bias_HxNxM = jnp.pad(bias_HxNxM, ((0, 0), (0, 0), (self.num_null_kv, 0)))
+            logits = logits + bias_HxNxM.astype(jnp.float32).reshape((1,) * (logits.ndim - 3) + bias_HxNxM.shape)
+        if mask_BxM is not None:
+            if self.num_null_kv:
+                mask_BxM = jnp.pad(mask_BxM, ((0, 0), (self.num_null_kv, 0)), constant_values=True)
+            mask = mask_BxM.reshape(mask_BxM.shape[:1] + (1,) * (logits.ndim - 2) + mask_BxM.shape[1:])
+            logits = jnp.where(mask, logits, -jnp.finfo(jnp.float32).max)
+        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("...hnm,...mhd->...nhd", attn, v)
+        return self.to_out(out.reshape(*lead_q, h * dh))
+
+
+def relative_positions(grid: Sequence[int]) -> np.ndarray:
+    """sign(d)*log(1+|d|) for every pair of positions of a grid, shape (N, N, len(grid)), float32."""
+    coords = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), axis=-1).reshape(-1, len(grid))
+    rel = (coords[:, None, :] - coords[None, :, :]).astype(np.float32)
+    return (np.sign(rel) * np.log1p(np.abs(rel))).astype(np.float32)
+
+
+class ContinuousPositionBias(nnx.Module):
+    """SwinV2 continuous position bias: MLP(num_dims -> dim -> ... -> heads) over log-spaced offsets.
+
+    Depends only on the grid, so models compute it once per forward and share it across layers.
+    """
+
+    def __init__(self, dim: int, heads: int, *, num_dims: int = 2, layers: int = 2, rngs: nnx.Rngs):
+        self.hidden = nnx.List([Dense(num_dims if i == 0 else dim, dim, axes=("pos", "mlp") if i == 0 else (None, "mlp"),
+                                      rngs=rngs) for i in range(layers)])
+        self.to_heads = Dense(dim, heads, axes=(None, "heads"), rngs=rngs)
+
+    def __call__(self, grid: Sequence[int]) -> jax.Array:
+        """Bias of shape (heads, N, N) with N = prod(grid)."""
+        h = jnp.asarray(relative_positions(grid))
+        for layer in self.hidden:
+            h = leaky_relu(layer(h), 0.1)
+        return jnp.transpose(self.to_heads(h), (2, 0, 1))
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, dim: int, *, heads: int, dim_head: int, ff_mult: float, peg: bool, peg_causal: bool,
+                 dim_context: int | None, cross_num_null_kv: int, dtype, rngs: nnx.Rngs):
+        self.peg = PEG(dim, causal=peg_causal, rngs=rngs) if peg else None
+        self.attn = Attention(dim, heads=heads, dim_head=dim_head, dtype=dtype, rngs=rngs)
+        self.cross_attn = (Attention(dim, heads=heads, dim_head=dim_head, dim_context=dim_context,
+                                     num_null_kv=cross_num_null_kv, dtype=dtype, rngs=rngs)
+                           if dim_context else None)
+        self.ff = GEGLUFeedForward(dim, ff_mult, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, grid_BxTxHxW, bias, context, context_mask):
+        if self.peg is not None:
+            x = x + self.peg(x, grid_BxTxHxW)
+        x = x + self.attn(x, bias_HxNxM=bias)
+        if self.cross_attn is not None and context is not None:
+            x = x + self.cross_attn(x, context=context, mask_BxM=context_mask)
+        return x + self.ff(x)
+
+
+def _block_forward(block, x, grid, bias, context, context_mask):
+    return block(x, grid, bias, context, context_mask)
+
+
+class Transformer(nnx.Module):
+    """Stack of PEG/attention/(cross-attention)/FF blocks with a final gamma-only norm.
+
+    remat: recompute each block's activations in the backward pass (saves memory on long volumes).
+    """
+
+    def __init__(self, dim: int, *, depth: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4.0,
+                 peg: bool = True, peg_causal: bool = False, dim_context: int | None = None,
+                 cross_num_null_kv: int = 2, remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layers = nnx.List([
+            TransformerBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, peg=peg, peg_causal=peg_causal,
+                             dim_context=dim_context, cross_num_null_kv=cross_num_null_kv, dtype=dtype, rngs=rngs)
+            for _ in range(depth)])
+        self.norm_out = ScaleNorm(dim)
+        self.remat = remat
+
+    def __call__(self, x: jax.Array, grid_BxTxHxW: Sequence[int], *, bias_HxNxN: jax.Array | None = None,
+                 context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
+        """x: (..., N, D) whose row-major memory is reinterpreted as the grid by each PEG."""
+        grid = tuple(int(g) for g in grid_BxTxHxW)
+        fwd = nnx.remat(_block_forward, static_argnums=(2,)) if self.remat else _block_forward
+        for block in self.layers:
+            x = fwd(block, x, grid, bias_HxNxN, context, context_mask)
+        return self.norm_out(x)

@@ -1,0 +1,183 @@
+"""Small building blocks shared by ctgen's models: dense layers, layer norms, GEGLU, convolutions.
+
+Every parameter carries logical axis names (`ctgen.parallel.axes`). Layers compute in
+`dtype` (float32 unless a config asks for bfloat16) and keep parameters in float32. All
+broadcasts are explicit so the code runs under `jax_numpy_rank_promotion="raise"`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ctgen.parallel.axes import param, with_axes
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable state saved with the model (EMA codebooks, counters); never an optimizer target."""
+
+
+def torch_linear_init(fan_in: int):
+    """PyTorch's default Linear/Conv init (kaiming-uniform with a=sqrt(5)): U(-1/sqrt(fan_in), +)."""
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def bcast(v: jax.Array, ndim: int) -> jax.Array:
+    """Reshape a 1-D vector so it broadcasts against the last axis of an `ndim`-D array."""
+    return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float = 1e-5) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32 (PyTorch's biased variance)."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * bcast(scale.astype(jnp.float32), y.ndim)
+    if bias is not None:
+        y = y + bcast(bias.astype(jnp.float32), y.ndim)
+    return y.astype(dtype)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return (x / jnp.maximum(norm, eps).astype(x.dtype)).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias). kernel is (in, out), the transpose of a torch Linear weight."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None], use_bias: bool = True,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(with_axes(torch_linear_init(d_in), *axes)(rngs.params(), (d_in, d_out)))
+        self.bias = (nnx.Param(with_axes(torch_linear_init(d_in), "norm")(rngs.params(), (d_out,)))
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + bcast(self.bias[...].astype(y.dtype), y.ndim)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """nn.LayerNorm(dim) with learnable scale and bias, eps 1e-5."""
+
+    def __init__(self, dim: int):
+        self.scale = param(jnp.ones((dim,), jnp.float32), "norm")
+        self.bias = param(jnp.zeros((dim,), jnp.float32), "norm")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...])
+
+
+class ScaleNorm(nnx.Module):
+    """GenerateCT's attention LayerNorm: learnable gamma, a bias that is a constant zero buffer.
+
+    The zero bias is not stored in ctgen (it never changes); conversion writes it as `beta`.
+    """
+
+    def __init__(self, dim: int):
+        self.scale = param(jnp.ones((dim,), jnp.float32), "norm")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], None)
+
+
+class GEGLUFeedForward(nnx.Module):
+    """LayerNorm -> Dense(dim, 2*inner) -> value * gelu(gate) -> Dense(inner, dim); no biases.
+
+    inner = int(mult * 2/3 * dim) (1365 for dim 512); the first half of the projection is the
+    value, the second half the gate; GELU is the exact (erf) one.
+    """
+
+    def __init__(self, dim: int, mult: float = 4.0, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.inner = int(mult * (2 / 3) * dim)
+        self.norm = LayerNorm(dim)
+        self.w_in = Dense(dim, 2 * self.inner, axes=("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs)
+        self.w_out = Dense(self.inner, dim, axes=("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.w_in(self.norm(x))
+        value, gate = h[..., : self.inner], h[..., self.inner:]
+        return self.w_out(jax.nn.gelu(gate, approximate=False) * value)
+
+
+def depthwise_conv3d(x_BxTxHxWxD: jax.Array, kernel_3x3x3xD: jax.Array, bias_D: jax.Array,
+                     causal_time: bool) -> jax.Array:
+    """Depthwise 3x3x3 cross-correlation with zero padding (time: 2 before if causal else 1|1).
+
+    Written as 27 shifted multiply-adds: a fused elementwise loop on XLA:CPU, much faster there
+    than a grouped convolution (forward and both gradients).
+    """
+    t, h, w = x_BxTxHxWxD.shape[1:4]
+    pad_t = (2, 0) if causal_time else (1, 1)
+    xp = jnp.pad(x_BxTxHxWxD, ((0, 0), pad_t, (1, 1), (1, 1), (0, 0)))
+    k = kernel_3x3x3xD.astype(x_BxTxHxWxD.dtype)
+    out = jnp.broadcast_to(bcast(bias_D.astype(x_BxTxHxWxD.dtype), 5), x_BxTxHxWxD.shape)
+    for dt in range(3):
+        for dh in range(3):
+            for dw in range(3):
+                tap = xp[:, dt:dt + t, dh:dh + h, dw:dw + w, :]
+                out = out + tap * bcast(k[dt, dh, dw], 5)
+    return out
+
+
+class PEG(nnx.Module):
+    """Position-generating depthwise 3x3x3 convolution over a (T, H, W) token grid."""
+
+    def __init__(self, dim: int, *, causal: bool, rngs: nnx.Rngs):
+        self.causal = causal
+        self.kernel = nnx.Param(with_axes(torch_linear_init(27), "conv_k", "conv_k", "conv_k", "embed")(
+            rngs.params(), (3, 3, 3, dim)))
+        self.bias = nnx.Param(with_axes(torch_linear_init(27), "norm")(rngs.params(), (dim,)))
+
+    def __call__(self, x: jax.Array, grid_BxTxHxW: Sequence[int]) -> jax.Array:
+        """Reinterpret `x` row-major as (B, T, H, W, D) (GenerateCT's raw reshape), convolve, restore."""
+        shape = x.shape
+        y = depthwise_conv3d(x.reshape(*grid_BxTxHxW, shape[-1]), self.kernel[...], self.bias[...], self.causal)
+        return y.reshape(shape)
+
+
+def conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCinxCout: jax.Array, bias: jax.Array | None, padding: int) -> jax.Array:
+    """Stride-1 NHWC 2-D convolution (cross-correlation, zero padding)."""
+    y = jax.lax.conv_general_dilated(
+        x_BxHxWxC, kernel_KxKxCinxCout.astype(x_BxHxWxC.dtype), window_strides=(1, 1),
+        padding=((padding, padding), (padding, padding)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if bias is not None:
+        y = y + bcast(bias.astype(y.dtype), 4)
+    return y
+
+
+class Conv2d(nnx.Module):
+    """NHWC stride-1 2-D convolution; kernel (k, k, in, out) = torch weight (out, in, k, k) permuted."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, *, padding: int, dtype=jnp.float32, rngs: nnx.Rngs):
+        fan_in = c_in * k * k
+        self.kernel = nnx.Param(with_axes(torch_linear_init(fan_in), "conv_k", "conv_k", "conv_in", "conv_out")(
+            rngs.params(), (k, k, c_in, c_out)))
+        self.bias = nnx.Param(with_axes(torch_linear_init(fan_in), "norm")(rngs.params(), (c_out,)))
+        self.padding = padding
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kernel.shape[0] == 1:  # 1x1: a matmul, no convolution machinery
+            y = jnp.matmul(x.astype(self.dtype), self.kernel[...][0, 0].astype(self.dtype))
+            return y + bcast(self.bias[...].astype(y.dtype), 4)
+        return conv2d(x.astype(self.dtype), self.kernel[...], self.bias[...], self.padding)
+
+
+def leaky_relu(x: jax.Array, slope: float = 0.1) -> jax.Array:
+    return jnp.where(x >= 0, x, slope * x)

@@ -1,0 +1,245 @@
+"""The one training loop every stage uses: `train(config, workdir)`.
+
+Sections: mesh -> stage & optimizers -> sharded state (fresh, resumed, or warm-started) ->
+data -> jitted steps -> loop (log, eval, preview, checkpoint, preemption) -> final save.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from ctgen.errors import UserError
+from ctgen.parallel import axes as axes_lib
+from ctgen.parallel.mesh import batch_shards, describe, make_mesh
+from ctgen.stages import get_stage
+from ctgen.train import checkpoint as ckpt_lib
+from ctgen.train import state as state_lib
+from ctgen.train.metrics import MetricWriter, to_python
+from ctgen.train.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM/SIGINT-triggered checkpoint was written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; checkpoint saved, rerun the same command to resume")
+        self.step = step
+
+
+class _StopSignal:
+    """Turns SIGTERM (and SIGINT) into a flag the loop polls between steps."""
+
+    def __init__(self):
+        self.flag = threading.Event()
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: will checkpoint and stop after the current step", signum)
+        self.flag.set()
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def stop_requested(self) -> bool:
+        local = self.flag.is_set()
+        if jax.process_count() == 1:
+            return local
+        # Every process must stop at the same step so the checkpoint is consistent.
+        return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+
+
+def validate(config: ml_collections.ConfigDict, mesh) -> None:
+    t = config.train
+    shards = batch_shards(mesh)
+    if t.batch_size % jax.process_count():
+        raise UserError(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} processes")
+    if t.batch_size % (shards * t.accum_steps):
+        raise UserError(
+            f"train.batch_size={t.batch_size} must be divisible by data*fsdp={shards} times "
+            f"train.accum_steps={t.accum_steps} (each micro-batch is split over the batch axes)"
+        )
+    if t.steps <= 0:
+        raise UserError(f"train.steps must be positive, got {t.steps}")
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    if every < 0:
+        return False
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _write_config(config, workdir: str) -> None:
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            log.warning("resuming with a config that differs from %s in: %s", path, ", ".join(changed))
+        path = os.path.join(workdir, f"config.{int(time.time())}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(new, f, indent=2)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None) -> dict[str, Any]:
+    """Train `config.stage` in `workdir` (resuming if it has checkpoints). Returns a summary."""
+    # --- mesh -----------------------------------------------------------------------------------
+    mesh = make_mesh(config.mesh.to_dict())
+    rules = axes_lib.rules_from_config(config.sharding_rules)
+    validate(config, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir)
+    log.info("mesh %s, process %d/%d", describe(mesh), jax.process_index(), jax.process_count())
+
+    # --- stage, optimizers, sharded state ---------------------------------------------------------
+    stage = stage or get_stage(config)
+    t = config.train
+    phase_names = list(dict.fromkeys(t.phase_cycle))
+    for name in phase_names:
+        if name not in config.optim:
+            raise UserError(f"phase {name!r} has no optimizer config: set config.optim.{name}")
+    optimizers = {n: make_optimizer(config.optim[n], t.steps) for n in phase_names}
+    setup = state_lib.build_setup(stage, config, mesh, rules, optimizers)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_period=t.keep_period,
+                                 async_save=t.async_checkpointing)
+    data_it = stage.train_data(jax.process_index(), jax.process_count(), config.seed)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        log.info("resuming from %s step %d", ckpt.directory, latest)
+        if config.init_from:
+            log.info("init_from=%s ignored: the workdir already has checkpoints", config.init_from)
+        state, data_state = ckpt.restore(latest, setup.abstract)
+        if data_state is not None:
+            ckpt_lib.set_iterator_state(data_it, data_state)
+    else:
+        state = state_lib.create_state(stage, config, setup)
+        if config.init_from:
+            log.info("warm-starting parameters from %s", config.init_from)
+            state["params"] = ckpt_lib.load_params(config.init_from, setup.abstract["params"])
+    start = int(jax.device_get(state["step"]))
+    log.info("%d parameters; starting at step %d of %d", state_lib.param_count(state), start, t.steps)
+
+    # --- jitted steps -------------------------------------------------------------------------------
+    steps: dict[str, Any] = {}
+    eval_fn = preview_fn = None
+    eval_data = stage.eval_data(jax.process_index(), jax.process_count()) if t.eval_every >= 0 else None
+    if eval_data is not None:
+        eval_fn = state_lib.make_apply_fn(setup, stage.eval_step, t.eval_with_ema)
+    if t.preview_every >= 0 and hasattr(stage, "preview_step"):
+        preview_fn = state_lib.make_apply_fn(setup, stage.preview_step, t.eval_with_ema)
+
+    writer = MetricWriter(workdir)
+    pending: list[dict] = []
+    last_batch = None
+    summary: dict[str, Any] = {"start_step": start}
+    bar = tqdm(total=t.steps, initial=start, desc=f"train {config.stage}", unit="step",
+               disable=not (t.progress_bar and jax.process_index() == 0), dynamic_ncols=True)
+    tick, tick_step = time.time(), start
+    step = start
+    try:
+        with _StopSignal() as stop, jax.set_mesh(mesh):
+            while step < t.steps:
+                phase = t.phase_cycle[step % len(t.phase_cycle)]
+                try:
+                    host = next(data_it)
+                except StopIteration:
+                    raise RuntimeError(f"training data ran out at step {step}; train pipelines must repeat") from None
+                last_batch = host
+                local = state_lib.numeric_fields(host)
+                if phase not in steps:
+                    fn = state_lib.make_train_step(setup, phase, t.accum_steps, len(phase_names) > 1)
+                    steps[phase] = state_lib.jit_train_step(setup, fn, state_lib.batch_shardings_for(local, mesh))
+                if t.profile_steps and step == start + 2 and jax.process_index() == 0:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                state, metrics = steps[phase](state, state_lib.global_batch(local, mesh))
+                step += 1
+                if t.profile_steps and step == start + 2 + t.profile_steps and jax.process_index() == 0:
+                    jax.block_until_ready(state["step"])
+                    jax.profiler.stop_trace()
+                pending.append(metrics)
+                bar.update(1)
+
+                if _due(step, t.log_every, t.steps) or step == t.steps:
+                    values = _average([to_python(m) for m in pending])
+                    now = time.time()
+                    values["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step, pending = now, step, []
+                    writer.write(step, values)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("loss")}, refresh=False)
+                    summary["train"] = values
+                if eval_fn is not None and _due(step, t.eval_every, t.steps):
+                    summary["eval"] = _evaluate(eval_fn, state, eval_data, t.eval_batches, mesh)
+                    writer.write(step, summary["eval"], split="eval")
+                    log.info("step %d eval: %s", step, _fmt(summary["eval"]))
+                if preview_fn is not None and _due(step, t.preview_every, t.steps):
+                    _preview(stage, preview_fn, state, eval_data, last_batch, mesh,
+                             os.path.join(workdir, "previews", f"step_{step:08d}"), step)
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    ckpt.save(step, state, ckpt_lib.iterator_state(data_it))
+                if stop.stop_requested():
+                    if step not in ckpt.all_steps():
+                        ckpt.save(step, state, ckpt_lib.iterator_state(data_it), force=True)
+                    ckpt.wait()
+                    raise Preempted(step)
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    summary["final_step"] = step
+    summary["state"] = state
+    return summary
+
+
+def _average(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.5g}" for k, v in values.items())
+
+
+def _evaluate(eval_fn, state, eval_data, max_batches: int, mesh) -> dict[str, float]:
+    rows = []
+    for i, host in enumerate(eval_data):
+        if max_batches and i >= max_batches:
+            break
+        local = state_lib.numeric_fields(host)
+        rows.append(to_python(eval_fn(state, state_lib.global_batch(local, mesh))))
+    if not rows:
+        raise RuntimeError("the eval split yielded no batches (is it smaller than one eval batch?)")
+    return _average(rows)
+
+
+def _preview(stage, preview_fn, state, eval_data, last_batch, mesh, out_dir: str, step: int) -> None:
+    host = next(iter(eval_data)) if eval_data is not None else last_batch
+    outputs = preview_fn(state, state_lib.global_batch(state_lib.numeric_fields(host), mesh))
+    outputs = jax.tree.map(np.asarray, jax.device_get(outputs))
+    if jax.process_index() == 0:
+        stage.write_preview(outputs, host, out_dir, step)
