@@ -22,7 +22,7 @@ _PRESETS: dict[str, dict[str, int]] = {
     "xl": dict(d_model=2048, d_ff=5120, num_layers=24, num_heads=32, d_kv=64),
     "xxl": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64),
     # ctgen's shipped demo/test encoder (ctgen/assets/text/builtin_t5, see make_builtin.py).
-    "tiny": dict(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=1024),
+    "tiny": dict(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=640),
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 

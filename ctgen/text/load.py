@@ -1,0 +1,233 @@
+"""Finding and loading a text encoder: Hugging Face dir, T5X checkpoint, ctgen Orbax dir, or "builtin".
+
+    load_text_encoder("builtin")                       # the tiny shipped demo/test encoder
+    load_text_encoder("/models/t5-v1_1-base")          # config.json + model.safetensors + spiece.model
+    load_text_encoder("/models/t5_1_1_base")           # T5X: checkpoint_<step>/checkpoint + zarr arrays
+    load_text_encoder("/runs/t5_ctgen")                # ctgen_t5.json + params/ (Orbax) + spiece.model
+
+Every path ends in the same place: a flat `{ctgen path: array}` checked against the model's
+expected names and shapes (missing, unexpected and mis-shaped tensors are all reported together).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ctgen.convert import t5 as t5_maps
+from ctgen.convert.namemap import Report, flatten_state, unflatten_state
+from ctgen.text import hf_files, t5x_format
+from ctgen.text.config import T5Config
+from ctgen.text.t5 import T5Encoder, abstract_encoder
+from ctgen.text.tokenizer import T5Tokenizer
+
+BUILTIN = "builtin"
+CTGEN_META = "ctgen_t5.json"
+CTGEN_FORMAT = "ctgen.text.t5-encoder"
+_LAYER = re.compile(r"target/encoder/layers_(\d+)/")
+
+
+def builtin_dir() -> str:
+    """Directory of the shipped tiny encoder (a Hugging Face-format model dir)."""
+    import ctgen
+
+    return os.path.join(os.path.dirname(os.path.abspath(ctgen.__file__)), "assets", "text", "builtin_t5")
+
+
+def detect_format(path: str) -> tuple[str, str]:
+    """`(kind, directory)` with kind one of "hf", "t5x", "ctgen"; errors say what was expected."""
+    if path == BUILTIN:
+        return "hf", builtin_dir()
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text encoder {path!r} does not exist; give 'builtin' or a directory holding a "
+                                "Hugging Face T5 model, a T5X checkpoint or a ctgen text encoder")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CTGEN_META)):
+        return "ctgen", path
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return "hf", path
+    if t5x_format.find_t5x_checkpoint(path):
+        return "t5x", path
+    listing = sorted(os.listdir(path))[:20] if os.path.isdir(path) else [os.path.basename(path)]
+    raise ValueError(
+        f"{path} is not a text encoder: expected a Hugging Face model dir (config.json + model.safetensors or "
+        f"pytorch_model.bin + spiece.model), a T5X checkpoint (checkpoint_<step>/checkpoint), or a ctgen "
+        f"encoder dir ({CTGEN_META} + params/); found {listing}")
+
+
+def _expected_shapes(cfg: T5Config) -> dict[str, tuple]:
+    state = nnx.state(abstract_encoder(cfg), nnx.Param)
+    return {k: tuple(v.shape) for k, v in flatten_state(state.to_pure_dict()).items()}
+
+
+def _t5x_config(flat: Mapping[str, Any], source: str) -> T5Config:
+    """Infer the encoder's sizes from a T5X checkpoint's shapes (T5X dirs carry no config file)."""
+    need = {
+        "embedding": "target/token_embedder/embedding",
+        "relpos": "target/encoder/relpos_bias/rel_embedding",
+        "query": "target/encoder/layers_0/attention/query/kernel",
+        "wi_0": "target/encoder/layers_0/mlp/wi_0/kernel",
+    }
+    missing = [v for v in need.values() if v not in flat]
+    if missing:
+        raise ValueError(f"{source}: not a T5 v1.1 (gated-GELU) encoder checkpoint; missing {missing}")
+    shape = {k: t5x_format.shape_of(flat[v]) for k, v in need.items()}
+    vocab, d_model = shape["embedding"]
+    heads, buckets = shape["relpos"]
+    layers = 1 + max(int(m.group(1)) for k in flat if (m := _LAYER.match(k)))
+    if shape["query"][1] % heads:
+        raise ValueError(f"{source}: query width {shape['query'][1]} is not a multiple of {heads} heads")
+    return T5Config(vocab_size=vocab, d_model=d_model, d_kv=shape["query"][1] // heads, d_ff=shape["wi_0"][1],
+                    num_layers=layers, num_heads=heads, relative_attention_num_buckets=buckets)
+
+
+def _read_ctgen_meta(directory: str) -> T5Config:
+    path = os.path.join(directory, CTGEN_META)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != CTGEN_FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, expected {CTGEN_FORMAT!r}")
+        return T5Config.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid ctgen text encoder description: {e}") from None
+
+
+def load_text_config(path: str) -> T5Config:
+    """The encoder's `T5Config` without reading its weights (e.g. to size a cross-attention)."""
+    kind, directory = detect_format(path)
+    if kind == "hf":
+        return T5Config.from_hf_json(os.path.join(directory, "config.json"))
+    if kind == "ctgen":
+        return _read_ctgen_meta(directory)
+    msgpack = t5x_format.find_t5x_checkpoint(directory)
+    return _t5x_config(t5x_format.read_t5x_checkpoint(msgpack), msgpack)
+
+
+def _check_same_names(flat: Mapping[str, Any], expected: Mapping[str, tuple], source: str) -> None:
+    report = Report(converted=len(flat))
+    report.missing = sorted(set(expected) - set(flat))
+    report.unexpected = sorted(set(flat) - set(expected))
+    report.mismatched = [(k, tuple(np.shape(flat[k])), tuple(expected[k]))
+                         for k in sorted(set(flat) & set(expected)) if tuple(np.shape(flat[k])) != tuple(expected[k])]
+    if not report.ok:
+        raise ValueError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}")
+
+
+def _load_params(kind: str, directory: str, cfg: T5Config) -> dict[str, np.ndarray]:
+    expected = _expected_shapes(cfg)
+    if kind == "hf":
+        tensors, source = hf_files.read_hf_weights(directory)
+        flat, _ = t5_maps.hf_to_ours(tensors, expected, source=source)
+    elif kind == "t5x":
+        msgpack = t5x_format.find_t5x_checkpoint(directory)
+        flat, _ = t5_maps.t5x_to_ours(t5x_format.read_t5x_checkpoint(msgpack), expected, source=msgpack)
+    else:
+        import orbax.checkpoint as ocp
+
+        params_dir = os.path.join(directory, "params")
+        if not os.path.isdir(params_dir):
+            raise FileNotFoundError(f"{directory} has {CTGEN_META} but no params/ Orbax checkpoint")
+        with ocp.StandardCheckpointer() as ckpt:
+            tree = ckpt.metadata(params_dir).item_metadata.tree
+            shapes = {k: tuple(v.shape) for k, v in flatten_state(tree).items()}
+            _check_same_names({k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()},
+                              expected, params_dir)
+            flat = flatten_state(ckpt.restore(params_dir))
+        _check_same_names(flat, expected, params_dir)
+    return flat
+
+
+def model_from_params(cfg: T5Config, flat: Mapping[str, Any], *, mesh=None, rules=None) -> T5Encoder:
+    """Build the encoder from a flat `{ctgen path: array}` dict (no random init), optionally sharded."""
+    from ctgen.parallel.axes import DEFAULT_RULES, state_shardings
+
+    graphdef, state = nnx.split(abstract_encoder(cfg))
+    dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+    nnx.replace_by_pure_dict(state, unflatten_state({k: np.asarray(v).astype(dtype) for k, v in flat.items()}))
+    if mesh is not None:
+        shardings = state_shardings(state, rules or DEFAULT_RULES, mesh)
+        state = jax.device_put(state, shardings)
+    else:
+        state = jax.device_put(state)
+    return nnx.merge(graphdef, state)
+
+
+def load_text_encoder(
+    path: str = BUILTIN, *, dtype: str | None = None, mesh=None, rules=None,
+) -> tuple[T5Encoder, T5Tokenizer, T5Config]:
+    """Load `(model, tokenizer, config)` from "builtin" or a HF / T5X / ctgen directory.
+
+    dtype: compute dtype override ("float32", "bfloat16", "float16").
+    mesh, rules: place the parameters sharded by their logical axes (default rules if None).
+    The tokenizer is `spiece.model` in the directory (for T5X also its parent directory).
+    """
+    kind, directory = detect_format(path)
+    cfg = load_text_config(path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    tokenizer = T5Tokenizer.from_dir(directory, search_parent=(kind == "t5x"))
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tokenizer.source} has {tokenizer.vocab_size} pieces but the encoder in {directory} "
+                         f"embeds only {cfg.vocab_size} ids: tokenizer and weights do not belong together")
+    model = model_from_params(cfg, _load_params(kind, directory, cfg), mesh=mesh, rules=rules)
+    return model, tokenizer, cfg
+
+
+def save_text_encoder(model: T5Encoder, tokenizer: T5Tokenizer, out_dir: str) -> str:
+    """Write ctgen's own format: `ctgen_t5.json`, `spiece.model`, `params/` (Orbax)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(os.path.join(out_dir, "params")):
+        raise FileExistsError(f"{out_dir} already holds a text encoder (params/); choose a new directory")
+    os.makedirs(out_dir, exist_ok=True)
+    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(out_dir, "params"), params)
+        ckpt.wait_until_finished()
+    with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
+        f.write(tokenizer.serialized_model())
+    with open(os.path.join(out_dir, CTGEN_META), "w", encoding="utf-8") as f:
+        json.dump({"format": CTGEN_FORMAT, "version": 1, "config": model.config.to_dict()}, f, indent=2)
+    return out_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderSpec:
+    """How a config names its text encoder: `path` is "builtin" or a HF / T5X / ctgen directory.
+
+    In an ml_collections config: `config.text_encoder = "builtin"` or
+    `config.text_encoder = dict(path="/models/t5-v1_1-base", max_length=256, dtype="float32")`.
+    """
+
+    path: str = BUILTIN
+    max_length: int = 256
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, value: "str | Mapping[str, Any] | TextEncoderSpec") -> "TextEncoderSpec":
+        if isinstance(value, TextEncoderSpec):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return cls(path=os.fspath(value))
+        if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+            value = value.to_dict()
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown text encoder fields {unknown}; known: path, max_length, dtype")
+            return cls(**value)
+        raise TypeError(f"a text encoder is named by a path string or a mapping, got {type(value).__name__}")
+
+    def config(self) -> T5Config:
+        return load_text_config(self.path).replace(dtype=self.dtype)
+
+    def load(self, *, mesh=None, rules=None) -> tuple[T5Encoder, T5Tokenizer, T5Config]:
+        return load_text_encoder(self.path, dtype=self.dtype, mesh=mesh, rules=rules)
