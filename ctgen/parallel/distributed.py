@@ -55,9 +55,9 @@ def maybe_initialize(cfg: Any = None) -> bool:
         value = _get(cfg, key) or os.environ.get(env) or None
         if value is not None:
             kwargs[key] = int(value) if key != "coordinator_address" else str(value)
-    if jax.default_backend() == "cpu" or _get(cfg, "cpu_collectives"):
-        # CPU processes need a collectives backend to talk to each other (tests, CPU clusters).
-        jax.config.update("jax_cpu_collectives_implementation", _get(cfg, "cpu_collectives", "gloo"))
+    # CPU devices need a collectives backend to talk across processes (tests, CPU clusters); the
+    # setting only affects the CPU client, and must not query the backend before initialize().
+    jax.config.update("jax_cpu_collectives_implementation", _get(cfg, "cpu_collectives", "gloo"))
     timeout = _get(cfg, "initialization_timeout")
     if timeout:
         kwargs["initialization_timeout"] = int(timeout)

@@ -43,7 +43,7 @@ class Dense(nnx.Module):
         self.bias = param(jnp.zeros((dout,)), names[1])
 
     def __call__(self, x_BxI: jax.Array) -> jax.Array:
-        return x_BxI @ self.kernel[...] + self.bias[...]
+        return x_BxI @ self.kernel[...] + self.bias[...][None, :]
 
 
 class ToyModel(nnx.Module):

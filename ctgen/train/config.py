@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0 = off)
     t.async_checkpointing = True
+    t.stop_after_steps = 0  # >0: stop (with a checkpoint) after this many steps in this run,
+    #                           e.g. to fit a job time limit; the schedule still spans train.steps
     t.progress_bar = True
     t.profile_steps = 0  # >0: write a jax.profiler trace of that many steps after warm-up
 

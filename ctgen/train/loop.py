@@ -106,10 +106,14 @@ def _write_config(config, workdir: str) -> None:
         json.dump(new, f, indent=2)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None) -> dict[str, Any]:
-    """Train `config.stage` in `workdir` (resuming if it has checkpoints). Returns a summary."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, devices=None) -> dict[str, Any]:
+    """Train `config.stage` in `workdir` (resuming if it has checkpoints). Returns a summary.
+
+    stage: a Stage object to use instead of `config.stage` (tests, notebooks).
+    devices: build the mesh over these devices instead of all of them.
+    """
     # --- mesh -----------------------------------------------------------------------------------
-    mesh = make_mesh(config.mesh.to_dict())
+    mesh = make_mesh(config.mesh.to_dict(), devices)
     rules = axes_lib.rules_from_config(config.sharding_rules)
     validate(config, mesh)
     os.makedirs(workdir, exist_ok=True)
@@ -143,6 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None) -> dic
             log.info("warm-starting parameters from %s", config.init_from)
             state["params"] = ckpt_lib.load_params(config.init_from, setup.abstract["params"])
     start = int(jax.device_get(state["step"]))
+    end = min(t.steps, start + t.stop_after_steps) if t.stop_after_steps > 0 else t.steps
     log.info("%d parameters; starting at step %d of %d", state_lib.param_count(state), start, t.steps)
 
     # --- jitted steps -------------------------------------------------------------------------------
@@ -164,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None) -> dic
     step = start
     try:
         with _StopSignal() as stop, jax.set_mesh(mesh):
-            while step < t.steps:
+            while step < end:
                 phase = t.phase_cycle[step % len(t.phase_cycle)]
                 try:
                     host = next(data_it)
@@ -185,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None) -> dic
                 pending.append(metrics)
                 bar.update(1)
 
-                if _due(step, t.log_every, t.steps) or step == t.steps:
+                if _due(step, t.log_every, t.steps) or step == end:
                     values = _average([to_python(m) for m in pending])
                     now = time.time()
                     values["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
@@ -200,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None) -> dic
                 if preview_fn is not None and _due(step, t.preview_every, t.steps):
                     _preview(stage, preview_fn, state, eval_data, last_batch, mesh,
                              os.path.join(workdir, "previews", f"step_{step:08d}"), step)
-                if step % t.checkpoint_every == 0 or step == t.steps:
+                if step % t.checkpoint_every == 0 or step == end:
                     ckpt.save(step, state, ckpt_lib.iterator_state(data_it))
                 if stop.stop_requested():
                     if step not in ckpt.all_steps():

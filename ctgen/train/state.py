@@ -170,7 +170,7 @@ def make_train_step(setup: Setup, phase_name: str, accum_steps: int, prefix_metr
                 state["ema"][phase_name], trainable, ema.ema_decay, count, ema.ema_start, ema.update_every)}
         new["phase_updates"] = {**state["phase_updates"], phase_name: count + 1}
         new["step"] = state["step"] + 1
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
         if prefix_metrics:
             metrics = {f"{phase_name}/{k}": v for k, v in metrics.items()}
         return new, metrics

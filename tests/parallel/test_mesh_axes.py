@@ -1,0 +1,70 @@
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from ctgen.errors import UserError
+from ctgen.parallel import axes
+from ctgen.parallel.mesh import MeshError, make_mesh, resolve_mesh_shape
+
+
+def test_resolve_mesh_shape():
+    assert resolve_mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+    assert resolve_mesh_shape({"data": 2, "fsdp": 4, "tensor": 1}, 8) == (2, 4, 1)
+
+
+@pytest.mark.parametrize("sizes,msg", [
+    ({"data": 2, "fsdp": 2, "tensor": 1}, "needs 4 devices but 8 are available"),
+    ({"data": 3, "fsdp": -1, "tensor": 1}, "do not divide|does not divide"),
+    ({"data": -1, "fsdp": -1, "tensor": 1}, "at most one axis may be -1"),
+    ({"data": 0, "fsdp": 8, "tensor": 1}, "positive"),
+    ({"model": 8}, "unknown mesh axes"),
+])
+def test_invalid_mesh_messages(sizes, msg):
+    with pytest.raises(MeshError, match=msg):
+        resolve_mesh_shape(sizes, 8)
+
+
+def test_make_mesh_auto_axes_and_subset():
+    mesh = make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    one = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
+    assert one.size == 1
+
+
+def test_spec_for_rules():
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    rules = axes.DEFAULT_RULES
+    assert axes.spec_for(("embed", "mlp"), (64, 128), rules, mesh) == P("fsdp", "tensor")
+    # 1365 is not divisible by 2: replicated rather than failing
+    assert axes.spec_for(("embed", "mlp"), (64, 1365), rules, mesh) == P("fsdp", None)
+    # a mesh axis is used once per array: the second `embed` stays replicated
+    assert axes.spec_for(("embed", "embed"), (64, 64), rules, mesh) == P("fsdp", None)
+    # vocab falls back to its second rule when `tensor` is taken
+    assert axes.spec_for(("mlp", "vocab"), (64, 64), rules, mesh) == P("tensor", "fsdp")
+    assert axes.spec_for(None, (3,), rules, mesh) == P()
+    # size-1 mesh axes are dropped
+    single = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    assert axes.spec_for(("embed", "mlp"), (64, 128), rules, single) == P(None, None)
+
+
+def test_param_annotations_and_bad_names():
+    p = axes.param(np.zeros((2, 3), np.float32), "embed", "mlp")
+    assert axes.logical_names(p) == ("embed", "mlp")
+    with pytest.raises(ValueError, match="unknown logical axis"):
+        axes.param(np.zeros((2,)), "nonsense")
+    with pytest.raises(ValueError, match="2 axis names"):
+        axes.param(np.zeros((2,)), "embed", "mlp")
+    init = axes.with_axes(nnx.initializers.zeros, "vocab", "embed")
+    v = nnx.Param(init(jax.random.PRNGKey(0), (4, 8)))
+    assert axes.logical_names(v) == ("vocab", "embed")
+
+
+def test_rules_from_config_validates():
+    assert axes.rules_from_config([["embed", "fsdp"], ["mlp", ["tensor"]], ["kv", None]]) == (
+        ("embed", "fsdp"), ("mlp", ("tensor",)), ("kv", None))
+    with pytest.raises(UserError, match="not one of data/fsdp/tensor"):
+        axes.rules_from_config([["embed", "model"]])

@@ -1,0 +1,63 @@
+"""Shared helpers for the training-loop tests (toy stage, recorded batches, param access)."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ctgen.configuration import load
+from ctgen.stages.toy import ToyStage
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOY = os.path.join(REPO, "configs", "toy.py")
+
+
+def toy_config(variant: str = "tiny", **overrides):
+    cfg = load(f"{TOY}:{variant}", [(k, str(v)) for k, v in overrides.items()])
+    with cfg.unlocked():
+        cfg.train.progress_bar = False
+    return cfg
+
+
+class RecordingIterator:
+    """Wraps a grain iterator, recording the example indices of every batch it yields."""
+
+    def __init__(self, it, log: list):
+        self.it, self.log = it, log
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.log.append(batch["index"].tolist())
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+class RecordingToyStage(ToyStage):
+    def __init__(self, config, log: list):
+        super().__init__(config)
+        self.log = log
+
+    def train_data(self, process_index, process_count, seed):
+        return RecordingIterator(super().train_data(process_index, process_count, seed), self.log)
+
+
+def params_numpy(state) -> dict[str, np.ndarray]:
+    from ctgen.convert.namemap import flatten_state
+
+    return {k: np.asarray(jax.device_get(v)) for k, v in flatten_state(nnx.to_pure_dict(state["params"])).items()}
+
+
+def assert_params_equal(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)

@@ -1,0 +1,43 @@
+"""One process of the two-process test: `python multihost_worker.py WORKDIR LOG.json steps stop_after`.
+
+jax.distributed is initialised from CTGEN_* environment variables, as `ctgen train
+--distributed` does; the process records which examples it read."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+
+from ctgen.parallel.distributed import maybe_initialize  # noqa: E402
+
+maybe_initialize(None)
+
+from ctgen.train.loop import train  # noqa: E402
+
+from helpers import RecordingToyStage, params_numpy, toy_config  # noqa: E402
+
+workdir, log_path, steps, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+cfg = toy_config("two_phase", **{"train.steps": steps, "train.stop_after_steps": stop_after,
+                                 "train.checkpoint_every": 4, "train.batch_size": 16, "train.eval_every": 4})
+with cfg.unlocked():
+    cfg.mesh.update({"data": 2, "fsdp": 4, "tensor": 1})
+log = []
+out = train(cfg, workdir, stage=RecordingToyStage(cfg, log))
+kernel = out["state"]["params"]["mid"]["kernel"][...]
+info = {
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "devices": jax.device_count(),
+    "local_devices": jax.local_device_count(),
+    "start_step": out["start_step"],
+    "final_step": out["final_step"],
+    "batches": log,
+    "shard_shape": list(kernel.addressable_shards[0].data.shape),
+    "eval": out.get("eval"),
+    "param_sums": {k: float(v.sum()) for k, v in params_numpy(out["state"]).items()}
+    if jax.process_count() == 1 else None,
+}
+with open(log_path, "w") as f:
+    json.dump(info, f)

@@ -1,0 +1,70 @@
+"""The `ctgen train` command line: overrides, locked config, clear errors, help."""
+import subprocess
+import sys
+
+import pytest
+
+from ctgen.cli import main
+from ctgen.configuration import ConfigError, load, split_overrides
+
+from helpers import REPO, TOY
+
+
+def test_overrides_are_typed():
+    cfg = load(f"{TOY}:tiny", [("train.steps", "12"), ("optim.main.learning_rate", "1e-2"),
+                               ("train.async_checkpointing", "false"), ("train.phase_cycle", "('main','aux')"),
+                               ("mesh.fsdp", "-1"), ("init_from", "/some/dir")])
+    assert cfg.train.steps == 12 and cfg.optim.main.learning_rate == 0.01
+    assert cfg.train.async_checkpointing is False and cfg.train.phase_cycle == ("main", "aux")
+    assert cfg.init_from == "/some/dir"
+
+
+def test_split_overrides_both_forms():
+    ov, rest = split_overrides(["train", "--config", "x.py", "--config.a.b=1", "--config.c", "2", "--workdir", "w"])
+    assert ov == [("a.b", "1"), ("c", "2")]
+    assert rest == ["train", "--config", "x.py", "--workdir", "w"]
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("train.stepz", "3", r"unknown config key --config.train.stepz; did you mean --config.train.steps"),
+    ("trian.steps", "3", r"unknown config key --config.trian.steps; did you mean --config.train.steps"),
+    ("train.steps", "many", "expected an integer"),
+    ("train.async_checkpointing", "maybe", "expected a boolean"),
+    ("train", "3", "is a group of settings"),
+])
+def test_bad_overrides_fail_clearly(key, value, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load(f"{TOY}:tiny", [(key, value)])
+
+
+def test_bad_config_file_and_variant():
+    with pytest.raises(ConfigError, match="no such file"):
+        load("configs/nope.py:tiny")
+    with pytest.raises(ValueError, match="unknown toy variant"):
+        load(f"{TOY}:bogus")
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    assert main(["train", "--config", f"{TOY}:tiny", "--workdir", str(tmp_path), "--config.train.stepz=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key --config.train.stepz" in err and "Traceback" not in err
+    # 8 emulated devices: a mesh needing 3 fails before anything is built
+    assert main(["train", "--config", f"{TOY}:tiny", "--workdir", str(tmp_path), "--config.mesh.fsdp=3"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 3 devices but 8 are available" in err
+    assert main(["train", "--config", f"{TOY}:tiny", "--workdir", str(tmp_path), "--config.train.batch_size=12"]) == 2
+    assert "must be divisible by data*fsdp=8" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    assert main(["train", "--config", f"{TOY}:tiny", "--print-config", "--config.train.steps=77"]) == 0
+    assert "steps: 77" in capsys.readouterr().out
+
+
+def test_help_explains_subcommands():
+    out = subprocess.run([sys.executable, "-m", "ctgen", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "ctgen", "train", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0
+    for phrase in ("--config.<path>=<value>", "resumed", "init_from", "75", "--distributed"):
+        assert phrase in out.stdout, phrase
