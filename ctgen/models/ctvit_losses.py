@@ -1,0 +1,173 @@
+"""CT-ViT training losses (GenerateCT's), as pure functions `loss(model, batch, rng) -> (loss, metrics)`.
+
+Generator (GenerateCT `CTViT.forward(video)`):
+  recon  = MSE(volume, reconstruction) over the whole volume
+  commit = VQ commitment loss (the VQ also updates its EMA codebook: a model-state mutation)
+  One random slice per sample (the same index for input and reconstruction) feeds
+  perceptual = MSE(VGG16(input slice x3 channels), VGG16(recon slice x3)) (ReLU(fc7) features, no
+               ImageNet normalisation or resize; VGG dropout active as in train mode)
+  gan        = -mean(D(recon slice))  (hinge generator loss)
+  w          = ||d perceptual / d W|| / (||d gan / d W|| + 1e-8), clamped <= 1e4, no gradient,
+               W = the rest-slices pixel head's weight (`to_pixels[0].weight`)
+  loss = recon + perceptual + commit + w * gan
+Discriminator (`forward(video, return_discr_loss=True)`): random slice, reconstruction detached,
+  hinge mean(relu(1 + D(fake)) + relu(1 - D(real))) + 10 * mean((||dD(real)/d real||_2 - 1)^2).
+The discriminator step runs the autoencoder in train mode too, so it also moves the EMA codebook
+(GenerateCT does); `update_codebook_in_discr_step=False` turns that off.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ctgen.models.ctvit import CTViT
+
+
+@dataclasses.dataclass(frozen=True)
+class CTViTLossConfig:
+    """Which loss terms are on. Defaults are GenerateCT's.
+
+    perceptual: VGG16 perceptual loss (off when no VGG weights are available).
+    gan: hinge GAN loss with the adaptive weight.
+    vgg_dropout: VGG dropout active (GenerateCT keeps the VGG in train mode).
+    adaptive_weight_ref: loss whose gradient norm scales the GAN loss: "perceptual" (GenerateCT)
+      or "recon" (VQGAN-style; used automatically when the perceptual loss is off, since
+      GenerateCT's weight would then be 0 and silently disable the GAN).
+    """
+
+    perceptual: bool = True
+    gan: bool = True
+    vgg_dropout: bool = True
+    adaptive_weight_ref: str = "perceptual"
+    adaptive_weight_max: float = 1e4
+    grad_penalty_weight: float = 10.0
+    update_codebook_in_discr_step: bool = True
+
+
+def random_slice_indices(rng: jax.Array, batch: int, num_slices: int) -> jax.Array:
+    """One uniformly random slice index per sample, (B,) int32."""
+    return jax.random.randint(rng, (batch,), 0, num_slices, dtype=jnp.int32)
+
+
+def pick_slices(volume_BxFxHxW: jax.Array, idx_B: jax.Array) -> jax.Array:
+    """Slice idx_B[b] of each sample, as NHWC images (B, H, W, 1)."""
+    picked = jnp.take_along_axis(volume_BxFxHxW, idx_B.reshape(-1, 1, 1, 1), axis=1)
+    return picked[:, 0, :, :, None]
+
+
+def _slice_from_head(model: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Pixels of slice idx_B[b] computed from decoder features with the rest-slices head `kernel`.
+
+    Only the token row that holds each slice is projected, so gradients w.r.t. `kernel` are cheap.
+    """
+    cfg = model.cfg
+    b, _, h, w, _ = feats_BxTxhxwxD.shape
+    p, pt = cfg.patch_size, cfg.temporal_patch_size
+    row = jnp.where(idx_B == 0, 0, (idx_B - 1) // pt + 1)
+    sub = jnp.where(idx_B == 0, 0, (idx_B - 1) % pt)
+    tokens = jnp.take_along_axis(feats_BxTxhxwxD, row.reshape(-1, 1, 1, 1, 1), axis=1)[:, 0]
+    rest = jnp.matmul(tokens, kernel.astype(tokens.dtype)).astype(jnp.float32)
+    rest = rest + model.rest_to_pixels.bias[...].reshape(1, 1, 1, -1)
+    rest = rest.reshape(b, h, w, pt, p, p)
+    rest = jnp.take_along_axis(rest, sub.reshape(-1, 1, 1, 1, 1, 1), axis=3)[:, :, :, 0]
+    rest = rest.transpose(0, 1, 3, 2, 4).reshape(b, h * p, w * p)
+    first = model.first_to_pixels(feats_BxTxhxwxD[:, 0]).astype(jnp.float32)
+    first = first.reshape(b, h, w, p, p).transpose(0, 1, 3, 2, 4).reshape(b, h * p, w * p)
+    return jnp.where((idx_B == 0).reshape(-1, 1, 1), first, rest)[..., None]
+
+
+def perceptual_loss(model: CTViT, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
+                    dropout_rng: jax.Array | None) -> jax.Array:
+    r_real = r_fake = None
+    if dropout_rng is not None:
+        r_real, r_fake = jax.random.split(dropout_rng)
+    f_real = model.vgg(jnp.repeat(real_BxHxWx1, 3, axis=-1), r_real)
+    f_fake = model.vgg(jnp.repeat(fake_BxHxWx1, 3, axis=-1), r_fake)
+    return jnp.mean(jnp.square(f_real - f_fake))
+
+
+def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConfig = CTViTLossConfig(), *,
+                   slice_idx: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GenerateCT's CT-ViT generator loss; `batch["volume"]` is (B, F, H, W) in [-1, 1]."""
+    volume = batch["volume"].astype(jnp.float32)
+    out = model(volume, train=True)
+    recon = out.recon_BxFxHxW
+    recon_loss = jnp.mean(jnp.square(volume - recon))
+    loss = recon_loss + out.commit_loss
+    metrics = {"recon_loss": recon_loss, "commit_loss": out.commit_loss, **out.metrics}
+    use_perc = cfg.perceptual and model.vgg is not None
+    use_gan = cfg.gan and model.discr is not None
+    if not (use_perc or use_gan):
+        return loss, metrics
+    k_idx, k_drop = jax.random.split(rng)
+    b, f = volume.shape[:2]
+    idx = random_slice_indices(k_idx, b, f) if slice_idx is None else slice_idx
+    real, fake = pick_slices(volume, idx), pick_slices(recon, idx)
+    drop = k_drop if cfg.vgg_dropout else None
+    if use_perc:
+        perc = perceptual_loss(model, real, fake, drop)
+        loss = loss + perc
+        metrics["perceptual_loss"] = perc
+    if use_gan:
+        gan = -jnp.mean(model.discr(fake))
+        feats = jax.lax.stop_gradient(out.features_BxTxhxwxD)
+        kernel = jax.lax.stop_gradient(model.rest_to_pixels.kernel[...])
+        real_sg = jax.lax.stop_gradient(real)
+
+        def gan_of(k):
+            return -jnp.mean(model.discr(_slice_from_head(model, feats, idx, k)))
+
+        if use_perc and cfg.adaptive_weight_ref == "perceptual":
+            def ref_of(k):
+                return perceptual_loss(model, real_sg, _slice_from_head(model, feats, idx, k), drop)
+        else:
+            def ref_of(k):  # recon loss over the whole volume through the same head
+                return jnp.mean(jnp.square(volume - _full_recon(model, feats, k)))
+
+        g_ref = jnp.linalg.norm(jax.grad(ref_of)(kernel))
+        g_gan = jnp.linalg.norm(jax.grad(gan_of)(kernel))
+        weight = jax.lax.stop_gradient(jnp.minimum(g_ref / (g_gan + 1e-8), cfg.adaptive_weight_max))
+        loss = loss + weight * gan
+        metrics.update(gan_loss=gan, adaptive_weight=weight)
+    return loss, metrics
+
+
+def _full_recon(model: CTViT, feats_BxTxhxwxD: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The whole reconstruction with the rest-slices head weight replaced by `kernel`."""
+    b, t, h, w, _ = feats_BxTxhxwxD.shape
+    first = model.to_pixels(feats_BxTxhxwxD[:, :1])
+    if t == 1:
+        return first
+    p, pt = model.cfg.patch_size, model.cfg.temporal_patch_size
+    rest = jnp.matmul(feats_BxTxhxwxD[:, 1:], kernel.astype(feats_BxTxhxwxD.dtype)).astype(jnp.float32)
+    rest = rest + model.rest_to_pixels.bias[...].reshape(1, 1, 1, 1, -1)
+    rest = rest.reshape(b, t - 1, h, w, pt, p, p).transpose(0, 1, 4, 2, 5, 3, 6).reshape(b, (t - 1) * pt, h * p, w * p)
+    return jnp.concatenate([first, rest], axis=1)
+
+
+def discriminator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConfig = CTViTLossConfig(), *,
+                       slice_idx: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Hinge discriminator loss + gradient penalty on the real slice (GenerateCT, every step)."""
+    if model.discr is None:
+        raise ValueError("this CT-ViT has no discriminator (built with use_vgg_and_gan=False)")
+    volume = batch["volume"].astype(jnp.float32)
+    out = model(volume, train=cfg.update_codebook_in_discr_step)
+    b, f = volume.shape[:2]
+    idx = random_slice_indices(rng, b, f) if slice_idx is None else slice_idx
+    real = pick_slices(volume, idx)
+    fake = jax.lax.stop_gradient(pick_slices(out.recon_BxFxHxW, idx))
+    d_fake = model.discr(fake)
+
+    def d_real_sum(x):
+        logits = model.discr(x)
+        return jnp.sum(logits), logits
+
+    grad_real, d_real = jax.grad(d_real_sum, has_aux=True)(real)
+    hinge = jnp.mean(jax.nn.relu(1.0 + d_fake) + jax.nn.relu(1.0 - d_real))
+    grad_norm = jnp.sqrt(jnp.sum(jnp.square(grad_real.reshape(b, -1)), axis=-1))
+    gp = cfg.grad_penalty_weight * jnp.mean(jnp.square(grad_norm - 1.0))
+    metrics = {"discr_hinge": hinge, "grad_penalty": gp, "d_real": jnp.mean(d_real), "d_fake": jnp.mean(d_fake),
+               "recon_loss": jnp.mean(jnp.square(volume - jax.lax.stop_gradient(out.recon_BxFxHxW)))}
+    return hinge + gp, metrics

@@ -1,0 +1,138 @@
+"""Load GenerateCT's CTViT from a user's local checkout, for parity tests and benchmarks only.
+
+Nothing of GenerateCT is copied here: the modules are imported from the checkout named by
+CTGEN_GENERATECT_DIR (the repository root). Two runtime adaptations are applied in this process:
+- its `torch.device('cuda')` calls are answered with the CPU device (the module-level `torch`
+  name of its attention/ctvit modules is replaced by a proxy), and its debug `print`s are muted;
+- if torchvision cannot be imported (PyPI's wheels do not match every torch build), a minimal
+  `torchvision` stand-in is registered that provides what `ctvit.py` imports, and VGG16 is built
+  here with torchvision's module layout (`make_torch_vgg16`).
+The package's `__init__` (which pulls in T5/transformers and data code) is bypassed by importing
+`transformer_maskgit.ctvit` from a namespace stub.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+
+ENV = "CTGEN_GENERATECT_DIR"
+
+
+def checkout_dir() -> str | None:
+    return os.environ.get(ENV) or None
+
+
+def skip_reason() -> str | None:
+    """Why the reference cannot run here (None if it can)."""
+    root = checkout_dir()
+    if not root:
+        return f"set {ENV} to a local GenerateCT checkout to run parity tests against the reference"
+    pkg = os.path.join(root, "transformer_maskgit", "transformer_maskgit", "ctvit.py")
+    if not os.path.exists(pkg):
+        return f"{ENV}={root} has no transformer_maskgit/transformer_maskgit/ctvit.py"
+    for mod in ("torch", "einops", "beartype", "vector_quantize_pytorch"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            return f"GenerateCT's CTViT needs `{mod}` (pip install vector-quantize-pytorch==1.1.2 beartype einops torch)"
+    return None
+
+
+def make_torch_vgg16(widths=(64, 128, 256, 512, 512), fc_dim: int = 4096, in_channels: int = 3):
+    """torchvision-layout VGG16 with the classifier cut by two modules (as GenerateCT uses it)."""
+    import torch
+    from torch import nn
+
+    class VGG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, c = [], in_channels
+            for width, n in zip(widths, (2, 2, 3, 3, 3)):
+                for _ in range(n):
+                    layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True)]
+                    c = width
+                layers.append(nn.MaxPool2d(2, 2))
+            self.features = nn.Sequential(*layers)
+            self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier = nn.Sequential(nn.Linear(c * 49, fc_dim), nn.ReLU(True), nn.Dropout(0.5),
+                                            nn.Linear(fc_dim, fc_dim), nn.ReLU(True))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    return VGG()
+
+
+def _install_torchvision_standin() -> None:
+    try:
+        import torchvision  # noqa: F401
+        return
+    except Exception:
+        pass
+    tv = types.ModuleType("torchvision")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.utils = types.ModuleType("torchvision.utils")
+    tv.models = types.ModuleType("torchvision.models")
+
+    def vgg16(*args, **kwargs):
+        raise RuntimeError("torchvision stand-in: pass vgg= to CTViT (no ImageNet weights offline)")
+
+    tv.models.vgg16 = vgg16
+    for name in ("transforms", "utils", "models"):
+        sys.modules[f"torchvision.{name}"] = getattr(tv, name)
+    sys.modules["torchvision"] = tv
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` with `device('cuda...')` answered by the CPU device."""
+
+    def __init__(self, torch):
+        super().__init__("torch")
+        self._torch = torch
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def device(self, *args, **kwargs):
+        if args and str(args[0]).startswith("cuda"):
+            return self._torch.device("cpu")
+        return self._torch.device(*args, **kwargs)
+
+
+def load() -> types.SimpleNamespace:
+    """Import GenerateCT's `ctvit` and `attention` modules (CPU-adapted). Needs `skip_reason() is None`."""
+    reason = skip_reason()
+    if reason:
+        raise RuntimeError(reason)
+    import torch
+
+    _install_torchvision_standin()
+    pkg_dir = os.path.join(checkout_dir(), "transformer_maskgit", "transformer_maskgit")
+    if "transformer_maskgit" not in sys.modules:
+        stub = types.ModuleType("transformer_maskgit")
+        stub.__path__ = [pkg_dir]
+        sys.modules["transformer_maskgit"] = stub
+    attention = importlib.import_module("transformer_maskgit.attention")
+    ctvit = importlib.import_module("transformer_maskgit.ctvit")
+    proxy = _CpuTorch(torch)
+    for mod in (attention, ctvit):
+        mod.torch = proxy
+        mod.print = lambda *a, **k: None
+    return types.SimpleNamespace(ctvit=ctvit, attention=attention, CTViT=ctvit.CTViT, torch=torch,
+                                 make_vgg16=make_torch_vgg16)
+
+
+def build_reference(cfg, seed: int = 0):
+    """GenerateCT `CTViT` with the architecture of a ctgen `CTViTConfig` (CPU, random weights)."""
+    ref = load()
+    ref.torch.manual_seed(seed)
+    kwargs = dict(dim=cfg.dim, codebook_size=cfg.codebook_size, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                  temporal_patch_size=cfg.temporal_patch_size, spatial_depth=cfg.spatial_depth,
+                  temporal_depth=cfg.temporal_depth, dim_head=cfg.dim_head, heads=cfg.heads,
+                  use_vgg_and_gan=cfg.use_vgg_and_gan)
+    if cfg.use_vgg_and_gan:
+        kwargs.update(vgg=make_torch_vgg16(cfg.vgg.widths, cfg.vgg.fc_dim), discr_base_dim=cfg.discr.base_dim)
+    model = ref.CTViT(**kwargs)
+    return model
