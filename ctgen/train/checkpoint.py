@@ -10,8 +10,10 @@ Saves are asynchronous and atomic: Orbax writes `<step>.orbax-checkpoint-tmp-*` 
 only when every item is complete, so a process killed mid-save leaves a temporary directory that
 is never listed as a step (and is cleaned up on the next start).
 
-Params-only directories (`save_params`/`load_params`) are what `init_from`, `ctgen import` and
-inference use: `DIR/params` (Orbax) + `DIR/ctgen_params.json` (what wrote it and when).
+Weights directories (`save_weights`/`load_weights`: parameters plus non-trainable model state
+such as a VQ codebook, no optimizer) are what `init_from`, `ctgen import`, `ctgen eval` and
+inference use: `DIR/weights` (Orbax) + `DIR/ctgen_weights.json` (what wrote it, and when).
+`load_weights` also accepts a training workdir (its latest checkpoint).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from etils import epath
 
 log = logging.getLogger(__name__)
 
-PARAMS_MARKER = "ctgen_params.json"
+WEIGHTS_MARKER = "ctgen_weights.json"
 
 
 # --- per-process data-iterator state --------------------------------------------------------------
@@ -142,53 +144,66 @@ class Checkpointer:
         self.manager.close()
 
 
-# --- params-only directories --------------------------------------------------------------------
-def save_params(path: str, params: Any, *, info: dict | None = None) -> None:
-    """Write parameters (any PyTree, e.g. an `nnx.State`) as a params-only directory."""
+# --- weights directories --------------------------------------------------------------------------
+def save_weights(path: str, params: Any, model_state: Any = None, *, info: dict | None = None) -> None:
+    """Write a weights directory: parameters plus non-trainable model state (e.g. a VQ codebook),
+    without optimizer state. `info` (JSON-able) is stored in the marker file (stage, config...)."""
     path = os.path.abspath(path)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(path, "params"), params, force=True)
+    ckptr.save(os.path.join(path, "weights"), {"params": params, "model_state": model_state or {}}, force=True)
     ckptr.wait_until_finished()
     ckptr.close()
     if jax.process_index() == 0:
-        meta = {"format": "ctgen-params-v1", "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
-        with open(os.path.join(path, PARAMS_MARKER), "w", encoding="utf-8") as f:
+        meta = {"format": "ctgen-weights-v1", "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
+        with open(os.path.join(path, WEIGHTS_MARKER), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
-    """Parameters from a params-only directory or from a workdir's latest checkpoint.
+def weights_info(path: str) -> dict | None:
+    marker = os.path.join(os.path.abspath(path), WEIGHTS_MARKER)
+    if not os.path.exists(marker):
+        return None
+    with open(marker, encoding="utf-8") as f:
+        return json.load(f)
 
-    `abstract_params` gives the structure, dtypes and target shardings (ShapeDtypeStructs or
-    arrays). Raises FileNotFoundError naming `path` if neither layout is found there.
+
+def load_weights(path: str, abstract_params: Any, abstract_model_state: Any = None) -> tuple[Any, Any]:
+    """(params, model_state) from a weights directory or from a workdir's latest checkpoint.
+
+    The abstract trees give structure, dtypes and target shardings (ShapeDtypeStructs or arrays),
+    so the weights land directly on the current mesh. Raises FileNotFoundError naming `path`
+    if neither layout is there.
     """
     path = os.path.abspath(path)
-    if os.path.exists(os.path.join(path, PARAMS_MARKER)):
+    target = {"params": abstract_params, "model_state": abstract_model_state or {}}
+    if weights_info(path) is not None:
         ckptr = ocp.StandardCheckpointer()
         try:
-            return ckptr.restore(os.path.join(path, "params"), abstract_params)
+            out = ckptr.restore(os.path.join(path, "weights"), target)
         finally:
             ckptr.close()
+        return out["params"], out["model_state"]
     ckpt_dir = os.path.join(path, "checkpoints")
     if os.path.isdir(ckpt_dir):
         mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
                                      options=ocp.CheckpointManagerOptions(read_only=True))
         step = mngr.latest_step()
         if step is None:
-            raise FileNotFoundError(f"{path}: workdir has no complete checkpoint to take parameters from")
-        # Partial restore: only the `params` subtree of the saved train state.
+            mngr.close()
+            raise FileNotFoundError(f"{path}: workdir has no complete checkpoint to take weights from")
+        # Partial restore: only the params and model_state subtrees of the saved train state.
         restored = mngr.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
-                    item={"params": abstract_params},
-                    restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract_params}),
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                     partial_restore=True,
                 )
             ),
         )
         mngr.close()
-        return restored["state"]["params"]
+        return restored["state"]["params"], restored["state"]["model_state"]
     raise FileNotFoundError(
-        f"{path}: neither a ctgen params directory ({PARAMS_MARKER}) nor a workdir with checkpoints/"
+        f"{path}: neither a ctgen weights directory ({WEIGHTS_MARKER}) nor a workdir with checkpoints/"
     )

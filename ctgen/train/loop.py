@@ -145,7 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
         state = state_lib.create_state(stage, config, setup)
         if config.init_from:
             log.info("warm-starting parameters from %s", config.init_from)
-            state["params"] = ckpt_lib.load_params(config.init_from, setup.abstract["params"])
+            state["params"], state["model_state"] = ckpt_lib.load_weights(
+                config.init_from, setup.abstract["params"], setup.abstract["model_state"])
     start = int(jax.device_get(state["step"]))
     end = min(t.steps, start + t.stop_after_steps) if t.stop_after_steps > 0 else t.steps
     log.info("%d parameters; starting at step %d of %d", state_lib.param_count(state), start, t.steps)

@@ -68,3 +68,27 @@ def test_help_explains_subcommands():
     assert out.returncode == 0
     for phrase in ("--config.<path>=<value>", "resumed", "init_from", "75", "--distributed"):
         assert phrase in out.stdout, phrase
+
+
+def test_eval_command_on_workdir_and_weights(tmp_path, capsys):
+    import json
+
+    from ctgen.train import checkpoint as ckpt_lib
+    from ctgen.train.loop import train
+
+    from helpers import toy_config
+
+    out = train(toy_config(**{"train.steps": 20, "train.eval_every": -1}), str(tmp_path / "run"))
+    st = out["state"]
+    ckpt_lib.save_weights(str(tmp_path / "w"), st["params"], st["model_state"])
+    results = []
+    for src in ("run", "w"):
+        rc = main(["eval", "--config", f"{TOY}:tiny", "--weights", str(tmp_path / src),
+                   "--json", str(tmp_path / f"{src}.json"), "--previews", str(tmp_path / f"prev_{src}")])
+        assert rc == 0
+        results.append(json.load(open(tmp_path / f"{src}.json")))
+        assert (tmp_path / f"prev_{src}" / "preview.npz").exists()
+    assert results[0] == results[1] and results[0]["mse"] > 0
+    assert "mse:" in capsys.readouterr().out
+    assert main(["eval", "--config", f"{TOY}:tiny", "--weights", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err

@@ -92,15 +92,30 @@ def test_init_from_warm_starts_params_only(tmp_path):
     dst = train(cfg2, str(tmp_path / "dst"))
     assert dst["start_step"] == 0  # a fresh run: step/optimizer not taken over
     assert_params_equal(params_numpy(dst["state"]), params_numpy(src["state"]))
+    # non-trainable model state (here a running mean; for CT-ViT the VQ codebook) comes along
+    assert int(dst["state"]["opt"]["main"][1][0].count) == 1
 
 
-def test_params_only_directory_roundtrip(tmp_path):
+def test_weights_directory_roundtrip(tmp_path):
     cfg = _cfg(**{"train.steps": 2})
     out = train(cfg, str(tmp_path / "run"))
-    ckpt_lib.save_params(str(tmp_path / "p"), out["state"]["params"], info={"stage": "toy"})
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            out["state"]["params"])
-    back = ckpt_lib.load_params(str(tmp_path / "p"), abstract)
-    assert_params_equal(params_numpy({"params": back}), params_numpy(out["state"]))
-    with pytest.raises(FileNotFoundError, match="neither a ctgen params directory"):
-        ckpt_lib.load_params(str(tmp_path / "nothing"), abstract)
+    st = out["state"]
+    ckpt_lib.save_weights(str(tmp_path / "w"), st["params"], st["model_state"], info={"stage": "toy"})
+    assert ckpt_lib.weights_info(str(tmp_path / "w"))["stage"] == "toy"
+    abstract = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    for source in ("w", "run"):  # a weights directory, or a workdir's latest checkpoint
+        params, model_state = ckpt_lib.load_weights(str(tmp_path / source), abstract(st["params"]),
+                                                    abstract(st["model_state"]))
+        assert_params_equal(params_numpy({"params": params}), params_numpy(st))
+        np.testing.assert_array_equal(jax.device_get(model_state["target_mean"][...]),
+                                      jax.device_get(st["model_state"]["target_mean"][...]))
+    with pytest.raises(FileNotFoundError, match="neither a ctgen weights directory"):
+        ckpt_lib.load_weights(str(tmp_path / "nothing"), abstract(st["params"]))
+
+
+def test_retention_keeps_the_newest(tmp_path):
+    cfg = _cfg(**{"train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 2})
+    train(cfg, str(tmp_path))
+    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [6, 8]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]
