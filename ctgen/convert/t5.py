@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ctgen.convert.namemap import Report, Rule, convert, transpose
+from ctgen.errors import UserError
 
 HF_RULES: tuple[Rule, ...] = (
     Rule("token_embedder/embedding", "shared.weight"),
@@ -88,6 +89,6 @@ def _run(tensors, rules, expected_shapes, ignore, source):
     out, report = convert(tensors, rules, direction="to_ours", expected_shapes=expected_shapes,
                           ignore_source=ignore, strict=False)
     if not report.ok:
-        raise ValueError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}"
+        raise UserError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}"
                          + _describe_fix(source))
     return out, report

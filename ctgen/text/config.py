@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ctgen.errors import UserError
+
 # T5 v1.1 sizes (t5x `t5_1_1_*.gin`, Hugging Face `google/t5-v1_1-*` config.json).
 _PRESETS: dict[str, dict[str, int]] = {
     "small": dict(d_model=512, d_ff=1024, num_layers=8, num_heads=6, d_kv=64),
@@ -52,13 +54,13 @@ class T5Config:
                      "relative_attention_num_buckets", "relative_attention_max_distance"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"T5Config.{name} must be a positive integer, got {value!r}")
         if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 2:
-            raise ValueError("T5Config.relative_attention_num_buckets must be even and >= 4, got "
+            raise UserError("T5Config.relative_attention_num_buckets must be even and >= 4, got "
                              f"{self.relative_attention_num_buckets}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"T5Config.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+                raise UserError(f"T5Config.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
 
     @property
     def inner_dim(self) -> int:
@@ -69,7 +71,7 @@ class T5Config:
     def preset(cls, name: str, **overrides: Any) -> "T5Config":
         """`small` / `base` / `large` / `xl` / `xxl` (T5 v1.1) or `tiny` (ctgen's built-in)."""
         if name not in _PRESETS:
-            raise ValueError(f"unknown T5 preset {name!r}; choose one of {sorted(_PRESETS)}")
+            raise UserError(f"unknown T5 preset {name!r}; choose one of {sorted(_PRESETS)}")
         return cls(**{**_PRESETS[name], **overrides})
 
     def replace(self, **changes: Any) -> "T5Config":
@@ -83,7 +85,7 @@ class T5Config:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown T5Config fields {unknown}; known: {sorted(names)}")
+            raise UserError(f"unknown T5Config fields {unknown}; known: {sorted(names)}")
         return cls(**d)
 
     @classmethod
@@ -94,23 +96,23 @@ class T5Config:
             with open(path, encoding="utf-8") as f:
                 hf = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise UserError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(hf, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(hf).__name__}")
+            raise UserError(f"{path} must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type != "t5":
-            raise ValueError(f"{path}: model_type is {model_type!r}, expected 't5' (a T5 v1.1 checkpoint "
+            raise UserError(f"{path}: model_type is {model_type!r}, expected 't5' (a T5 v1.1 checkpoint "
                              "such as google/t5-v1_1-base)")
         ff = hf.get("feed_forward_proj", "relu")
         if ff not in ("gated-gelu",):
-            raise ValueError(f"{path}: feed_forward_proj is {ff!r}; ctgen implements T5 v1.1 encoders "
+            raise UserError(f"{path}: feed_forward_proj is {ff!r}; ctgen implements T5 v1.1 encoders "
                              "(gated-gelu, e.g. google/t5-v1_1-base). The original T5 (relu) is not supported.")
         act = hf.get("dense_act_fn", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{path}: dense_act_fn {act!r} is not the tanh-approximated GELU of T5 v1.1")
+            raise UserError(f"{path}: dense_act_fn {act!r} is not the tanh-approximated GELU of T5 v1.1")
         missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if k not in hf]
         if missing:
-            raise ValueError(f"{path}: missing T5 config fields {missing}")
+            raise UserError(f"{path}: missing T5 config fields {missing}")
         fields = dict(
             vocab_size=int(hf["vocab_size"]), d_model=int(hf["d_model"]), d_kv=int(hf["d_kv"]),
             d_ff=int(hf["d_ff"]), num_layers=int(hf["num_layers"]), num_heads=int(hf["num_heads"]),

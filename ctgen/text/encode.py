@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ctgen.errors import UserError
 from ctgen.parallel.axes import DEFAULT_RULES, spec_for, state_shardings
 from ctgen.text.t5 import T5Encoder
 from ctgen.text.tokenizer import T5Tokenizer
@@ -81,14 +82,14 @@ def encode_ids(
     """Encode already-tokenized ids; see `encode_text`."""
     ids_BxL, mask_BxL = np.asarray(ids_BxL, np.int32), np.asarray(mask_BxL, bool)
     if ids_BxL.ndim != 2 or ids_BxL.shape != mask_BxL.shape or ids_BxL.size == 0:
-        raise ValueError(f"ids and mask must be equal non-empty [batch, length] arrays, got {ids_BxL.shape} "
+        raise UserError(f"ids and mask must be equal non-empty [batch, length] arrays, got {ids_BxL.shape} "
                          f"and {mask_BxL.shape}")
     vocab = model.config.vocab_size
     if ids_BxL.min() < 0 or ids_BxL.max() >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}); got [{ids_BxL.min()}, {ids_BxL.max()}] "
+        raise UserError(f"token ids must lie in [0, {vocab}); got [{ids_BxL.min()}, {ids_BxL.max()}] "
                          "(does the tokenizer belong to this model?)")
     if not mask_BxL.any(axis=1).all():
-        raise ValueError("every row needs at least one real token (an all-padding row has nothing to attend to)")
+        raise UserError("every row needs at least one real token (an all-padding row has nothing to attend to)")
     rules = _hashable_rules(rules)
     b, l = ids_BxL.shape
     chunk = _round_up(batch_size or b, batch_shards(mesh, rules))

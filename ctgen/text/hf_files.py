@@ -15,6 +15,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ctgen.errors import UserError
+
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
@@ -39,7 +41,7 @@ class LazyTensor:
             f.seek(self.offset)
             buf = f.read(count * self.dtype.itemsize)
         if len(buf) != count * self.dtype.itemsize:
-            raise ValueError(f"{self.path}: truncated tensor data at byte {self.offset}")
+            raise UserError(f"{self.path}: truncated tensor data at byte {self.offset}")
         arr = np.frombuffer(buf, dtype=self.dtype.newbyteorder("<")).reshape(self.shape)
         arr = arr.astype(self.dtype.newbyteorder("="), copy=True)
         return arr if dtype is None else arr.astype(dtype)
@@ -51,16 +53,16 @@ def read_safetensors(path: str) -> dict[str, LazyTensor]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise UserError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{path} is not a safetensors file (header size {n} exceeds the file)")
+            raise UserError(f"{path} is not a safetensors file (header size {n} exceeds the file)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors file (bad header: {e})") from None
+            raise UserError(f"{path} is not a safetensors file (bad header: {e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
+        raise UserError(f"{path} is not a safetensors file (header is not a JSON object)")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -70,9 +72,9 @@ def read_safetensors(path: str) -> dict[str, LazyTensor]:
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad header entry for tensor {name!r} ({e!r})") from None
+            raise UserError(f"{path}: bad header entry for tensor {name!r} ({e!r})") from None
         if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or 8 + n + end > size:
-            raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets {begin}..{end} for shape {shape}")
+            raise UserError(f"{path}: tensor {name!r} has inconsistent offsets {begin}..{end} for shape {shape}")
         out[name] = LazyTensor(path, 8 + n + begin, shape, dtype)
     return out
 
@@ -87,14 +89,14 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"{path} could not be loaded as a plain PyTorch state dict "
+        raise UserError(f"{path} could not be loaded as a plain PyTorch state dict "
                          f"(weights_only=True): {e}") from None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, expected a state dict of tensors")
+        raise UserError(f"{path} holds a {type(sd).__name__}, expected a state dict of tensors")
     out = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            raise UserError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
         if v.dtype == torch.bfloat16:
             out[k] = v.float().numpy().astype(ml_dtypes.bfloat16)
         else:
@@ -108,12 +110,12 @@ def _read_index(directory: str, index_name: str, reader) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid shard index (needs a 'weight_map'): {e!r}") from None
+        raise UserError(f"{path} is not a valid shard index (needs a 'weight_map'): {e!r}") from None
     out: dict[str, Any] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(directory, shard)
         if not os.path.isfile(shard_path):
-            raise FileNotFoundError(f"{path} names shard {shard}, which is missing from {directory}")
+            raise UserError(f"{path} names shard {shard}, which is missing from {directory}")
         out.update(reader(shard_path))
     return out
 
@@ -127,4 +129,4 @@ def read_hf_weights(directory: str) -> tuple[dict[str, Any], str]:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return (_read_index(directory, name, reader) if index else reader(path)), path
-    raise FileNotFoundError(f"{directory} has a config.json but no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    raise UserError(f"{directory} has a config.json but no weights: expected one of {', '.join(WEIGHT_FILES)}")

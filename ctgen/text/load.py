@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ctgen.errors import UserError
 from ctgen.convert import t5 as t5_maps
 from ctgen.convert.namemap import Report, flatten_state, unflatten_state
 from ctgen.text import hf_files, t5x_format
@@ -46,7 +47,7 @@ def detect_format(path: str) -> tuple[str, str]:
         return "hf", builtin_dir()
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"text encoder {path!r} does not exist; give 'builtin' or a directory holding a "
+        raise UserError(f"text encoder {path!r} does not exist; give 'builtin' or a directory holding a "
                                 "Hugging Face T5 model, a T5X checkpoint or a ctgen text encoder")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, CTGEN_META)):
         return "ctgen", path
@@ -55,7 +56,7 @@ def detect_format(path: str) -> tuple[str, str]:
     if t5x_format.find_t5x_checkpoint(path):
         return "t5x", path
     listing = sorted(os.listdir(path))[:20] if os.path.isdir(path) else [os.path.basename(path)]
-    raise ValueError(
+    raise UserError(
         f"{path} is not a text encoder: expected a Hugging Face model dir (config.json + model.safetensors or "
         f"pytorch_model.bin + spiece.model), a T5X checkpoint (checkpoint_<step>/checkpoint), or a ctgen "
         f"encoder dir ({CTGEN_META} + params/); found {listing}")
@@ -63,7 +64,7 @@ def detect_format(path: str) -> tuple[str, str]:
 
 def _expected_shapes(cfg: T5Config) -> dict[str, tuple]:
     state = nnx.state(abstract_encoder(cfg), nnx.Param)
-    return {k: tuple(v.shape) for k, v in flatten_state(state.to_pure_dict()).items()}
+    return {k: tuple(v.shape) for k, v in flatten_state(nnx.to_pure_dict(state)).items()}
 
 
 def _t5x_config(flat: Mapping[str, Any], source: str) -> T5Config:
@@ -76,13 +77,13 @@ def _t5x_config(flat: Mapping[str, Any], source: str) -> T5Config:
     }
     missing = [v for v in need.values() if v not in flat]
     if missing:
-        raise ValueError(f"{source}: not a T5 v1.1 (gated-GELU) encoder checkpoint; missing {missing}")
+        raise UserError(f"{source}: not a T5 v1.1 (gated-GELU) encoder checkpoint; missing {missing}")
     shape = {k: t5x_format.shape_of(flat[v]) for k, v in need.items()}
     vocab, d_model = shape["embedding"]
     heads, buckets = shape["relpos"]
     layers = 1 + max(int(m.group(1)) for k in flat if (m := _LAYER.match(k)))
     if shape["query"][1] % heads:
-        raise ValueError(f"{source}: query width {shape['query'][1]} is not a multiple of {heads} heads")
+        raise UserError(f"{source}: query width {shape['query'][1]} is not a multiple of {heads} heads")
     return T5Config(vocab_size=vocab, d_model=d_model, d_kv=shape["query"][1] // heads, d_ff=shape["wi_0"][1],
                     num_layers=layers, num_heads=heads, relative_attention_num_buckets=buckets)
 
@@ -93,10 +94,10 @@ def _read_ctgen_meta(directory: str) -> T5Config:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
         if meta.get("format") != CTGEN_FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, expected {CTGEN_FORMAT!r}")
+            raise UserError(f"format is {meta.get('format')!r}, expected {CTGEN_FORMAT!r}")
         return T5Config.from_dict(meta["config"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid ctgen text encoder description: {e}") from None
+        raise UserError(f"{path} is not a valid ctgen text encoder description: {e}") from None
 
 
 def load_text_config(path: str) -> T5Config:
@@ -117,7 +118,7 @@ def _check_same_names(flat: Mapping[str, Any], expected: Mapping[str, tuple], so
     report.mismatched = [(k, tuple(np.shape(flat[k])), tuple(expected[k]))
                          for k in sorted(set(flat) & set(expected)) if tuple(np.shape(flat[k])) != tuple(expected[k])]
     if not report.ok:
-        raise ValueError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}")
+        raise UserError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}")
 
 
 def _load_params(kind: str, directory: str, cfg: T5Config) -> dict[str, np.ndarray]:
@@ -133,7 +134,7 @@ def _load_params(kind: str, directory: str, cfg: T5Config) -> dict[str, np.ndarr
 
         params_dir = os.path.join(directory, "params")
         if not os.path.isdir(params_dir):
-            raise FileNotFoundError(f"{directory} has {CTGEN_META} but no params/ Orbax checkpoint")
+            raise UserError(f"{directory} has {CTGEN_META} but no params/ Orbax checkpoint")
         with ocp.StandardCheckpointer() as ckpt:
             tree = ckpt.metadata(params_dir).item_metadata.tree
             shapes = {k: tuple(v.shape) for k, v in flatten_state(tree).items()}
@@ -174,7 +175,7 @@ def load_text_encoder(
         cfg = cfg.replace(dtype=dtype)
     tokenizer = T5Tokenizer.from_dir(directory, search_parent=(kind == "t5x"))
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{tokenizer.source} has {tokenizer.vocab_size} pieces but the encoder in {directory} "
+        raise UserError(f"{tokenizer.source} has {tokenizer.vocab_size} pieces but the encoder in {directory} "
                          f"embeds only {cfg.vocab_size} ids: tokenizer and weights do not belong together")
     model = model_from_params(cfg, _load_params(kind, directory, cfg), mesh=mesh, rules=rules)
     return model, tokenizer, cfg
@@ -188,7 +189,7 @@ def save_text_encoder(model: T5Encoder, tokenizer: T5Tokenizer, out_dir: str) ->
     if os.path.exists(os.path.join(out_dir, "params")):
         raise FileExistsError(f"{out_dir} already holds a text encoder (params/); choose a new directory")
     os.makedirs(out_dir, exist_ok=True)
-    params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, "params"), params)
         ckpt.wait_until_finished()
@@ -222,7 +223,7 @@ class TextEncoderSpec:
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
             if unknown:
-                raise ValueError(f"unknown text encoder fields {unknown}; known: path, max_length, dtype")
+                raise UserError(f"unknown text encoder fields {unknown}; known: path, max_length, dtype")
             return cls(**value)
         raise TypeError(f"a text encoder is named by a path string or a mapping, got {type(value).__name__}")
 

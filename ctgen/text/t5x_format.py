@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ctgen.errors import UserError
+
 CHECKPOINT_FILE = "checkpoint"
 _STEP_DIR = re.compile(r"checkpoint_(\d+)\Z")
 
@@ -69,13 +71,13 @@ class TensorStoreArray:
         rel = spec["kvstore"].get("path") if isinstance(spec.get("kvstore"), dict) else None
         rel = rel if rel is not None else spec.get("path")
         if not isinstance(rel, str) or not rel:
-            raise ValueError(f"{ckpt_dir}: TensorStore spec of {name!r} has no path: {spec}")
+            raise UserError(f"{ckpt_dir}: TensorStore spec of {name!r} has no path: {spec}")
         root = os.path.realpath(ckpt_dir)
         full = os.path.realpath(os.path.join(root, rel))
         if os.path.commonpath([root, full]) != root:
-            raise ValueError(f"{ckpt_dir}: TensorStore path of {name!r} points outside the checkpoint: {rel!r}")
+            raise UserError(f"{ckpt_dir}: TensorStore path of {name!r} points outside the checkpoint: {rel!r}")
         if not os.path.isdir(full):
-            raise FileNotFoundError(f"T5X checkpoint {ckpt_dir} is incomplete: parameter {name!r} should be "
+            raise UserError(f"T5X checkpoint {ckpt_dir} is incomplete: parameter {name!r} should be "
                                     f"stored in {full}, which is missing")
         self.path = full
         self._store = None
@@ -88,9 +90,9 @@ class TensorStoreArray:
                 self._store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": self.path}},
                                       open=True, read=True).result()
             except Exception as e:
-                raise ValueError(f"cannot open zarr array {self.path} (parameter {self.name!r}): {e}") from None
+                raise UserError(f"cannot open zarr array {self.path} (parameter {self.name!r}): {e}") from None
             if self._store.dtype.name == "uint16":
-                raise ValueError(f"{self.path}: uint16-encoded bfloat16 (T5X checkpoint version < 3) is not "
+                raise UserError(f"{self.path}: uint16-encoded bfloat16 (T5X checkpoint version < 3) is not "
                                  "supported; re-save the checkpoint with a current T5X")
         return self._store
 
@@ -113,19 +115,19 @@ def read_t5x_checkpoint(msgpack_path: str) -> dict[str, Any]:
     try:
         contents = serialization.msgpack_restore(raw)  # msgpack with ndarray ext types; no pickle
     except Exception as e:
-        raise ValueError(f"{msgpack_path} is not a T5X msgpack checkpoint: {e}") from None
+        raise UserError(f"{msgpack_path} is not a T5X msgpack checkpoint: {e}") from None
     if not isinstance(contents, dict):
-        raise ValueError(f"{msgpack_path} is not a T5X checkpoint (top level is {type(contents).__name__})")
+        raise UserError(f"{msgpack_path} is not a T5X checkpoint (top level is {type(contents).__name__})")
     version = contents.get("version", 0)
     if version == 0:
         state = contents
     elif version >= 2 and isinstance(contents.get("optimizer"), dict):
         state = contents["optimizer"]
     else:
-        raise ValueError(f"{msgpack_path}: unsupported T5X checkpoint version {version!r} "
+        raise UserError(f"{msgpack_path}: unsupported T5X checkpoint version {version!r} "
                          "(supported: 0, and 2 or later with an 'optimizer' entry)")
     if "target" not in state:
-        raise ValueError(f"{msgpack_path}: no 'target' (model parameters) in the T5X checkpoint; "
+        raise UserError(f"{msgpack_path}: no 'target' (model parameters) in the T5X checkpoint; "
                          f"top-level keys: {sorted(state)}")
     flat: dict[str, Any] = {}
 

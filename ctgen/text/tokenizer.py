@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ctgen.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PAD_ID = 0
@@ -33,9 +35,9 @@ class T5Tokenizer:
         try:
             self._sp.LoadFromSerializedProto(model_proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with terse text
-            raise ValueError(f"{source} is not a valid sentencepiece model: {e}") from None
+            raise UserError(f"{source} is not a valid sentencepiece model: {e}") from None
         if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
-            raise ValueError(
+            raise UserError(
                 f"{source}: T5 needs pad id {PAD_ID} and EOS id {EOS_ID}, but this sentencepiece model "
                 f"has pad id {self._sp.pad_id()} and EOS id {self._sp.eos_id()} (not a T5 vocabulary)")
         self._proto = bytes(model_proto)
@@ -44,7 +46,7 @@ class T5Tokenizer:
     def from_file(cls, path: str | os.PathLike) -> "T5Tokenizer":
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"sentencepiece model {path} does not exist")
+            raise UserError(f"sentencepiece model {path} does not exist")
         with open(path, "rb") as f:
             return cls(f.read(), source=path)
 
@@ -59,7 +61,7 @@ class T5Tokenizer:
         for c in candidates:
             if os.path.isfile(c):
                 return cls.from_file(c)
-        raise FileNotFoundError(
+        raise UserError(
             f"no T5 tokenizer found: looked for {', '.join(candidates)}. Copy the `spiece.model` that "
             "belongs to these weights next to them (for google/t5-v1_1-* it is in the same Hugging Face "
             "repository; T5X checkpoints use gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model).")
@@ -93,9 +95,9 @@ class T5Tokenizer:
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be a sequence of strings, not a single string")
         if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+            raise UserError(f"max_length must be >= 1, got {max_length}")
         if len(texts) == 0:
-            raise ValueError("no texts to encode (empty batch)")
+            raise UserError("no texts to encode (empty batch)")
         rows = []
         truncated = 0
         for i, t in enumerate(texts):
@@ -103,11 +105,11 @@ class T5Tokenizer:
                 try:
                     t = t.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise ValueError(f"text {i} is not valid UTF-8: {e}") from None
+                    raise UserError(f"text {i} is not valid UTF-8: {e}") from None
             if not isinstance(t, str):
                 raise TypeError(f"text {i} must be str or bytes, got {type(t).__name__}")
             if not t.strip() and not allow_empty:
-                raise ValueError(f"text {i} is empty or only whitespace ({t!r}); pass allow_empty=True "
+                raise UserError(f"text {i} is empty or only whitespace ({t!r}); pass allow_empty=True "
                                  "to encode it as the lone EOS token")
             ids = self.encode(t)
             if len(ids) > max_length:

@@ -1,0 +1,221 @@
+"""T5 embedding cache: precompute prompt embeddings of a prepared dataset into a side TFDS dataset.
+
+Training stages read `(source_id, embedding [length, d_model], length)` instead of running T5
+every step. The side dataset has the same splits and the same example order as the source (TFDS
+shuffling is disabled), and repeats `source_id` so a reader can check the pairing.
+
+    python -m ctgen.text.cache --dataset DIR --out DIR [--encoder builtin|PATH] [--batch-size 64]
+        [--dtype bfloat16|float16] [--split train]
+
+Reads the source with `tfds.builder_from_directory(DIR).as_data_source(split)` (no TensorFlow),
+decoding only `prompt` and `source_id`. Embeddings are stored unpadded (real tokens only, EOS
+included), in bfloat16 or float16, as raw bytes; `length` is the number of real tokens. Padding a
+batch back to its longest member with zeros reproduces GenerateCT's `padding="longest"` states.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from typing import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from ctgen.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_NEEDED = ("prompt", "source_id")
+
+
+def _tfds():
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _open_source(dataset_dir: str):
+    tfds = _tfds()
+    if not os.path.isfile(os.path.join(dataset_dir, "dataset_info.json")):
+        raise UserError(f"{dataset_dir} is not a prepared TFDS dataset directory (no dataset_info.json); pass the "
+                        "version directory, e.g. .../my_dataset/1.0.0")
+    builder = tfds.builder_from_directory(dataset_dir)
+    features = builder.info.features
+    missing = [k for k in _NEEDED if k not in features]
+    if missing:
+        raise UserError(f"{dataset_dir}: examples need text features {list(_NEEDED)}; missing {missing} "
+                        f"(features: {sorted(features.keys())})")
+    # Decode only what we need: a CT volume per example would dominate the read time.
+    skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+            if k not in _NEEDED and isinstance(f, tfds.features.Tensor)}
+    return builder, skip
+
+
+def _make_builder_class():
+    tfds = _tfds()
+
+    class TextEmbeddingCache(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """Side dataset of T5 prompt embeddings (see ctgen.text.cache)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "T5 encoder last hidden states of each example's prompt."}
+
+        def __init__(self, *, source_dir, splits, encode_batch, d_model, dtype, description, **kwargs):
+            self._source_dir, self._splits, self._encode_batch = source_dir, splits, encode_batch
+            self._d_model, self._dtype, self._description = d_model, dtype, description
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=self._description,
+                features=tfds.features.FeaturesDict({
+                    "source_id": tfds.features.Text(),
+                    "embedding": tfds.features.Tensor(shape=(None, self._d_model), dtype=self._dtype,
+                                                      encoding=tfds.features.Encoding.BYTES),
+                    "length": tfds.features.Scalar(dtype=np.int32),
+                }),
+                disable_shuffling=True,  # keep the source's order
+            )
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in self._splits}
+
+        def _generate_examples(self, split):
+            yield from self._encode_batch(split)
+
+    return TextEmbeddingCache
+
+
+def build_embedding_cache(
+    dataset_dir: str, out_dir: str, encoder_path: str = "builtin", *, batch_size: int = 64,
+    dtype: str = "bfloat16", split: str | Sequence[str] | None = None, max_length: int = 256,
+    mesh=None, overwrite: bool = False,
+) -> str:
+    """Encode every example's `prompt` of the TFDS dataset at `dataset_dir`; write the side dataset.
+
+    out_dir: becomes the side dataset's directory (readable with `tfds.builder_from_directory(out_dir)`).
+    encoder_path: "builtin" or a HF / T5X / ctgen text encoder directory.
+    batch_size: prompts per encoder call (rounded up to a multiple of the mesh's batch shards).
+    split: one split, a list, or None for all splits of the source.
+    mesh: a `jax.sharding.Mesh` to shard encoding over; default: all local devices on a data axis.
+    Returns `out_dir`.
+    """
+    import jax
+    from tqdm import tqdm
+
+    from ctgen.text.encode import encode_ids
+    from ctgen.text.load import load_text_encoder
+
+    if dtype not in STORAGE_DTYPES:
+        raise UserError(f"embedding cache dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    dataset_dir, out_dir = os.path.abspath(dataset_dir), os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise UserError(f"{out_dir} exists and is not empty; remove it or pass overwrite=True (--overwrite)")
+        shutil.rmtree(out_dir)
+    source, skip = _open_source(dataset_dir)
+    splits = list(source.info.splits.keys()) if split is None else [split] if isinstance(split, str) else list(split)
+    unknown = [s for s in splits if s not in source.info.splits]
+    if unknown:
+        raise UserError(f"{dataset_dir} has no split(s) {unknown}; it has {sorted(source.info.splits.keys())}")
+    if mesh is None and jax.local_device_count() > 1 and jax.process_count() == 1:
+        from ctgen.parallel.mesh import make_mesh
+
+        mesh = make_mesh({"data": -1})
+    model, tokenizer, cfg = load_text_encoder(encoder_path, mesh=mesh)
+    storage = STORAGE_DTYPES[dtype]
+
+    def encode_split(name):
+        src = source.as_data_source(name, decoders=skip)
+        with tqdm(total=len(src), desc=f"T5 embeddings [{name}]", unit="ex") as bar:
+            for start in range(0, len(src), batch_size):
+                rows = [src[i] for i in range(start, min(start + batch_size, len(src)))]
+                prompts = [_text(r["prompt"]) for r in rows]
+                for i, p in enumerate(prompts):
+                    if not p.strip():
+                        raise UserError(f"{dataset_dir} [{name}] example {start + i} (source_id "
+                                        f"{_text(rows[i]['source_id'])!r}) has an empty prompt")
+                unique = sorted(set(prompts))  # studies often share one report across volumes
+                ids, mask = tokenizer.batch_encode(unique, max_length=max_length)
+                emb, _ = encode_ids(model, ids, mask, mesh=mesh, batch_size=batch_size)
+                emb = np.asarray(emb).astype(storage)
+                if not np.isfinite(emb.astype(np.float32)).all():
+                    raise UserError(f"embeddings overflow {dtype} in [{name}] batch at {start}; use bfloat16")
+                lengths = mask.sum(axis=1).astype(np.int32)
+                where = {p: j for j, p in enumerate(unique)}
+                for i, (row, p) in enumerate(zip(rows, prompts)):
+                    j = where[p]
+                    yield start + i, {"source_id": _text(row["source_id"]), "embedding": emb[j, : lengths[j]],
+                                      "length": lengths[j]}
+                bar.update(len(rows))
+
+    description = (f"T5 prompt embeddings of {dataset_dir} by encoder {encoder_path!r} (d_model {cfg.d_model}, "
+                   f"max_length {max_length}, {dtype}); built by ctgen.text.cache")
+    builder_cls = _make_builder_class()
+    staging = out_dir + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    builder = builder_cls(source_dir=dataset_dir, splits=splits, encode_batch=encode_split, d_model=cfg.d_model,
+                          dtype=storage, description=description, data_dir=staging, file_format="array_record")
+    builder.download_and_prepare(download_config=_tfds().download.DownloadConfig(
+        download_mode=_tfds().download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+    # TFDS writes <data_dir>/<name>/<version>/; make out_dir that version directory.
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    os.replace(builder.data_dir, out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def read_embeddings(cache_dir: str, split: str):
+    """The side dataset's data source for `split` (items: source_id bytes, embedding [length, D], length)."""
+    tfds = _tfds()
+    return tfds.builder_from_directory(os.path.abspath(cache_dir)).as_data_source(split)
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of `ctgen prepare --source embeddings` (also the standalone `python -m ctgen.text.cache`)."""
+    parser.add_argument("--dataset", required=True, help="prepared TFDS dataset directory (the version dir)")
+    parser.add_argument("--out", required=True, help="output directory of the embedding side dataset")
+    parser.add_argument("--encoder", default="builtin",
+                        help="text encoder: 'builtin' or a Hugging Face / T5X / ctgen directory (default: builtin)")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (default: 64)")
+    parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="bfloat16",
+                        help="storage dtype of the embeddings (default: bfloat16)")
+    parser.add_argument("--split", action="append", default=None,
+                        help="split to encode (repeatable; default: all splits)")
+    parser.add_argument("--max-length", type=int, default=256, help="token limit per prompt (default: 256)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return parser
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    out = build_embedding_cache(args.dataset, args.out, args.encoder, batch_size=args.batch_size, dtype=args.dtype,
+                                split=args.split, max_length=args.max_length, overwrite=args.overwrite)
+    print(f"wrote T5 embedding cache to {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_prepare_arguments(argparse.ArgumentParser(
+        prog="python -m ctgen.text.cache", description="Precompute T5 prompt embeddings of a TFDS dataset."))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_prepare(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
