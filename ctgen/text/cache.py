@@ -116,10 +116,8 @@ def build_embedding_cache(
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     dataset_dir, out_dir = os.path.abspath(dataset_dir), os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        if not overwrite:
-            raise UserError(f"{out_dir} exists and is not empty; remove it or pass overwrite=True (--overwrite)")
-        shutil.rmtree(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} exists and is not empty; remove it or pass overwrite=True (--overwrite)")
     source, skip = _open_source(dataset_dir)
     splits = list(source.info.splits.keys()) if split is None else [split] if isinstance(split, str) else list(split)
     unknown = [s for s in splits if s not in source.info.splits]
@@ -165,7 +163,10 @@ def build_embedding_cache(
                           dtype=storage, description=description, data_dir=staging, file_format="array_record")
     builder.download_and_prepare(download_config=_tfds().download.DownloadConfig(
         download_mode=_tfds().download.GenerateMode.REUSE_CACHE_IF_EXISTS))
-    # TFDS writes <data_dir>/<name>/<version>/; make out_dir that version directory.
+    # TFDS writes <data_dir>/<name>/<version>/; make out_dir that version directory. The old
+    # output (with --overwrite) is only removed once the new one is complete.
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     os.replace(builder.data_dir, out_dir)
     shutil.rmtree(staging, ignore_errors=True)
