@@ -54,7 +54,7 @@ def detect_format(path: str) -> tuple[str, str]:
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return "hf", path
     if t5x_format.find_t5x_checkpoint(path):
-        return "t5x", path
+        return "t5x", path if os.path.isdir(path) else os.path.dirname(path)
     listing = sorted(os.listdir(path))[:20] if os.path.isdir(path) else [os.path.basename(path)]
     raise UserError(
         f"{path} is not a text encoder: expected a Hugging Face model dir (config.json + model.safetensors or "
@@ -167,13 +167,18 @@ def load_text_encoder(
 
     dtype: compute dtype override ("float32", "bfloat16", "float16").
     mesh, rules: place the parameters sharded by their logical axes (default rules if None).
-    The tokenizer is `spiece.model` in the directory (for T5X also its parent directory).
+    The tokenizer is `spiece.model` in the directory (for T5X also up to the model directory
+    above `checkpoint_<step>/`).
     """
     kind, directory = detect_format(path)
     cfg = load_text_config(path)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    tokenizer = T5Tokenizer.from_dir(directory, search_parent=(kind == "t5x"))
+    also = ()
+    if kind == "t5x":  # the vocabulary usually sits in the model dir, above checkpoint_<step>[/state]
+        here = os.path.dirname(os.path.abspath(t5x_format.find_t5x_checkpoint(directory)))
+        also = (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here)))
+    tokenizer = T5Tokenizer.from_dir(directory, also=also)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{tokenizer.source} has {tokenizer.vocab_size} pieces but the encoder in {directory} "
                          f"embeds only {cfg.vocab_size} ids: tokenizer and weights do not belong together")

@@ -51,13 +51,10 @@ class T5Tokenizer:
             return cls(f.read(), source=path)
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike, *, search_parent: bool = False) -> "T5Tokenizer":
-        """The `spiece.model` (or `sentencepiece.model`) in `directory` (or, optionally, its parent)."""
-        directory = os.fspath(directory)
-        candidates = [os.path.join(directory, n) for n in MODEL_FILENAMES]
-        if search_parent:
-            parent = os.path.dirname(os.path.abspath(directory))
-            candidates += [os.path.join(parent, n) for n in MODEL_FILENAMES]
+    def from_dir(cls, directory: str | os.PathLike, *, also: Sequence[str] = ()) -> "T5Tokenizer":
+        """The `spiece.model` (or `sentencepiece.model`) in `directory`, else in the `also` directories."""
+        dirs = [os.fspath(directory)] + [os.fspath(d) for d in also]
+        candidates = [os.path.join(d, n) for d in dict.fromkeys(dirs) for n in MODEL_FILENAMES]
         for c in candidates:
             if os.path.isfile(c):
                 return cls.from_file(c)

@@ -111,7 +111,12 @@ def test_t5x_checkpoint_matches_transformers(hf_encoder, t5x_params, tmp_path, k
     model, tokenizer, cfg = load_text_encoder(str(model_dir))
     assert tokenizer.source == str(model_dir / "spiece.model")
     ids, mask = random_batch(seed=7)
-    assert np.abs(np.asarray(model(ids, mask)) - hf_last_hidden(hf_encoder, ids, mask)).max() <= 1e-5
+    want = hf_last_hidden(hf_encoder, ids, mask)
+    assert np.abs(np.asarray(model(ids, mask)) - want).max() <= 1e-5
+    # A step directory or the msgpack file itself also works; the vocabulary is found above it.
+    msgpack = model_dir / "checkpoint_1000" / ("state" if state_subdir else "") / "checkpoint"
+    by_file, _, _ = load_text_encoder(str(msgpack))
+    np.testing.assert_array_equal(np.asarray(by_file(ids, mask)), np.asarray(model(ids, mask)))
 
 
 def test_t5x_errors_name_the_problem(t5x_params, tmp_path):
