@@ -31,13 +31,15 @@ from typing import Sequence
 import numpy as np
 from nibabel import orientations as nio
 
+from ctgen.errors import UserError
+
 HU_MIN = -1000.0
 HU_MAX = 1000.0
 CANONICAL_AXCODES_DHW = ("S", "P", "L")
 CANONICAL_AXCODES_IJK = ("L", "P", "S")  # the same frame with axes in (W, H, D) order
 
 
-class VolumeError(ValueError):
+class VolumeError(UserError):
     """A volume that cannot be used; the message names the file and what is wrong."""
 
 

@@ -26,11 +26,12 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from ctgen.data.features import DATASET_NAME, VERSION, DatasetConfig, assemble, features
 from ctgen.data.preprocess import VolumeError
+from ctgen.errors import UserError
 
 SPLITS = ("train", "validation")
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError):
     """Preparation refused or failed; the message says why and what to do."""
 
 
