@@ -50,6 +50,9 @@ def main():
             total.append(t2 - t0)
         print(f"{mode:5s} save: training blocked {np.median(blocked):.3f} s, complete after {np.median(total):.3f} s"
               f" (median of {args.repeats})")
+    if jax.device_count() < 2:
+        print("restore onto another mesh: skipped (needs >= 2 devices; set XLA_FLAGS as in the docstring)")
+        return
     with tempfile.TemporaryDirectory() as d:
         ck = Checkpointer(d, async_save=False)
         ck.save(1, state, {"pos": 0})

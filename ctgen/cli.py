@@ -98,7 +98,39 @@ def _run_eval(args, overrides) -> int:
     return 0
 
 
-_SUBCOMMANDS = (_add_train, _add_eval)
+def _benchmarks_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="run a benchmark script from benchmarks/",
+        description="Run benchmarks/bench_<name>.py with the given arguments (source checkout only). "
+                    "`ctgen bench` alone lists them; `ctgen bench <name> --help` shows a script's options.")
+    p.add_argument("name", nargs="?", help="benchmark name, e.g. checkpoint for bench_checkpoint.py")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args, overrides) -> int:
+    import runpy
+
+    bench_dir = _benchmarks_dir()
+    if not os.path.isdir(bench_dir):
+        raise UserError(f"{bench_dir} not found: benchmarks ship with the source checkout (pip install -e .)")
+    names = sorted(f[len("bench_"):-3] for f in os.listdir(bench_dir) if f.startswith("bench_") and f.endswith(".py"))
+    if not args.name:
+        print("benchmarks: " + ", ".join(names))
+        return 0
+    if args.name not in names:
+        raise UserError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
+    path = os.path.join(bench_dir, f"bench_{args.name}.py")
+    sys.argv = [path, *args.args]
+    runpy.run_path(path, run_name="__main__")
+    return 0
+
+
+_SUBCOMMANDS = (_add_train, _add_eval, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
