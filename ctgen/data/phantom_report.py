@@ -148,8 +148,8 @@ def write_report(a: dict, rng: np.random.Generator) -> dict[str, str]:
         imp.append(f"Pulmonary nodule in the {n['lobe']}.")
     elif nods:
         big = max(nods, key=lambda n: n["diameter_mm"])
-        f.append(f"{len(nods)} pulmonary nodules are observed, the largest measuring {big['diameter_mm']:.0f} mm "
-                 f"in the {big['lobe']}.")
+        f.append(f"{len(nods)} pulmonary nodules are observed in the {_lobe_list([n['lobe'] for n in nods])}, "
+                 f"the largest measuring {big['diameter_mm']:.0f} mm in the {big['lobe']}.")
         imp.append(f"Multiple pulmonary nodules, the largest in the {big['lobe']}.")
     if not (nods or a["opacities"] or emph["severity"] != "none"):
         f.append(_pick(rng, ("Both lung parenchyma are normal; no mass or infiltrative lesion.",

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from ctgen.data import preprocess as pp
+
+
+def test_value_ranges_round_trip():
+    hu = np.array([-1500, -1000, 0, 500, 1000, 3000], np.float32)
+    m = pp.hu_to_model(hu)
+    np.testing.assert_allclose(m, [-1, -1, 0, 0.5, 1, 1])
+    np.testing.assert_allclose(pp.hu_to_sr(hu), [0, 0, 0.5, 0.75, 1, 1])
+    np.testing.assert_allclose(pp.model_to_hu(m), np.clip(hu, -1000, 1000))
+    np.testing.assert_allclose(pp.sr_to_hu(pp.hu_to_sr(hu)), np.clip(hu, -1000, 1000))
+    np.testing.assert_allclose(pp.sr_to_model(pp.model_to_sr(m)), m, atol=1e-7)
+    assert pp.to_int16_hu(np.array([1e4, -1e4, 12.6])).tolist() == [1000, -1000, 13]
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "PIR", "SAL"])
+def test_to_canonical_places_marker_by_anatomy(codes):
+    """A voxel at the patient's right-anterior-inferior corner must land at D=0 (inferior),
+    H=0 (anterior), W=0 (patient right) whatever the file's axis order and directions."""
+    from nibabel import orientations as nio
+
+    shape = (6, 7, 8)
+    ornt = nio.axcodes2ornt(tuple(codes))
+    spacing = np.array([0.5, 2.0, 3.0])
+    aff = np.diag([0.0, 0.0, 0.0, 1.0])
+    for i, (axis, flip) in enumerate(ornt):
+        aff[int(axis), i] = flip * spacing[i]
+    vol = np.zeros(shape, np.float32)
+    # right end: high index if the axis points R; anterior: high if A; inferior: high if I
+    idx = tuple(shape[i] - 1 if c in "RAI" else 0 for i, c in enumerate(codes))
+    vol[idx] = 1
+    out, sp, orient = pp.to_canonical(vol, aff)
+    assert orient == codes
+    assert np.unravel_index(np.argmax(out), out.shape) == (0, 0, 0)
+    axes = {c: spacing[i] for i, c in enumerate(codes)}
+    sz = next(v for c, v in axes.items() if c in "SI")
+    sy = next(v for c, v in axes.items() if c in "AP")
+    sx = next(v for c, v in axes.items() if c in "LR")
+    np.testing.assert_allclose(sp, [sz, sy, sx])
+
+
+def test_canonical_affine_inverts_to_canonical():
+    vol = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    aff = pp.canonical_affine((2.0, 0.7, 0.8))
+    back, sp, orient = pp.to_canonical(vol.transpose(2, 1, 0), aff)
+    assert orient == "LPS"
+    np.testing.assert_array_equal(back, vol)
+    np.testing.assert_allclose(sp, [2.0, 0.7, 0.8])
+
+
+def test_resize_preserves_constants_and_means():
+    x = np.full((9, 16, 16), 42.0, np.float32)
+    np.testing.assert_allclose(pp.resize_volume(x, (5, 4, 4)), 42.0, rtol=1e-6)
+    ramp = np.broadcast_to(np.arange(64, dtype=np.float32), (3, 4, 64))
+    small = pp.resize_volume(ramp, (3, 4, 16))
+    np.testing.assert_allclose(small[0, 0, 1:-1], ramp[0, 0].reshape(16, 4).mean(1)[1:-1], atol=1e-4)
+    up = pp.resize_volume(np.arange(4, dtype=np.float32).reshape(4, 1, 1), (8, 1, 1))
+    assert np.all(np.diff(up[:, 0, 0]) >= 0) and up[0, 0, 0] == 0 and up[-1, 0, 0] == 3
+
+
+def test_grid_modes():
+    vol = np.zeros((40, 30, 20), np.float32)
+    out, sp = pp.to_grid(vol, (1.0, 2.0, 3.0), pp.GridConfig(shape=(21, 16, 16)))
+    assert out.shape == (21, 16, 16)
+    np.testing.assert_allclose(sp, [40 / 21, 2 * 30 / 16, 3 * 20 / 16], rtol=1e-6)
+    out, sp = pp.to_grid(vol, (1.0, 2.0, 3.0), pp.GridConfig(shape=(None, 64, 64), spacing=(2.0, 2.0, 2.0)))
+    assert out.shape == (19, 64, 64)  # 20 slices at 2 mm, even -> 19 (1 + 2k)
+    assert out[0, 0, 0] == -1000  # padded with air
+    out, _ = pp.to_grid(vol, (1.0, 2.0, 3.0), pp.GridConfig(shape=(None, 64, 64), spacing=(2.0, 2.0, 2.0),
+                                                              odd_slices=False))
+    assert out.shape == (20, 64, 64)
+    with pytest.raises(ValueError):
+        pp.GridConfig(shape=(None, 64, 64))
+
+
+def test_check_hu_volume_rejects_bad_input(body_hu):
+    pp.check_hu_volume(body_hu.transpose(2, 1, 0), "ok")
+    bad = body_hu.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(pp.VolumeError, match="NaN"):
+        pp.check_hu_volume(bad, "nan.nii.gz")
+    with pytest.raises(pp.VolumeError, match="not a 3-D"):
+        pp.check_hu_volume(body_hu[:, :, 0], "flat.nii.gz")
+    with pytest.raises(pp.VolumeError, match="do not look like CT"):
+        pp.check_hu_volume(np.abs(body_hu) + 100, "mr.nii.gz")
