@@ -8,7 +8,9 @@ shuffling is disabled), and repeats `source_id` so a reader can check the pairin
         [--dtype bfloat16|float16] [--split train]
 
 Reads the source with `tfds.builder_from_directory(DIR).as_data_source(split)` (no TensorFlow),
-decoding only `prompt` and `source_id`. Embeddings are stored unpadded (real tokens only, EOS
+decoding only `prompt` and `source_id`; DIR is the dataset's version directory or a prepare output
+directory holding exactly one dataset. Writes `source_ids.<split>.txt` next to the data, as
+`ctgen.data.side` does, so `KeyedSource` indexes the cache without reading it. Embeddings are stored unpadded (real tokens only, EOS
 included), in bfloat16 or float16, as raw bytes; `length` is the number of real tokens. Padding a
 batch back to its longest member with zeros reproduces GenerateCT's `padding="longest"` states.
 """
@@ -39,10 +41,10 @@ def _tfds():
 
 
 def _open_source(dataset_dir: str):
+    from ctgen.data.side import resolve_dataset_dir
+
     tfds = _tfds()
-    if not os.path.isfile(os.path.join(dataset_dir, "dataset_info.json")):
-        raise UserError(f"{dataset_dir} is not a prepared TFDS dataset directory (no dataset_info.json); pass the "
-                        "version directory, e.g. .../my_dataset/1.0.0")
+    dataset_dir = resolve_dataset_dir(dataset_dir)
     builder = tfds.builder_from_directory(dataset_dir)
     features = builder.info.features
     missing = [k for k in _NEEDED if k not in features]
@@ -119,6 +121,7 @@ def build_embedding_cache(
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; remove it or pass overwrite=True (--overwrite)")
     source, skip = _open_source(dataset_dir)
+    dataset_dir = os.fspath(source.data_dir)
     splits = list(source.info.splits.keys()) if split is None else [split] if isinstance(split, str) else list(split)
     unknown = [s for s in splits if s not in source.info.splits]
     if unknown:
@@ -129,8 +132,10 @@ def build_embedding_cache(
         mesh = make_mesh({"data": -1})
     model, tokenizer, cfg = load_text_encoder(encoder_path, mesh=mesh)
     storage = STORAGE_DTYPES[dtype]
+    written_ids: dict[str, list[str]] = {}
 
     def encode_split(name):
+        ids_out = written_ids.setdefault(name, [])
         src = source.as_data_source(name, decoders=skip)
         with tqdm(total=len(src), desc=f"T5 embeddings [{name}]", unit="ex") as bar:
             for start in range(0, len(src), batch_size):
@@ -150,7 +155,8 @@ def build_embedding_cache(
                 where = {p: j for j, p in enumerate(unique)}
                 for i, (row, p) in enumerate(zip(rows, prompts)):
                     j = where[p]
-                    yield start + i, {"source_id": _text(row["source_id"]), "embedding": emb[j, : lengths[j]],
+                    ids_out.append(_text(row["source_id"]))
+                    yield start + i, {"source_id": ids_out[-1], "embedding": emb[j, : lengths[j]],
                                       "length": lengths[j]}
                 bar.update(len(rows))
 
@@ -170,6 +176,9 @@ def build_embedding_cache(
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     os.replace(builder.data_dir, out_dir)
     shutil.rmtree(staging, ignore_errors=True)
+    for name, ids in written_ids.items():  # ctgen side-dataset convention (ctgen.data.side): index without reading
+        with open(os.path.join(out_dir, f"source_ids.{name}.txt"), "w", encoding="utf-8") as f:
+            f.writelines(i + "\n" for i in ids)
     return out_dir
 
 
@@ -185,7 +194,8 @@ def read_embeddings(cache_dir: str, split: str):
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `ctgen prepare --source embeddings` (also the standalone `python -m ctgen.text.cache`)."""
-    parser.add_argument("--dataset", required=True, help="prepared TFDS dataset directory (the version dir)")
+    parser.add_argument("--dataset", required=True,
+                        help="prepared TFDS dataset: its version directory, or a prepare --out holding one dataset")
     parser.add_argument("--out", required=True, help="output directory of the embedding side dataset")
     parser.add_argument("--encoder", default="builtin",
                         help="text encoder: 'builtin' or a Hugging Face / T5X / ctgen directory (default: builtin)")

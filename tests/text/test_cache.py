@@ -64,6 +64,12 @@ def test_cache_matches_encode_text(source_dir, tmp_path, dtype, storage):
             assert ex["embedding"].dtype == storage
             np.testing.assert_allclose(ex["embedding"].astype(np.float32), want[i, :n], rtol=1e-2, atol=1e-2)
     assert read_embeddings(out, "train")[5]["length"] == 256  # truncated like GenerateCT
+    # ctgen's side-dataset reader finds examples by source_id (via the sidecar the cache writes).
+    from ctgen.data.side import KeyedSource
+
+    keyed = KeyedSource(out, "validation")
+    assert open(f"{out}/source_ids.validation.txt").read().split() == ["vol_g_1", "vol_h_1"]
+    assert keyed["vol_h_1"]["length"] == read_embeddings(out, "validation")[1]["length"]
 
 
 def test_cache_single_split_cli_and_errors(source_dir, tmp_path, capsys):
@@ -77,7 +83,10 @@ def test_cache_single_split_cli_and_errors(source_dir, tmp_path, capsys):
     assert main(["--dataset", source_dir, "--out", out, "--split", "nope", "--overwrite"]) == 2
     assert "no split(s) ['nope']" in capsys.readouterr().err
     assert len(read_embeddings(out, "validation")) == 2  # a failed --overwrite run keeps the old output
-    with pytest.raises(UserError, match="not a prepared TFDS dataset"):
-        build_embedding_cache(str(tmp_path), str(tmp_path / "x"), batch_size=2)
+    with pytest.raises(UserError, match=r"need text features \['prompt', 'source_id'\]; missing \['prompt'\]"):
+        build_embedding_cache(out, str(tmp_path / "x"), batch_size=2)  # a dataset, but without prompts
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no prepared TFDS dataset"):
+        build_embedding_cache(str(tmp_path / "empty"), str(tmp_path / "x"), batch_size=2)
     with pytest.raises(UserError, match="dtype"):
         build_embedding_cache(source_dir, str(tmp_path / "y"), batch_size=2, dtype="float32")
