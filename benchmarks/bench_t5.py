@@ -5,8 +5,9 @@
 Both encoders get random weights of the same size (no download) and the same batch of
 `--length`-token prompts. Reports prompts/s, the achieved FLOP/s (matmul FLOPs of the encoder,
 counted analytically) and that as a fraction of this machine's measured float32 matmul rate
-(the faster of a jitted 2048^3 `jnp.dot` and numpy's 2048^3 float32 matmul, best of several). Runs are interleaved (ours, theirs, matmul, ...)
-and the best of `--repeats` rounds is reported, so a shared machine affects all three alike.
+(the faster of a jitted 2048^3 `jnp.dot` and numpy's 2048^3 float32 matmul, best of several).
+Runs are interleaved (ours, theirs, matmul, ...) and the best of `--repeats` rounds is reported,
+so a shared machine affects all of them alike.
 """
 from __future__ import annotations
 

@@ -9,10 +9,11 @@ shuffling is disabled), and repeats `source_id` so a reader can check the pairin
 
 Reads the source with `tfds.builder_from_directory(DIR).as_data_source(split)` (no TensorFlow),
 decoding only `prompt` and `source_id`; DIR is the dataset's version directory or a prepare output
-directory holding exactly one dataset. Writes `source_ids.<split>.txt` next to the data, as
-`ctgen.data.side` does, so `KeyedSource` indexes the cache without reading it. Embeddings are stored unpadded (real tokens only, EOS
+directory holding exactly one dataset. Embeddings are stored unpadded (real tokens only, EOS
 included), in bfloat16 or float16, as raw bytes; `length` is the number of real tokens. Padding a
 batch back to its longest member with zeros reproduces GenerateCT's `padding="longest"` states.
+`source_ids.<split>.txt` is written next to the data, as `ctgen.data.side` does, so `KeyedSource`
+indexes the cache without reading it.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from ctgen.errors import UserError
 from ctgen.parallel.axes import DEFAULT_RULES, spec_for, state_shardings
@@ -56,10 +56,11 @@ def batch_shards(mesh: Mesh | None, rules=None) -> int:
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
 def _encode_padded(graphdef, state, ids_BxL, mask_BxL, *, mesh, rules):
     model = nnx.merge(graphdef, state)
-    if mesh is None:
-        shard = lambda x, names: x  # noqa: E731
-    else:
-        shard = lambda x, names: jax.lax.with_sharding_constraint(x, _sharding(mesh, rules, names, x.shape))  # noqa: E731
+    def shard(x, names):
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, _sharding(mesh, rules, names, x.shape))
+
     x_BxLxD = model(ids_BxL, mask_BxL, shard=shard)
     return jnp.where(mask_BxL[:, :, None], x_BxLxD, 0.0)
 

@@ -155,7 +155,8 @@ class RelativePositionBias(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
         shape = (cfg.num_heads, cfg.relative_attention_num_buckets)
-        self.rel_embedding = nnx.Param(with_axes(init, "heads", "pos")(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
+        value = with_axes(init, "heads", "pos")(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+        self.rel_embedding = nnx.Param(value)
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
 

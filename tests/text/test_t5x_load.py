@@ -39,7 +39,8 @@ def t5x_params_from_hf(hf_model) -> dict[str, np.ndarray]:
         for name in ("wi_0", "wi_1", "wo"):
             out[t + f"mlp/{name}/kernel"] = sd[hf + f"1.DenseReluDense.{name}.weight"].T
     rng = np.random.default_rng(0)  # a decoder and Adafactor state, which the encoder must ignore
-    d, inner = out["target/encoder/encoder_norm/scale"].shape[0], out["target/encoder/layers_0/attention/query/kernel"].shape[1]
+    d = out["target/encoder/encoder_norm/scale"].shape[0]
+    inner = out["target/encoder/layers_0/attention/query/kernel"].shape[1]
     out["target/decoder/layers_0/self_attention/query/kernel"] = rng.normal(size=(d, inner)).astype(np.float32)
     out["target/decoder/decoder_norm/scale"] = np.ones(d, np.float32)
     out["target/decoder/logits_dense/kernel"] = rng.normal(size=(d, 512)).astype(np.float32)
