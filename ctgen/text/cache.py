@@ -114,6 +114,9 @@ def build_embedding_cache(
     from ctgen.text.encode import encode_ids
     from ctgen.text.load import load_text_encoder
 
+    if jax.process_count() > 1:
+        raise UserError("build the embedding cache in a single process (it writes one dataset); on a multi-host "
+                        "pod run it on one host, which shards encoding over that host's devices")
     if dtype not in STORAGE_DTYPES:
         raise UserError(f"embedding cache dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if batch_size < 1:

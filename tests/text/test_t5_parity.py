@@ -106,6 +106,32 @@ def test_missing_unexpected_and_mismatched_tensors_are_named(hf_models, tmp_path
     assert "encoder/encoder_norm/scale: (31,) vs (32,)" in msg  # shape mismatch
 
 
+def test_sharded_safetensors_with_index(hf_models, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    directory, hf = hf_models["full"]
+    d = tmp_path / "sharded"
+    d.mkdir()
+    for name in ("config.json", "spiece.model"):
+        (d / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    sd = load_file(os.path.join(directory, "model.safetensors"))
+    keys = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, d / shard, metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(d / "model.safetensors.index.json", "w"))
+    model, _, _ = load_text_encoder(str(d))
+    ids, mask = random_batch(seed=6)
+    assert np.abs(np.asarray(model(ids, mask)) - hf_last_hidden(hf, ids, mask)).max() <= 1e-5
+    os.remove(d / "model-00002-of-00002.safetensors")
+    with pytest.raises(UserError, match="names shard model-00002-of-00002.safetensors, which is missing"):
+        load_text_encoder(str(d))
+
+
 def test_bfloat16_safetensors_and_compute(hf_models, tmp_path):
     directory, hf = hf_models["encoder"]
     bf = _rewrite_safetensors(directory, tmp_path / "bf16", lambda sd: {k: v.bfloat16() for k, v in sd.items()})
