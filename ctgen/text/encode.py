@@ -56,6 +56,7 @@ def batch_shards(mesh: Mesh | None, rules=None) -> int:
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
 def _encode_padded(graphdef, state, ids_BxL, mask_BxL, *, mesh, rules):
     model = nnx.merge(graphdef, state)
+
     def shard(x, names):
         if mesh is None:
             return x
