@@ -7,6 +7,7 @@ CORE = [
     "flax==0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "tensorstore>=0.1.60",  # T5X checkpoint reading (also used by Orbax)
     "tensorflow-datasets>=4.9.10",
     "array-record>=0.8.6",
     "grain>=0.2.18",
