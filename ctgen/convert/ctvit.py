@@ -227,11 +227,16 @@ def _ours_flat(model_or_state: Any) -> dict[str, np.ndarray]:
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
     if isinstance(state, nnx.State):
         state = state.to_pure_dict()
-    return {k: np.asarray(jax.device_get(v)) for k, v in flatten_state(state).items()}
+    flat = state if all(isinstance(k, str) and not isinstance(v, Mapping) for k, v in state.items()) else flatten_state(state)
+    return {k: v if isinstance(v, np.ndarray) else np.asarray(jax.device_get(v)) for k, v in flat.items()}
 
 
-def to_generatect(model_or_state: Any, cfg: CTViTConfig) -> "OrderedDict[str, np.ndarray]":
-    """GenerateCT `CTViT` state_dict (numpy float32, manifest order) of a ctgen CT-ViT."""
+def to_generatect(model_or_state: Any, cfg: CTViTConfig, *, materialize: bool = True) -> "OrderedDict[str, np.ndarray]":
+    """GenerateCT `CTViT` state_dict (numpy float32, manifest order) of a ctgen CT-ViT.
+
+    `model_or_state`: a CTViT, its nnx.State, or a flat {ctgen path: array} dict.
+    materialize=False keeps layout changes as numpy views (for shape checks of huge models).
+    """
     manifest = generatect_manifest(cfg)
     expected = {e.key: e.shape for e in manifest if e.constant is None}
     converted, _ = convert(_ours_flat(model_or_state), ctvit_rules(cfg), direction="to_foreign",
@@ -239,7 +244,7 @@ def to_generatect(model_or_state: Any, cfg: CTViTConfig) -> "OrderedDict[str, np
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     for e in manifest:
         value = np.full(e.shape, e.constant, np.float32) if e.constant is not None else converted[e.key]
-        out[e.key] = np.ascontiguousarray(value, dtype=np.float32)
+        out[e.key] = np.ascontiguousarray(value, dtype=np.float32) if materialize else value
     return out
 
 
