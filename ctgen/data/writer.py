@@ -228,7 +228,19 @@ def _run_chunks(source, config, staging, pending, num_workers, strict, progress,
     if not flat:
         return
     if num_workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, (source, config))
+        # One BLAS thread per worker: N workers x N BLAS threads oversubscribe the cores.
+        threads = str(max(1, (os.cpu_count() or 1) // num_workers))
+        keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update({k: threads for k in keys})
+        try:
+            pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, (source, config))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         results: Iterable = pool.imap(_convert, flat, chunksize=1)
     else:
         pool = None

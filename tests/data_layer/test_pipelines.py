@@ -22,7 +22,7 @@ def _same(a, b):
             np.testing.assert_array_equal(x[k], y[k])
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers", [0, 2])
 def test_resume_sees_exactly_the_same_batches(phantom_dataset, workers):
     opts = LoaderOptions(worker_count=workers)
     kw = dict(global_batch_size=2, seed=3, num_slices=9, options=opts)
