@@ -303,7 +303,7 @@ def _lungs(rng, cv: _Canvas, a: dict, g: dict) -> np.ndarray:
     occ_region *= ~excl
     lung = occ_region > 0.5
     left = X > 0
-    base = rng.normal(-855, 12)
+    base = rng.normal(-880, 12)
     grad = 0.4 * (Y + g["Bc_ant"])
     tex = 14 * smooth_noise(rng, cv.shape, (24, 20, 20))
     lung_hu = (base + grad + tex).astype(np.float32)
@@ -457,7 +457,9 @@ def _findings_and_vessels(rng, cv: _Canvas, a: dict, g: dict, lung0: np.ndarray)
             continue
         cand = lung & (left == is_left)
         kk, jj, ii = np.nonzero(cand)
-        score = cv.y[jj] - 0.35 * cv.z[kk] + 1e-3 * cv.x[ii] * (1 if is_left else -1)
+        # posterior, peripheral and basal first: a crescent along the posterior chest wall
+        score = (cv.y[jj] / g["Bc_post"] + 1.2 * g["rn_c"][kk, jj, ii] - 2.5 * cv.z[kk] / g["Lz"]
+                 + 1e-6 * cv.x[ii] * (1 if is_left else -1))
         n = min(int(round(ml / vml)), int(0.8 * kk.size))
         a["effusion"][f"{side}_ml"] = round(n * vml, 1)
         sel = np.argpartition(-score, n - 1)[:n] if n > 0 else np.array([], int)
