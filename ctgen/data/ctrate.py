@@ -18,7 +18,8 @@ import re
 import numpy as np
 
 from ctgen.data.preprocess import VolumeError, apply_rescale
-from ctgen.data.sources import find_niftis, nifti_stem, parse_floats, read_csv, require_columns, resolve_spacing
+from ctgen.data.sources import (find_niftis, nifti_stem, orientation_warnings, parse_floats, read_csv, require_columns,
+                                resolve_spacing)
 from ctgen.data.writer import Issue, Record
 from ctgen.io.nifti import read_nifti
 
@@ -138,7 +139,9 @@ class CtRateSource:
         p = record.payload
         path, meta = p["path"], p["meta"] or {}
         vol = read_nifti(path)
-        warnings = [] if p["meta"] else ["no metadata row; spacing and HU from the header only"]
+        warnings = orientation_warnings(vol)
+        if not p["meta"]:
+            warnings.append("no metadata row; spacing and HU from the header only")
         xy, zs = parse_floats(meta.get("XYSpacing", "")), parse_floats(meta.get("ZSpacing", ""))
         csv_sp = [xy[1], xy[0], zs[0]] if len(xy) == 2 and len(zs) == 1 else None  # PixelSpacing is (row, col)
         spacing, sp_src = resolve_spacing(vol, csv_sp, path)

@@ -199,5 +199,10 @@ class NiftiCsvSource:
             raise VolumeError(f"{p['path']}: spacing column {p['spacing']} does not have 3 values")
         sp, sp_src = resolve_spacing(vol, spacing, p["path"])
         return {"hu_ijk": vol.data_ijk, "affine": vol.affine, "spacing_ijk": sp, "report": p["report"],
-                "age": p["age"], "sex": p["sex"],
+                "age": p["age"], "sex": p["sex"], "warnings": orientation_warnings(vol),
                 "notes": {"spacing_source": sp_src, "hu_source": "header" if vol.header_scaled else "as stored"}}
+
+
+def orientation_warnings(vol) -> list[str]:
+    """A header without qform/sform gives no orientation: say that the axes were assumed RAS."""
+    return [] if vol.has_geometry else ["header has no orientation (qform/sform); voxel axes assumed RAS"]

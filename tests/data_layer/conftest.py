@@ -27,12 +27,10 @@ def phantom_dataset(tmp_path_factory) -> str:
 def write_nifti_raw(path, data_ijk, affine=None, zooms=None, slope=None, inter=None, geometry=True):
     """Write a NIfTI with explicit control over header scaling and geometry."""
     affine = np.diag([1.0, 1.0, 1.0, 1.0]) if affine is None else affine
-    img = nib.Nifti1Image(np.asarray(data_ijk), affine)
+    # Without an affine nibabel leaves qform_code = sform_code = 0: a header with no orientation.
+    img = nib.Nifti1Image(np.asarray(data_ijk), affine if geometry else None)
     if zooms is not None:
         img.header.set_zooms(zooms)
-    if not geometry:
-        img.header.set_qform(None, code=0)
-        img.header.set_sform(None, code=0)
     if slope is not None:
         img.header.set_slope_inter(slope, inter)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -29,6 +29,9 @@ def test_prepare_phantoms_from_the_command_line(tmp_path, capsys):
     assert path in capsys.readouterr().out
     info = json.load(open(os.path.join(path, "prepare.json")))
     assert info["counts"] == {"train": 3, "validation": 1, "skipped": 0, "warnings": 0}
+    import tensorflow_datasets as tfds
+
+    assert len(tfds.data_source("ctgen_ct/demo", data_dir=out, split="train")) == 3  # by name, no TensorFlow
     ex = open_split(out, "train")[0]
     assert ex["volume"].shape == (17, 24, 24) and ex["labels"].shape == (17, 24, 24)
     attrs = json.loads(ex["attributes"])

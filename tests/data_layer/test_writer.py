@@ -118,6 +118,7 @@ def test_nifti_csv_bad_inputs_each_get_one_line(tmp_path, body_hu):
         "corrupt" in by_file["garbage.nii.gz"]["problem"]
     assert any("report row without a volume" in e.get("problem", "") for e in lines)
     assert by_file["nogeo.nii.gz"]["spacing_source"].startswith("csv")
+    assert by_file["nogeo.nii.gz"]["status"] == "warning" and "assumed RAS" in by_file["nogeo.nii.gz"]["problem"]
     ex = {bytes(e["source_id"]).decode(): e for e in (open_split(summary["path"], "train")[i] for i in range(2))}
     assert ex["a"]["prompt"] == b"40 years old male: Normal study - no findings."
     np.testing.assert_allclose(ex["nogeo"]["original_spacing"], [1.5, 0.6, 0.5])
