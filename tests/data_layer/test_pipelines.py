@@ -153,3 +153,15 @@ def test_token_pipeline_joins_tokens_and_embeddings_by_source_id(tmp_path):
     it2 = token_pipeline(tokens_dir, "train", **kw)
     it2.set_state(state)
     _same(more, [next(it2) for _ in range(2)])
+
+
+def test_sr_resume_reproduces_slice_choices(phantom_dataset):
+    kw = dict(global_batch_size=4, slices_per_volume=2, lowres_size=(12, 12), seed=7)
+    it = sr_pipeline(phantom_dataset, "train", **kw)
+    straight = [next(it) for _ in range(6)]
+    it2 = sr_pipeline(phantom_dataset, "train", **kw)
+    [next(it2) for _ in range(3)]
+    it3 = sr_pipeline(phantom_dataset, "train", **kw)
+    it3.set_state(it2.get_state())
+    _same(straight[3:], [next(it3) for _ in range(3)])
+    assert len({tuple(b["slice_index"]) for b in straight}) > 1
