@@ -84,7 +84,8 @@ def _prepare_throughput(work: str, csv_path: str, workers: list[int]) -> None:
         build(NiftiCsvSource(csv_path), DatasetConfig(name="bench", grid=GridConfig((201, 128, 128))), out,
               validation_fraction=0.0, num_workers=w, progress=False, log=lambda s: None)
         dt = time.perf_counter() - t
-        print(f"prepare 512x512x300 -> 201x128x128, {w} process(es): {n / dt:.2f} volumes/s ({dt:.1f} s for {n})")
+        how = "in-process" if w == 0 else f"{w} worker process(es)"
+        print(f"prepare 512x512x300 -> 201x128x128, {how}: {n / dt:.2f} volumes/s ({dt:.1f} s for {n})")
 
 
 def _loader_throughput(work: str, n_phantoms: int, batches: int, workers: list[int]) -> None:
@@ -125,7 +126,7 @@ def main() -> None:
     p.add_argument("--phantoms", type=int, default=16, help="phantoms in the loader dataset")
     p.add_argument("--phantom-samples", type=int, default=5, help="phantoms timed at 201x128x128")
     p.add_argument("--batches", type=int, default=30, help="loader batches timed")
-    p.add_argument("--prepare-workers", default="1,2")
+    p.add_argument("--prepare-workers", default="0,1,2", help="0 = convert in the calling process")
     p.add_argument("--loader-workers", default="0,2")
     p.add_argument("--skip", default="", help="comma list of parts to skip: phantom,prepare,loader")
     args = p.parse_args()

@@ -64,7 +64,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--validation-fraction", "--split-fraction", type=float, default=0.05, dest="validation_fraction",
                    help="share of patients for validation when the source has no split of its own (default 0.05)")
     s.add_argument("--split-seed", type=int, default=0, help="seed of the patient split")
-    s.add_argument("--num-workers", type=int, default=1, help="conversion processes (default 1)")
+    s.add_argument("--num-workers", type=int, default=1,
+                   help="conversion processes (default 1; 0 converts in this process)")
     s.add_argument("--examples-per-shard", type=int, default=64, help="volumes per array_record shard / resume unit")
     s.add_argument("--strict", action="store_true", help="fail on the first bad input instead of skipping it")
     s.add_argument("--overwrite", action="store_true", help="replace a different or unfinished dataset at the same place")

@@ -2,7 +2,8 @@
 
 Volume names are `split_patient_scan_recon` (e.g. `train_123_a_1`); the patient id is
 `split_patient`, and CT-RATE's own train / valid split is kept (all reconstructions of one
-patient stay together). HU: `hu_mode="auto"` uses the header's scaling when it has one, applies
+patient stay together); without any `valid_*` volume, train patients are split by the
+validation fraction instead. HU: `hu_mode="auto"` uses the header's scaling when it has one, applies
 the metadata's RescaleSlope / RescaleIntercept when the stored values have no air below -200
 (raw detector values), and otherwise takes the data as already in HU; each example's manifest
 line says which. Spacing comes from the header unless it lacks one (no qform/sform, or the
@@ -131,6 +132,9 @@ class CtRateSource:
             split = "train" if m.group(1) == "train" else "validation"
             recs.append(Record(source_id=name, patient_id=f"{m.group(1)}_{m.group(2)}", file=path, split=split,
                                payload={"path": path, "report": rep, "meta": meta.get(name)}))
+        if recs and not any(r.split == "validation" for r in recs):
+            for r in recs:  # no valid_* volumes given: split train patients by --validation-fraction
+                r.split = None
         for name in sorted(set(reports) - set(files)):
             issues.append(Issue(self.reports[0], f"report row for {name!r} without a volume (no {name}.nii.gz found)", name))
         return recs, issues

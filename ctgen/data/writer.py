@@ -163,11 +163,14 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def build(source: Source, config: DatasetConfig, out_dir: str, *, validation_fraction: float = 0.05,
-          split_seed: int = 0, num_workers: int = 1, strict: bool = False, overwrite: bool = False,
+          split_seed: int = 0, num_workers: int = 0, strict: bool = False, overwrite: bool = False,
           examples_per_shard: int = 64, progress: bool = True,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Convert `source` into the dataset `config` under `out_dir`; return the summary dict.
 
+    num_workers: 0 converts in this process; N >= 1 uses N spawned conversion processes (each with
+      cpu_count // N BLAS threads: oversubscribed OpenBLAS threads slow resampling down 10-40x on a
+      busy machine) while this process writes shards.
     strict: any skipped or warned input fails the run (PrepareError) instead of a manifest line.
     overwrite: replace a different or unfinished dataset in the same place instead of refusing.
     """
@@ -227,8 +230,8 @@ def _run_chunks(source, config, staging, pending, num_workers, strict, progress,
     flat = [r for _, rs in pending for r in rs]
     if not flat:
         return
-    if num_workers > 1:
-        # One BLAS thread per worker: N workers x N BLAS threads oversubscribe the cores.
+    if num_workers >= 1:
+        # cpu_count // N BLAS threads per worker: N workers x all-core BLAS oversubscribe the cores.
         threads = str(max(1, (os.cpu_count() or 1) // num_workers))
         keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
         saved = {k: os.environ.get(k) for k in keys}

@@ -142,7 +142,7 @@ def test_ctrate_strict_fails_and_rerun_is_idempotent(ctrate_root, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("error: --strict:") and len(err.strip().splitlines()) == 1
     args = ["--source", "ctrate", "--root", ctrate_root, "--out", out, "--slices", "15", "--resolution", "16",
-            "--no-progress"]
+            "--num-workers", "0", "--no-progress"]
     assert prepare_main(args) == 0
     assert prepare_main(args) == 0
     assert "nothing to do" in capsys.readouterr().err
@@ -156,3 +156,16 @@ def test_truncated_gzip_is_really_truncated(ctrate_root):
     with pytest.raises(PrepareError):
         build(CtRateSource.from_root(ctrate_root), DatasetConfig(name="x", grid=GRID), "/nonexistent-unused",
               strict=True, progress=False)
+
+
+def test_without_valid_volumes_train_patients_are_split(ctrate_root, tmp_path):
+    found = CtRateSource.from_root(ctrate_root)
+    src = CtRateSource([d for d in found.volume_dirs if d.endswith("train_fixed")], found.reports, found.metadata)
+    summary = build(src, DatasetConfig(name="t", grid=GRID), str(tmp_path / "out"), validation_fraction=0.5,
+                    split_seed=0, progress=False, log=lambda s: None)
+    splits = {}
+    for split in ("train", "validation"):
+        s = open_split(summary["path"], split)
+        splits[split] = {bytes(s[i]["patient_id"]).decode() for i in range(len(s))}
+    assert splits["train"] and splits["validation"] and not splits["train"] & splits["validation"]
+    assert summary["counts"]["train"] + summary["counts"]["validation"] == 3
