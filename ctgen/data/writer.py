@@ -168,9 +168,9 @@ def build(source: Source, config: DatasetConfig, out_dir: str, *, validation_fra
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Convert `source` into the dataset `config` under `out_dir`; return the summary dict.
 
-    num_workers: 0 converts in this process; N >= 1 uses N spawned conversion processes (each with
-      cpu_count // N BLAS threads: oversubscribed OpenBLAS threads slow resampling down 10-40x on a
-      busy machine) while this process writes shards.
+    num_workers: 0 converts in this process; N >= 1 uses N spawned conversion processes with one
+      BLAS thread each (multi-threaded OpenBLAS slowed resampling 10-40x on a busy shared machine;
+      processes scale better) while this process writes shards.
     strict: any skipped or warned input fails the run (PrepareError) instead of a manifest line.
     overwrite: replace a different or unfinished dataset in the same place instead of refusing.
     """
@@ -231,8 +231,8 @@ def _run_chunks(source, config, staging, pending, num_workers, strict, progress,
     if not flat:
         return
     if num_workers >= 1:
-        # cpu_count // N BLAS threads per worker: N workers x all-core BLAS oversubscribe the cores.
-        threads = str(max(1, (os.cpu_count() or 1) // num_workers))
+        # One BLAS thread per worker: spinning OpenBLAS threads collapse when cores are contended.
+        threads = "1"
         keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
         saved = {k: os.environ.get(k) for k in keys}
         os.environ.update({k: threads for k in keys})
