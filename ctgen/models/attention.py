@@ -133,14 +133,14 @@ class TransformerBlock(nnx.Module):
         return x + self.ff(x)
 
 
-def _block_forward(block, x, grid, bias, context, context_mask):
-    return block(x, grid, bias, context, context_mask)
-
-
 class Transformer(nnx.Module):
     """Stack of PEG/attention/(cross-attention)/FF blocks with a final gamma-only norm.
 
-    remat: recompute each block's activations in the backward pass (saves memory on long volumes).
+    remat: recompute each block's activations in the backward pass (memory ~ one block instead of
+      all of them). Implemented as `lax.scan` over the blocks' stacked parameters with a
+      checkpointed body: on XLA:CPU a plain `jax.checkpoint` per unrolled block is undone by
+      common-subexpression elimination, a checkpointed scan body is not. Parameters stay stored
+      per block (names and checkpoints do not change).
     """
 
     def __init__(self, dim: int, *, depth: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4.0,
@@ -157,7 +157,17 @@ class Transformer(nnx.Module):
                  context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
         """x: (..., N, D) whose row-major memory is reinterpreted as the grid by each PEG."""
         grid = tuple(int(g) for g in grid_BxTxHxW)
-        fwd = nnx.remat(_block_forward, static_argnums=(2,)) if self.remat else _block_forward
-        for block in self.layers:
-            x = fwd(block, x, grid, bias_HxNxN, context, context_mask)
+        if not self.remat or len(self.layers) < 2:
+            for block in self.layers:
+                x = block(x, grid, bias_HxNxN, context, context_mask)
+            return self.norm_out(x)
+        graphdef = nnx.graphdef(self.layers[0])
+        states = [nnx.state(block) for block in self.layers]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+        @jax.checkpoint
+        def body(h, state):
+            return nnx.merge(graphdef, state)(h, grid, bias_HxNxN, context, context_mask), None
+
+        x, _ = jax.lax.scan(body, x, stacked)
         return self.norm_out(x)

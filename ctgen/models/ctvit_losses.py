@@ -80,12 +80,15 @@ def _slice_from_head(model: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array,
 
 def perceptual_loss(model: CTViT, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
                     dropout_rng: jax.Array | None) -> jax.Array:
-    r_real = r_fake = None
-    if dropout_rng is not None:
-        r_real, r_fake = jax.random.split(dropout_rng)
-    f_real = model.vgg(jnp.repeat(real_BxHxWx1, 3, axis=-1), r_real)
-    f_fake = model.vgg(jnp.repeat(fake_BxHxWx1, 3, axis=-1), r_fake)
-    return jnp.mean(jnp.square(f_real - f_fake))
+    """MSE between VGG16 features of the input and reconstructed slices (grayscale x3 channels).
+
+    Both go through the VGG as one batch (one weight-gradient per layer instead of two); dropout
+    masks are still drawn independently per image, as in GenerateCT's two separate calls.
+    """
+    b = real_BxHxWx1.shape[0]
+    both = jnp.repeat(jnp.concatenate([real_BxHxWx1, fake_BxHxWx1], axis=0), 3, axis=-1)
+    feats = model.vgg(both, dropout_rng)
+    return jnp.mean(jnp.square(feats[:b] - feats[b:]))
 
 
 def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConfig = CTViTLossConfig(), *,
