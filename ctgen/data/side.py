@@ -42,7 +42,7 @@ def open_split(path: str, split: str, decoders: Mapping | None = None):
 
 def write_side_dataset(path: str, features: Mapping[str, Any], splits: Mapping[str, Iterable[dict]], *,
                        name: str = "ctgen_side", examples_per_shard: int = 1024, description: str = "") -> str:
-    """Write `{split: examples}` as a TFDS array_record dataset directly in `path`; return `path`.
+    """Write `{split: examples}` (iterables, streamed) as a TFDS array_record dataset in `path`; return `path`.
 
     features: `{name: tfds.features.FeatureConnector}`; must include `source_id` (Text).
     """
@@ -57,21 +57,28 @@ def write_side_dataset(path: str, features: Mapping[str, Any], splits: Mapping[s
                                          dataset_name=name, filetype_suffix="array_record")
     infos = []
     for split, examples in splits.items():
-        blobs, ids = [], []
-        for ex in examples:
-            blobs.append(fd.serialize_example(ex))
+        ids, lengths, nbytes, writer = [], [], 0, None
+        for ex in examples:  # streamed: shards are written as they fill, renamed once the count is known
+            if writer is None:
+                writer = arm.ArrayRecordWriter(os.path.join(path, f".{split}-{len(lengths):05d}.tmp"), "group_size:1")
+                lengths.append(0)
+            blob = fd.serialize_example(ex)
+            writer.write(blob)
+            nbytes += len(blob)
+            lengths[-1] += 1
             ids.append(str(ex["source_id"]))
-        if not blobs:
+            if lengths[-1] == examples_per_shard:
+                writer.close()
+                writer = None
+        if writer is not None:
+            writer.close()
+        if not ids:
             continue
-        shards = [blobs[i:i + examples_per_shard] for i in range(0, len(blobs), examples_per_shard)]
-        for i, shard in enumerate(shards):
-            fname = tmpl.replace(split=split).sharded_filepath(shard_index=i, num_shards=len(shards))
-            w = arm.ArrayRecordWriter(os.fspath(fname), "group_size:1")
-            for b in shard:
-                w.write(b)
-            w.close()
-        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(s) for s in shards],
-                                         num_bytes=sum(len(b) for b in blobs), filename_template=tmpl.replace(split=split)))
+        for i in range(len(lengths)):
+            fname = tmpl.replace(split=split).sharded_filepath(shard_index=i, num_shards=len(lengths))
+            os.replace(os.path.join(path, f".{split}-{i:05d}.tmp"), os.fspath(fname))
+        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=nbytes,
+                                         filename_template=tmpl.replace(split=split)))
         with open(os.path.join(path, f"source_ids.{split}.txt"), "w", encoding="utf-8") as f:
             f.writelines(i + "\n" for i in ids)
     if not infos:

@@ -1,4 +1,6 @@
 """grain pipelines: exact resume, disjoint host shards, eval padding, SR pairs, MaskGIT token join."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -134,8 +136,6 @@ def test_token_pipeline_joins_tokens_and_embeddings_by_source_id(tmp_path):
     embs = [{"source_id": ids[i], "embedding": np.full((i + 2, 4), i, np.float16), "length": np.int32(i + 2)}
             for i in order]
     emb_dir = write_side_dataset(str(tmp_path / "emb"), emb_feats, {"train": embs})
-    import os
-
     os.remove(os.path.join(emb_dir, "source_ids.train.txt"))
     kw = dict(global_batch_size=2, seed=0, embeddings_dir=emb_dir, max_text_length=5)
     it = token_pipeline(tokens_dir, "train", **kw)
@@ -165,3 +165,18 @@ def test_sr_resume_reproduces_slice_choices(phantom_dataset):
     it3.set_state(it2.get_state())
     _same(straight[3:], [next(it3) for _ in range(3)])
     assert len({tuple(b["slice_index"]) for b in straight}) > 1
+
+
+def test_side_dataset_shards_and_lookup(tmp_path):
+    from ctgen.data.side import KeyedSource
+
+    feats = {"source_id": tfds.features.Text(), "x": tfds.features.Scalar(dtype=np.int32)}
+    path = write_side_dataset(str(tmp_path / "side"), feats,
+                              {"train": ({"source_id": f"s{i}", "x": i} for i in range(7)),
+                               "validation": iter([])}, examples_per_shard=3)
+    names = sorted(os.listdir(path))
+    assert [n for n in names if "array_record" in n] == [f"ctgen_side-train.array_record-0000{i}-of-00003" for i in range(3)]
+    keyed = KeyedSource(path, "train")
+    assert len(keyed) == 7 and "s5" in keyed and keyed["s5"]["x"] == 5
+    with pytest.raises(UserError, match="no example"):
+        keyed["nope"]
