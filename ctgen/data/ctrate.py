@@ -40,10 +40,13 @@ def discover(root: str) -> dict[str, list[str]]:
     }
 
 
-def _rows_by_name(paths: list[str], kind: str, issues: list[Issue], required: list[str]) -> dict[str, dict | None]:
-    """Rows keyed by VolumeName; a name with conflicting duplicate rows maps to None (skip)."""
+def _rows_by_name(paths: list[str], kind: str, issues: list[Issue], required: list[str],
+                  origin: dict[str, str] | None = None) -> dict[str, dict | None]:
+    """Rows keyed by VolumeName; a name with conflicting duplicate rows maps to None (skip).
+
+    origin: filled with "csv:line" of each name's first row."""
     out: dict[str, dict] = {}
-    origin: dict[str, str] = {}
+    origin = {} if origin is None else origin
     conflicted: set[str] = set()
     for path in paths:
         rows, iss = read_csv(path)
@@ -100,7 +103,8 @@ class CtRateSource:
 
     def scan(self) -> tuple[list[Record], list[Issue]]:
         issues: list[Issue] = []
-        reports = _rows_by_name(self.reports, "report", issues, list(REPORT_COLUMNS.values()))
+        where: dict[str, str] = {}
+        reports = _rows_by_name(self.reports, "report", issues, list(REPORT_COLUMNS.values()), where)
         meta = _rows_by_name(self.metadata, "metadata", issues, [])
         files: dict[str, str] = {}
         for d in self.volume_dirs:
@@ -136,7 +140,8 @@ class CtRateSource:
             for r in recs:  # no valid_* volumes given: split train patients by --validation-fraction
                 r.split = None
         for name in sorted(set(reports) - set(files)):
-            issues.append(Issue(self.reports[0], f"report row for {name!r} without a volume (no {name}.nii.gz found)", name))
+            issues.append(Issue(where[name], f"{where[name]}: report row for {name!r} without a volume "
+                                             f"(no {name}.nii.gz under {', '.join(self.volume_dirs)})", name))
         return recs, issues
 
     def load(self, record: Record) -> dict:
