@@ -1,16 +1,11 @@
-"""Fixtures of the data-layer tests: a small prepared phantom dataset and NIfTI writing helpers."""
-import os
-
-import nibabel as nib
+"""Fixtures of the data-layer tests: a small prepared phantom dataset and a small HU volume."""
 import numpy as np
 import pytest
+from dl_helpers import SMALL_GRID
 
 from ctgen.data.features import DatasetConfig
-from ctgen.data.preprocess import GridConfig
 from ctgen.data.sources import PhantomSource
 from ctgen.data.writer import build
-
-SMALL_GRID = GridConfig(shape=(17, 24, 24))
 
 
 @pytest.fixture(scope="session")
@@ -22,20 +17,6 @@ def phantom_dataset(tmp_path_factory) -> str:
                     progress=False, log=lambda s: None)
     assert summary["counts"]["train"] == 8 and summary["counts"]["validation"] == 2
     return summary["path"]
-
-
-def write_nifti_raw(path, data_ijk, affine=None, zooms=None, slope=None, inter=None, geometry=True):
-    """Write a NIfTI with explicit control over header scaling and geometry."""
-    affine = np.diag([1.0, 1.0, 1.0, 1.0]) if affine is None else affine
-    # Without an affine nibabel leaves qform_code = sform_code = 0: a header with no orientation.
-    img = nib.Nifti1Image(np.asarray(data_ijk), affine if geometry else None)
-    if zooms is not None:
-        img.header.set_zooms(zooms)
-    if slope is not None:
-        img.header.set_slope_inter(slope, inter)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    nib.save(img, path)
-    return path
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import write_nifti_raw
+from dl_helpers import write_nifti_raw
 from ctgen.data.command import main as prepare_main
 from ctgen.data.ctrate import CtRateSource
 from ctgen.data.features import DatasetConfig

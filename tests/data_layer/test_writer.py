@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import SMALL_GRID, write_nifti_raw
+from dl_helpers import SMALL_GRID, write_nifti_raw
 from ctgen.data.features import DatasetConfig, normalize_text, parse_age
 from ctgen.data.side import open_split
 from ctgen.data.sources import NiftiCsvSource, PhantomSource
