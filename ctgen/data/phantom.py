@@ -50,10 +50,10 @@ class Phantom:
 
 
 def smooth_noise(rng: np.random.Generator, shape: Sequence[int], grid: Sequence[int]) -> np.ndarray:
-    """Unit-variance smooth random field: Gaussian noise on a coarse `grid`, linearly upsampled."""
+    """Smooth random field (about unit variance): Gaussian noise on a coarse `grid`, linearly upsampled."""
     coarse = rng.standard_normal(tuple(grid)).astype(np.float32)
-    f = resize_volume(coarse, shape, antialias=False)
-    return (f - f.mean()) / max(float(f.std()), 1e-6)
+    coarse = (coarse - coarse.mean()) / max(float(coarse.std()), 1e-6)  # normalise before upsampling: cheap
+    return resize_volume(coarse, shape, antialias=False)
 
 
 class _Canvas:
@@ -511,7 +511,7 @@ def _findings_and_vessels(rng, cv: _Canvas, a: dict, g: dict, lung0: np.ndarray)
                    int(np.searchsorted(cv.x, p[2])))
         return 0 <= k < cv.shape[0] and 0 <= j < cv.shape[1] and 0 <= i < cv.shape[2] and lung0[k, j, i]
 
-    min_r = 0.22 * float(min(cv.spacing[1:]))
+    min_r = max(0.22 * float(min(cv.spacing[1:])), 0.6)  # thinner vessels are invisible at CT resolution
     segs = []
     for hil, sx in ((g["hilum_r"], -1.0), (g["hilum_l"], 1.0)):
         for dz, dy, dx in ((0.9, -0.2, 0.4), (0.6, 0.5, 0.4), (0.1, -0.6, 0.8), (0.1, 0.6, 0.7),
