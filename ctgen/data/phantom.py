@@ -254,9 +254,9 @@ def _body_and_wall(rng, cv: _Canvas, a: dict, g: dict) -> None:
     stom_c = (g["z_dia_l"] - 35, -0.3 * g["Bc_ant"], 0.45 * g["Ac"])
     sl2, occ = cv.ellipsoid(stom_c, (35, 40, 45))
     air = (cv.y[sl2[1]][None, :, None] < stom_c[1] - 12).astype(np.float32)
-    cv.paint(sl2, occ * below_mask(cv, sl2, g), np.where(air > 0, -1000.0, 30.0).astype(np.float32))
+    cv.paint(sl2, occ * _below_mask(cv, sl2, g), np.where(air > 0, -1000.0, 30.0).astype(np.float32))
     sl3, occ = cv.ellipsoid((g["z_dia_l"] - 30, 0.45 * g["Bc_post"], 0.7 * g["Ac"]), (45, 45, 28), angle=0.6)
-    cv.paint(sl3, occ * below_mask(cv, sl3, g), np.float32(47))
+    cv.paint(sl3, occ * _below_mask(cv, sl3, g), np.float32(47))
 
 
 def _diaphragm(X, Y, g):
@@ -266,7 +266,7 @@ def _diaphragm(X, Y, g):
     return top - 55.0 * (((X - xs) / (0.65 * g["Ac"])) ** 2 + ((Y + 0.1 * g["Bc_post"]) / g["Bc_post"]) ** 2)
 
 
-def below_mask(cv: _Canvas, sl, g) -> np.ndarray:
+def _below_mask(cv: _Canvas, sl, g) -> np.ndarray:
     Z, Y, X = cv.z[sl[0]][:, None, None], cv.y[sl[1]][None, :, None], cv.x[sl[2]][None, None, :]
     return ((Z < _diaphragm(X, Y, g)) & (g["rn_c"][sl] < 1)).astype(np.float32)
 
