@@ -130,7 +130,13 @@ def _run_bench(args, overrides) -> int:
     return 0
 
 
-_SUBCOMMANDS = (_add_train, _add_eval, _add_bench)
+def _add_prepare(sub) -> None:
+    from ctgen.data import command
+
+    command.add_parser(sub).set_defaults(func=lambda args, overrides: command.run(args))
+
+
+_SUBCOMMANDS = (_add_prepare, _add_train, _add_eval, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
