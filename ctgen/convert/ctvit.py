@@ -27,7 +27,7 @@ from ctgen.convert.namemap import ConversionError, Report, Rule, convert, flatte
 from ctgen.errors import UserError
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.models.discriminator import DiscriminatorConfig
-from ctgen.models.vgg import VGG16_STAGES, VGGConfig
+from ctgen.models.vgg import VGG16, VGG16_STAGES, VGGConfig
 
 TRANSFORMERS = ("enc_spatial", "enc_temporal", "dec_spatial", "dec_temporal")
 VGG_FEATURE_INDEX = tuple(i for stage in VGG16_STAGES for i in stage)
@@ -425,3 +425,36 @@ def import_generatect_ctvit(path: str, cfg: CTViTConfig | None = None, **config_
     if cfg is None:
         cfg = infer_config(sd, **config_overrides)
     return from_generatect(sd, cfg, source=path)
+
+
+# --- torchvision VGG16 (perceptual-loss weights) -----------------------------------------------------
+def torchvision_vgg16_rules(vgg: VGGConfig) -> list[Rule]:
+    """ctgen VGG16 paths (relative to the `vgg` module) <-> torchvision `vgg16().state_dict()` keys."""
+    rules: list[Rule] = []
+    for j, idx in enumerate(VGG_FEATURE_INDEX[: _num_vgg_convs(vgg)]):
+        rules += _conv(f"convs/{j}", f"features.{idx}")
+    return rules + _linear("fc6", "classifier.0") + _linear("fc7", "classifier.3")
+
+
+def load_torchvision_vgg16(path: str, vgg: VGGConfig = VGGConfig()) -> dict[str, np.ndarray]:
+    """VGG16 weights for the perceptual loss from a torchvision state_dict (`vgg16-397923af.pth`, its
+    safetensors form, or any file whose keys carry a `vgg.` prefix such as a GenerateCT checkpoint).
+    Returns {path relative to the `vgg` module: array}; the ImageNet head (classifier.6) is ignored."""
+    sd = load_state_dict(path)
+    if any(k.startswith("vgg.") for k in sd):
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("vgg.")}
+    expected = {k: tuple(v.shape) for k, v in flatten_state(nnx.state(nnx.eval_shape(
+        lambda: VGG16(vgg, rngs=nnx.Rngs(0)))).to_pure_dict()).items()}
+    try:
+        flat, _ = convert(sd, torchvision_vgg16_rules(vgg), direction="to_ours", expected_shapes=expected,
+                          ignore_source=lambda k: k.startswith("classifier.6."))
+    except ConversionError as err:
+        raise UserError(f"{path} is not a torchvision VGG16 state_dict for {vgg}:\n{err}") from err
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
+
+
+def vgg_to_torchvision(vgg_module: VGG16) -> "OrderedDict[str, np.ndarray]":
+    """torchvision-layout state_dict (without the ImageNet head) of a ctgen VGG16."""
+    rules = torchvision_vgg16_rules(vgg_module.cfg)
+    out, _ = convert(_ours_flat(vgg_module), rules, direction="to_foreign")
+    return OrderedDict((r.foreign, np.ascontiguousarray(out[r.foreign], np.float32)) for r in rules)

@@ -66,6 +66,29 @@ class CTViTConfig:
                    discr=DiscriminatorConfig(base_dim=2, image_size=32, attn_heads=2, attn_dim_head=8, max_dim=32))
         return dataclasses.replace(base, **overrides)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON- and ConfigDict-friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "CTViTConfig":
+        """Inverse of `to_dict`; also accepts a ConfigDict or a JSON round trip (lists for tuples)."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+
+        def build(klass, values):
+            values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ValueError(f"unknown {klass.__name__} fields {unknown}; known: {sorted(names)}")
+            return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        if "vgg" in d:
+            d["vgg"] = build(VGGConfig, d["vgg"])
+        if "discr" in d:
+            d["discr"] = build(DiscriminatorConfig, d["discr"])
+        return build(cls, d)
+
     @property
     def grid_hw(self) -> tuple[int, int]:
         return self.image_size // self.patch_size, self.image_size // self.patch_size

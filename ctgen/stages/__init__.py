@@ -11,6 +11,7 @@ from ctgen.errors import UserError
 
 STAGES = {
     "toy": "ctgen.stages.toy",
+    "ctvit": "ctgen.stages.ctvit",
 }
 
 

@@ -1,0 +1,113 @@
+"""CT-ViT tokenizer (stage 1): GenerateCT's VQ autoencoder with VGG perceptual and hinge-GAN losses.
+
+    ctgen prepare --source phantom --count 200 --out data/
+    ctgen train --config configs/ctvit.py:paper --workdir runs/ctvit --config.data.dir=data/ctgen_ct/<name>/1.0.0
+    ctgen train --config configs/ctvit.py:demo  --workdir runs/ctvit_demo --config.data.dir=...
+    ctgen train --config configs/ctvit.py:tiny  --workdir /tmp/ctvit_tiny --config.data.dir=...
+
+Variants:
+  paper  GenerateCT exactly: CTViT(dim 512, codebook 8192, 128x128, patch 16, temporal patch 2,
+         depth 4+4, 8 heads x 32), 201 slices, batch 4, Adam(0.9, 0.99) 3e-5 with clipping 0.5 for the
+         generator (VGG16 included, trainable), 3e-7 without clipping for the discriminator, phase
+         cycle G,G,G,D, recon + perceptual + commitment + adaptive-weight hinge GAN, gradient
+         penalty 10 every discriminator step, EMA codebook decay 0.8.
+  demo   a narrower CT-ViT (dim 256, codebook 1024, depth 2+2, torchvision-size VGG16) on 17-slice
+         windows, batch 2: learns visibly on one CPU host within hours.
+  tiny   a 32x32 toy (dim 32, codebook 64, patch 8, depth 1+1, VGG/discriminator shrunk) for tests.
+Perceptual loss: set loss.vgg_weights to torchvision's vgg16 weights (`vgg16-397923af.pth`, any
+torchvision-layout VGG16 state_dict, .pth or .safetensors), or warm-start from an imported
+GenerateCT checkpoint (`ctgen import generatect-ctvit ctvit_pretrained.pt --out DIR`, then
+--config.init_from=DIR), whose VGG is used. Without either the run logs that the perceptual loss
+is off, and the adaptive GAN weight then uses the reconstruction loss's gradient.
+
+Departures from GenerateCT, each a switch (the paper variant keeps GenerateCT's behaviour):
+  model.remat=True (all variants): recompute transformer activations in the backward pass.
+      Same numbers; ~1/3 more transformer compute for ~5x less activation memory (201 slices:
+      step peak 4 GB instead of 9).
+  loss.adaptive_weight_ref="recon" is used automatically when there is no perceptual loss,
+      because GenerateCT's weight ||dL_perc/dW|| / ||dL_gan/dW|| would be 0 and silently turn
+      the GAN off.
+  Not reproduced: GenerateCT clips the generator's gradient norm over *all* parameters, including
+      the discriminator's gradients of the generator loss, which its optimizer never zeroes, so
+      they accumulate over the three generator steps; ctgen clips the generator's own gradients.
+"""
+import ml_collections
+
+from ctgen.models.ctvit import CTViTConfig
+from ctgen.train.config import base_config
+from ctgen.train.optim import optimizer_config
+
+
+def get_config(arg: str = "paper"):
+    c = base_config()
+    c.stage = "ctvit"
+    variant = arg or "paper"
+    if variant == "paper":
+        model = CTViTConfig.paper(max_slices=201, remat=True)
+    elif variant == "demo":
+        model = CTViTConfig.paper(dim=256, codebook_size=1024, spatial_depth=2, temporal_depth=2, max_slices=201,
+                                  remat=True)
+    elif variant == "tiny":
+        model = CTViTConfig.tiny(max_slices=17, remat=True)
+    else:
+        raise ValueError(f"unknown ctvit variant {arg!r}; use paper, demo or tiny")
+    c.model = ml_collections.ConfigDict(model.to_dict())
+
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.perceptual = True  # needs VGG16 weights (loss.vgg_weights or init_from); off otherwise
+    loss.gan = True
+    loss.vgg_weights = ""
+    loss.vgg_trainable = True  # GenerateCT puts the VGG16 in the generator's optimizer
+    loss.vgg_dropout = True  # GenerateCT keeps the VGG in train mode
+    loss.adaptive_weight_ref = "perceptual"
+    loss.adaptive_weight_max = 1e4
+    loss.grad_penalty_weight = 10.0
+    loss.update_codebook_in_discr_step = True  # GenerateCT's discriminator step runs the VQ in train mode
+
+    d = c.data
+    d.dir = ""
+    d.train_split = "train"
+    d.eval_split = "validation"  # "" = no eval
+    d.num_slices = 201
+    d.eval_num_slices = 0  # 0 = num_slices
+    d.eval_nifti = ""  # comma-separated NIfTI files to evaluate on instead of eval_split
+    d.slice_sampling = "random"
+    d.eval_batch_size = 4
+    d.worker_count = 0
+    d.read_threads = 2
+    d.prefetch_batches = 2
+
+    c.optim.generator = optimizer_config(learning_rate=3e-5, b1=0.9, b2=0.99, eps=1e-8, grad_clip_norm=0.5)
+    c.optim.discriminator = optimizer_config(learning_rate=3e-7, b1=0.9, b2=0.99, eps=1e-8)
+    del c.optim["main"]
+
+    t = c.train
+    t.phase_cycle = ("generator", "generator", "generator", "discriminator")
+    t.batch_size = 4
+    t.steps = 400_000  # loop steps = 100k GenerateCT iterations of 3 generator + 1 discriminator update
+    t.log_every = 20
+    t.checkpoint_every = 1000  # GenerateCT: 250 iterations
+    t.eval_every = 2000
+    t.eval_batches = 8
+    t.preview_every = 2000
+
+    if variant == "demo":
+        d.num_slices = 17
+        d.eval_batch_size = 2
+        t.batch_size = 2
+        t.steps = 20_000
+        t.checkpoint_every = 500
+        t.eval_every = t.preview_every = 500
+        t.eval_batches = 4
+    elif variant == "tiny":
+        d.num_slices = 9
+        d.eval_batch_size = 8
+        t.batch_size = 8
+        t.steps = 40
+        t.log_every = 4
+        t.checkpoint_every = 20
+        t.eval_every = t.preview_every = 20
+        t.eval_batches = 1
+        c.optim.generator.learning_rate = 2e-3
+        c.optim.discriminator.learning_rate = 1e-4
+    return c

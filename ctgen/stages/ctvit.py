@@ -1,0 +1,174 @@
+"""The CT-ViT stage of the shared training loop: GenerateCT's VQ autoencoder with its GAN.
+
+Phases (config.train.phase_cycle, GenerateCT: generator x3, discriminator):
+  generator      recon + perceptual + commitment + adaptive-weight GAN loss; trains every
+                 parameter but the discriminator's (and the VGG's only if loss.vgg_trainable);
+                 moves the EMA codebook (model state)
+  discriminator  hinge + gradient penalty; trains the discriminator only (GenerateCT's step also
+                 moves the codebook: loss.update_codebook_in_discr_step)
+Perceptual-loss weights: loss.vgg_weights (a torchvision VGG16 file), or the VGG inside an
+imported GenerateCT checkpoint given as init_from; with neither the perceptual loss is off (logged).
+Eval: reconstruction PSNR/SSIM/MSE and codebook usage on the eval split, or on NIfTI files
+(data.eval_nifti, comma-separated: read, resized in-plane, centred window of eval_num_slices);
+previews: PNGs of input vs reconstruction in three planes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ctgen.convert.ctvit import load_torchvision_vgg16
+from ctgen.data.pipelines import LoaderOptions, volume_pipeline
+from ctgen.errors import UserError
+from ctgen.eval.image_metrics import psnr, ssim
+from ctgen.models.ctvit import CTViT, CTViTConfig
+from ctgen.models.ctvit_losses import CTViTLossConfig, discriminator_loss, generator_loss
+from ctgen.models.vq import codebook_metrics
+from ctgen.train.stage import Phase
+
+log = logging.getLogger(__name__)
+
+
+def loss_config(config) -> CTViTLossConfig:
+    names = {f.name for f in dataclasses.fields(CTViTLossConfig)}
+    return CTViTLossConfig(**{k: v for k, v in config.loss.to_dict().items() if k in names})
+
+
+class CTViTStage:
+    def __init__(self, config):
+        self.config = config
+        self.cfg = CTViTConfig.from_dict(config.model)
+        lc = loss_config(config)
+        self.vgg_weights = config.loss.vgg_weights
+        self.init_from = config.init_from
+        has_vgg = self.cfg.use_vgg_and_gan
+        if lc.perceptual and has_vgg and not (self.vgg_weights or self.init_from):
+            log.warning("perceptual loss OFF: no VGG16 weights (set loss.vgg_weights to a torchvision "
+                        "vgg16 .pth/.safetensors, or init_from to an imported GenerateCT checkpoint)")
+            lc = dataclasses.replace(lc, perceptual=False)
+        if lc.perceptual and has_vgg:
+            log.info("perceptual loss on, VGG16 weights from %s", self.vgg_weights or f"init_from={self.init_from}")
+        if lc.gan and not lc.perceptual and lc.adaptive_weight_ref == "perceptual":
+            log.info("adaptive GAN weight uses the reconstruction loss's gradient (no perceptual loss)")
+            lc = dataclasses.replace(lc, adaptive_weight_ref="recon")
+        self.loss_cfg = lc
+        self._vgg_arrays = None
+        if self.vgg_weights:
+            self._vgg_arrays = load_torchvision_vgg16(self.vgg_weights, self.cfg.vgg)
+
+    # -- model ------------------------------------------------------------------------------------
+    def build_model(self, rngs: nnx.Rngs) -> CTViT:
+        model = CTViT(self.cfg, rngs=rngs)
+        if self._vgg_arrays is not None and model.vgg is not None:
+            _assign_from_host(model.vgg, self._vgg_arrays)
+        return model
+
+    def phases(self):
+        lc = self.loss_cfg
+        discr = nnx.PathContains("discr")
+        frozen = discr if self.config.loss.vgg_trainable else nnx.Any(discr, nnx.PathContains("vgg"))
+
+        def gen(model, batch, rng):
+            return generator_loss(model, batch, rng, lc)
+
+        def dis(model, batch, rng):
+            return discriminator_loss(model, batch, rng, lc)
+
+        phases = [Phase("generator", gen, trains=nnx.All(nnx.Param, nnx.Not(frozen)))]
+        if self.cfg.use_vgg_and_gan:
+            phases.append(Phase("discriminator", dis, trains=nnx.All(nnx.Param, discr),
+                                update_state=lc.update_codebook_in_discr_step))
+        return phases
+
+    # -- data -------------------------------------------------------------------------------------
+    def _options(self) -> LoaderOptions:
+        d = self.config.data
+        return LoaderOptions(worker_count=d.worker_count, read_threads=d.read_threads,
+                             prefetch_batches=d.prefetch_batches)
+
+    def _check_dir(self):
+        if not self.config.data.dir:
+            raise UserError("set data.dir to a dataset prepared with `ctgen prepare` (e.g. --source phantom)")
+
+    def train_data(self, process_index: int, process_count: int, seed: int):
+        self._check_dir()
+        d = self.config.data
+        return volume_pipeline(d.dir, d.train_split, global_batch_size=self.config.train.batch_size,
+                               process_index=process_index, process_count=process_count, seed=seed,
+                               num_slices=d.num_slices, slice_sampling=d.slice_sampling, train=True,
+                               options=self._options())
+
+    def eval_data(self, process_index: int, process_count: int):
+        d = self.config.data
+        if d.eval_nifti:
+            from ctgen.eval.ctvit_eval import NiftiEvalData
+
+            paths = [p.strip() for p in d.eval_nifti.split(",") if p.strip()]
+            return NiftiEvalData(paths, self.cfg, d.eval_num_slices or d.num_slices, d.eval_batch_size,
+                                 process_index, process_count)
+        if not d.eval_split:
+            return None
+        self._check_dir()
+        cfg = self
+
+        class _Eval:  # re-iterable: the loop evaluates several times
+            def __iter__(self):
+                return volume_pipeline(d.dir, d.eval_split, global_batch_size=d.eval_batch_size,
+                                       process_index=process_index, process_count=process_count,
+                                       num_slices=d.eval_num_slices or d.num_slices, train=False,
+                                       options=cfg._options())
+
+        return _Eval()
+
+    # -- eval / previews --------------------------------------------------------------------------
+    def eval_step(self, model: CTViT, batch) -> dict[str, jax.Array]:
+        vol = batch["volume"]
+        out = model(vol, train=False)
+        valid = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones(vol.shape[:1])
+        n = jnp.maximum(jnp.sum(valid), 1.0)
+
+        def mean(v):
+            return jnp.sum(v * valid) / n
+
+        recon = jnp.clip(out.recon_BxFxHxW, -1.0, 1.0)
+        mse = jnp.mean(jnp.square(out.recon_BxFxHxW - vol), axis=(1, 2, 3))
+        weights = jnp.broadcast_to(valid.reshape(-1, 1, 1, 1), out.ids_BxTxhxw.shape).reshape(-1)
+        bins = jax.ops.segment_sum(weights, out.ids_BxTxhxw.reshape(-1), num_segments=self.cfg.codebook_size)
+        usage = codebook_metrics(bins)
+        return {"psnr": mean(psnr(recon, vol)), "ssim": mean(ssim(recon, vol)), "recon_mse": mean(mse), **usage}
+
+    def preview_step(self, model: CTViT, batch) -> dict[str, jax.Array]:
+        vol = batch["volume"][:1]
+        return {"input": vol, "recon": model.reconstruct(vol)}
+
+    def write_preview(self, outputs, batch, out_dir: str, step: int) -> None:
+        from ctgen.stages.ctvit_preview import write_three_planes
+
+        name = batch["source_id"][0] if "source_id" in batch else "volume"
+        write_three_planes(os.path.join(out_dir, "ctvit_recon.png"), outputs["input"][0], outputs["recon"][0],
+                           title=f"step {step}: {name}")
+
+
+def _assign_from_host(module: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Set a module's parameters to host arrays without baking them into the jitted init as
+    constants (a host callback supplies them)."""
+    from ctgen.convert.namemap import flatten_state, unflatten_state
+
+    state = nnx.state(module, nnx.Param)
+    paths = sorted(flatten_state(state.to_pure_dict()))
+    missing = sorted(set(paths) - set(arrays))
+    if missing:
+        raise UserError(f"VGG16 weights lack {missing[:5]}")
+    shapes = [jax.ShapeDtypeStruct(arrays[p].shape, jnp.float32) for p in paths]
+    values = jax.pure_callback(lambda: [arrays[p] for p in paths], shapes)
+    nnx.update(module, unflatten_state(dict(zip(paths, values))))
+
+
+def make_stage(config) -> CTViTStage:
+    return CTViTStage(config)
