@@ -231,4 +231,4 @@ class Conv2d(nnx.Module):
 
 
 def leaky_relu(x: jax.Array, slope: float = 0.1) -> jax.Array:
-    return jnp.where(x >= 0, x, slope * x)
+    return jnp.where(x > 0, x, slope * x)  # derivative at 0 is `slope`, as in torch
