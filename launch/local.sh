@@ -48,9 +48,9 @@ run_one() {  # run_one PROCESS_ID ARGS...
   fi
 }
 
-if [ "$procs" = 1 ]; then
-  run_one 0 "$@"
-  exit $?
+if [ "$procs" = 1 ] || [ "$DRY_RUN" = 1 ]; then
+  for ((i = 0; i < procs; i++)); do run_one "$i" "$@"; done
+  exit 0
 fi
 
 pids=()
