@@ -1,6 +1,9 @@
-"""`ctgen eval ctvit`: reconstruct CT volumes (NIfTI) with a CT-ViT and report PSNR / SSIM.
+"""Reconstruct CT volumes (NIfTI) with a CT-ViT and report PSNR / SSIM, per file.
 
-    ctgen eval ctvit --model runs/ctvit --input scan1.nii.gz scan2.nii.gz --slices 33 --out eval_out/
+    python -m ctgen.eval.ctvit_eval --model runs/ctvit --input scan1.nii.gz scan2.nii.gz --slices 33 --out eval_out/
+
+(The same volumes also feed the stage's eval: `ctgen eval --config configs/ctvit.py:paper
+--weights DIR --config.data.eval_nifti=scan1.nii.gz,scan2.nii.gz`, which prints mean metrics.)
 
 --model: a training workdir, a CT-ViT directory (`ctgen import`), or a GenerateCT/ctgen weights
 file. Each volume is read with its geometry, put in canonical orientation, clipped to
@@ -106,11 +109,8 @@ def _run(args, overrides=None) -> int:
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `ctvit` to the subparsers of `ctgen eval`."""
-    p = subparsers.add_parser("ctvit", help="CT-ViT reconstruction PSNR/SSIM of NIfTI volumes",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="workdir, CT-ViT directory or weights file")
+def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True, help="workdir, CT-ViT weights directory or weights file")
     p.add_argument("--input", required=True, nargs="+", help="NIfTI volumes (.nii / .nii.gz)")
     p.add_argument("--slices", type=int, default=None, help="centred window of 1+2k slices")
     p.add_argument("--out", default=None, help="directory for preview PNGs and reconstructed NIfTIs")
@@ -118,9 +118,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `ctvit-nifti` to a subparsers object (e.g. of `ctgen eval`)."""
+    return configure(subparsers.add_parser("ctvit-nifti", help="CT-ViT reconstruction PSNR/SSIM of NIfTI volumes",
+                                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ctgen.eval.ctvit_eval")
-    add_parser(parser.add_subparsers(dest="what", required=True))
+    """`python -m ctgen.eval.ctvit_eval --model M --input a.nii.gz ...`"""
+    parser = configure(argparse.ArgumentParser(prog="python -m ctgen.eval.ctvit_eval", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     return args.func(args)
 

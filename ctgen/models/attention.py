@@ -11,12 +11,14 @@ Matches `transformer_maskgit/attention.py` numerically:
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ctgen.models.layers import PEG, Dense, GEGLUFeedForward, ScaleNorm, l2_normalize, leaky_relu
 from ctgen.parallel.axes import param, with_axes
@@ -55,8 +57,8 @@ class Attention(nnx.Module):
         if context is not None:
             context = self.context_norm(context)
         kv_input = x if context is None else context  # self-attention: k/v from the raw input
-        q = self.to_q(self.norm(x))
-        kv = self.to_kv(kv_input)
+        q = checkpoint_name(self.to_q(self.norm(x)), "attn_q")
+        kv = checkpoint_name(self.to_kv(kv_input), "attn_kv")
         inner = h * dh
         k, v = kv[..., :inner], kv[..., inner:]
         lead_q, lead_k = q.shape[:-1], k.shape[:-1]
@@ -133,25 +135,37 @@ class TransformerBlock(nnx.Module):
         return x + self.ff(x)
 
 
+REMAT_POLICIES = {
+    "full": None,
+    "projections": jax.checkpoint_policies.save_only_these_names("attn_q", "attn_kv", "ff_hidden"),
+}
+
+
 class Transformer(nnx.Module):
     """Stack of PEG/attention/(cross-attention)/FF blocks with a final gamma-only norm.
 
-    remat: recompute each block's activations in the backward pass (memory ~ one block instead of
-      all of them). Implemented as `lax.scan` over the blocks' stacked parameters with a
-      checkpointed body: on XLA:CPU a plain `jax.checkpoint` per unrolled block is undone by
-      common-subexpression elimination, a checkpointed scan body is not. Parameters stay stored
-      per block (names and checkpoints do not change).
+    remat: recompute activations in the backward pass instead of keeping them. Implemented as
+      `lax.scan` over the blocks' stacked parameters with a checkpointed body: on XLA:CPU a plain
+      `jax.checkpoint` per unrolled block is undone by common-subexpression elimination, a
+      checkpointed scan body is not. Parameters stay stored per block (names do not change).
+    remat_policy: "projections" keeps the outputs of the q, kv and feed-forward input projections
+      (the matmuls are ~95% of a block's FLOPs), so the backward pass recomputes only norms,
+      attention and elementwise work; "full" keeps only each block's input (least memory).
     """
 
     def __init__(self, dim: int, *, depth: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4.0,
                  peg: bool = True, peg_causal: bool = False, dim_context: int | None = None,
-                 cross_num_null_kv: int = 2, remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+                 cross_num_null_kv: int = 2, remat: bool = False, remat_policy: str = "full",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
         self.layers = nnx.List([
             TransformerBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, peg=peg, peg_causal=peg_causal,
                              dim_context=dim_context, cross_num_null_kv=cross_num_null_kv, dtype=dtype, rngs=rngs)
             for _ in range(depth)])
         self.norm_out = ScaleNorm(dim)
         self.remat = remat
+        self.remat_policy = remat_policy
 
     def __call__(self, x: jax.Array, grid_BxTxHxW: Sequence[int], *, bias_HxNxN: jax.Array | None = None,
                  context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
@@ -165,7 +179,7 @@ class Transformer(nnx.Module):
         states = [nnx.state(block) for block in self.layers]
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
-        @jax.checkpoint
+        @partial(jax.checkpoint, policy=REMAT_POLICIES[self.remat_policy])
         def body(h, state):
             return nnx.merge(graphdef, state)(h, grid, bias_HxNxN, context, context_mask), None
 

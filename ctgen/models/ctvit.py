@@ -31,7 +31,11 @@ class CTViTConfig:
 
     max_slices: the longest volume the model accepts (1 + k*temporal_patch_size); nothing in the
       weights depends on it, it guards inputs.
-    remat: recompute transformer-block activations in the backward pass (less memory, ~1/3 more compute).
+    remat: recompute transformer activations in the backward pass (less memory);
+    remat_policy: "full" (keep only block inputs: least memory) or "projections" (also keep the
+      q/kv/feed-forward projection outputs, so only norms, attention and elementwise work are
+      recomputed). On XLA:CPU both cost about the same time (the backward pass is bound by other
+      work), so "full" is the default.
     dtype: compute dtype of the matmuls ("float32" or "bfloat16"); parameters stay float32.
     """
 
@@ -52,6 +56,7 @@ class CTViTConfig:
     vq_decay: float = 0.8
     commitment_weight: float = 1.0
     remat: bool = False
+    remat_policy: str = "full"
     dtype: str = "float32"
 
     @classmethod
@@ -149,7 +154,8 @@ class CTViT(nnx.Module):
 
         def transformer(depth):
             return Transformer(d, depth=depth, heads=cfg.heads, dim_head=cfg.dim_head, ff_mult=cfg.ff_mult,
-                               peg=True, peg_causal=True, remat=cfg.remat, dtype=dtype, rngs=rngs)
+                               peg=True, peg_causal=True, remat=cfg.remat, remat_policy=cfg.remat_policy,
+                               dtype=dtype, rngs=rngs)
 
         self.enc_spatial = transformer(cfg.spatial_depth)
         self.enc_temporal = transformer(cfg.temporal_depth)

@@ -21,6 +21,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from ctgen.models.ctvit import CTViT
 
@@ -31,6 +32,8 @@ class CTViTLossConfig:
 
     perceptual: VGG16 perceptual loss (off when no VGG weights are available).
     gan: hinge GAN loss with the adaptive weight.
+    vgg_trainable: the loss provides VGG weight gradients (GenerateCT trains the VGG); when False
+      they are not computed (the stage then also freezes the VGG).
     vgg_dropout: VGG dropout active (GenerateCT keeps the VGG in train mode).
     adaptive_weight_ref: loss whose gradient norm scales the GAN loss: "perceptual" (GenerateCT)
       or "recon" (VQGAN-style; used automatically when the perceptual loss is off, since
@@ -39,6 +42,7 @@ class CTViTLossConfig:
 
     perceptual: bool = True
     gan: bool = True
+    vgg_trainable: bool = True
     vgg_dropout: bool = True
     adaptive_weight_ref: str = "perceptual"
     adaptive_weight_max: float = 1e4
@@ -78,8 +82,7 @@ def _slice_from_head(model: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array,
     return jnp.where((idx_B == 0).reshape(-1, 1, 1), first, rest)[..., None]
 
 
-def perceptual_loss(model: CTViT, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
-                    dropout_rng: jax.Array | None) -> jax.Array:
+def _vgg_features_loss(vgg, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
     """MSE between VGG16 features of the input and reconstructed slices (grayscale x3 channels).
 
     Both go through the VGG as one batch (one weight-gradient per layer instead of two); dropout
@@ -87,8 +90,25 @@ def perceptual_loss(model: CTViT, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Arr
     """
     b = real_BxHxWx1.shape[0]
     both = jnp.repeat(jnp.concatenate([real_BxHxWx1, fake_BxHxWx1], axis=0), 3, axis=-1)
-    feats = model.vgg(both, dropout_rng)
+    feats = vgg(both, dropout_rng)
     return jnp.mean(jnp.square(feats[:b] - feats[b:]))
+
+
+def perceptual_loss(model: CTViT, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
+                    dropout_rng: jax.Array | None) -> jax.Array:
+    return _vgg_features_loss(model.vgg, real_BxHxWx1, fake_BxHxWx1, dropout_rng)
+
+
+def _surrogate(value: jax.Array, grads, inputs) -> jax.Array:
+    """A scalar equal to `value` whose gradient w.r.t. `inputs` is the precomputed `grads`.
+
+    Lets the generator loss backpropagate through the VGG and the discriminator once: their
+    vector-Jacobian products are needed in the forward pass anyway (for the adaptive weight), and
+    autodiff of the plain expression would redo them.
+    """
+    sg = jax.lax.stop_gradient
+    terms = jax.tree.map(lambda c, x: jnp.sum(sg(c) * (x - sg(x))), grads, inputs)
+    return sg(value) + sum(jax.tree.leaves(terms))
 
 
 def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConfig = CTViTLossConfig(), *,
@@ -109,30 +129,36 @@ def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConf
     idx = random_slice_indices(k_idx, b, f) if slice_idx is None else slice_idx
     real, fake = pick_slices(volume, idx), pick_slices(recon, idx)
     drop = k_drop if cfg.vgg_dropout else None
+    c_perc = c_gan = None
     if use_perc:
-        perc = perceptual_loss(model, real, fake, drop)
-        loss = loss + perc
+        vgg_def, vgg_params, vgg_rest = nnx.split(model.vgg, nnx.Param, ...)
+
+        def perc_of(fake_slice, params):
+            return _vgg_features_loss(nnx.merge(vgg_def, params, vgg_rest), real, fake_slice, drop)
+
+        if cfg.vgg_trainable:
+            perc, vjp = jax.vjp(perc_of, fake, vgg_params)
+            c_perc, c_vgg = vjp(jnp.ones_like(perc))
+            loss = loss + _surrogate(perc, (c_perc, c_vgg), (fake, vgg_params))
+        else:
+            perc, vjp = jax.vjp(lambda s: perc_of(s, vgg_params), fake)
+            (c_perc,) = vjp(jnp.ones_like(perc))
+            loss = loss + _surrogate(perc, (c_perc,), (fake,))
         metrics["perceptual_loss"] = perc
     if use_gan:
-        gan = -jnp.mean(model.discr(fake))
+        gan, vjp = jax.vjp(lambda s: -jnp.mean(model.discr(s)), fake)
+        (c_gan,) = vjp(jnp.ones_like(gan))
+        # Adaptive weight: gradient norms w.r.t. the rest-slices pixel head, from the slice cotangents.
         feats = jax.lax.stop_gradient(out.features_BxTxhxwxD)
         kernel = jax.lax.stop_gradient(model.rest_to_pixels.kernel[...])
-        real_sg = jax.lax.stop_gradient(real)
-
-        def gan_of(k):
-            return -jnp.mean(model.discr(_slice_from_head(model, feats, idx, k)))
-
+        _, head_vjp = jax.vjp(lambda k: _slice_from_head(model, feats, idx, k), kernel)
+        g_gan = jnp.linalg.norm(head_vjp(jax.lax.stop_gradient(c_gan))[0])
         if use_perc and cfg.adaptive_weight_ref == "perceptual":
-            def ref_of(k):
-                return perceptual_loss(model, real_sg, _slice_from_head(model, feats, idx, k), drop)
-        else:
-            def ref_of(k):  # recon loss over the whole volume through the same head
-                return jnp.mean(jnp.square(volume - _full_recon(model, feats, k)))
-
-        g_ref = jnp.linalg.norm(jax.grad(ref_of)(kernel))
-        g_gan = jnp.linalg.norm(jax.grad(gan_of)(kernel))
+            g_ref = jnp.linalg.norm(head_vjp(jax.lax.stop_gradient(c_perc))[0])
+        else:  # recon loss over the whole volume through the same head
+            g_ref = jnp.linalg.norm(jax.grad(lambda k: jnp.mean(jnp.square(volume - _full_recon(model, feats, k))))(kernel))
         weight = jax.lax.stop_gradient(jnp.minimum(g_ref / (g_gan + 1e-8), cfg.adaptive_weight_max))
-        loss = loss + weight * gan
+        loss = loss + weight * _surrogate(gan, (c_gan,), (fake,))
         metrics.update(gan_loss=gan, adaptive_weight=weight)
     return loss, metrics
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ctgen.parallel.axes import param, with_axes
 
@@ -124,7 +125,7 @@ class GEGLUFeedForward(nnx.Module):
         self.w_out = Dense(self.inner, dim, axes=("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.w_in(self.norm(x))
+        h = checkpoint_name(self.w_in(self.norm(x)), "ff_hidden")
         value, gate = h[..., : self.inner], h[..., self.inner:]
         return self.w_out(jax.nn.gelu(gate, approximate=False) * value)
 

@@ -1,0 +1,101 @@
+"""CT-ViT losses: the single-backward generator loss equals plain autodiff; adaptive weight; GAN pieces."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ctgen.models.ctvit import CTViT, CTViTConfig
+from ctgen.models.ctvit_losses import (CTViTLossConfig, discriminator_loss, generator_loss, perceptual_loss,
+                                       pick_slices)
+
+CFG = CTViTConfig.tiny(max_slices=9)
+GEN = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("discr")))
+
+
+def _model_and_batch():
+    model = CTViT(CFG, rngs=nnx.Rngs(0))
+    for conv in model.vgg.convs:  # a tiny random VGG's features vanish; keep them well above float noise
+        conv.kernel[...] = conv.kernel[...] * 2.0
+    vol = jax.random.uniform(jax.random.key(1), (2, 5, 32, 32), minval=-1, maxval=1)
+    return model, {"volume": vol}
+
+
+def _naive_generator_loss(model, batch, idx, weight):
+    """The loss written plainly (autodiff through VGG and discriminator), with a given weight."""
+    vol = batch["volume"]
+    out = model(vol, train=True)
+    recon = out.recon_BxFxHxW
+    real, fake = pick_slices(vol, idx), pick_slices(recon, idx)
+    perc = perceptual_loss(model, real, fake, None)
+    gan = -jnp.mean(model.discr(fake))
+    return jnp.mean(jnp.square(vol - recon)) + out.commit_loss + perc + weight * gan
+
+
+@pytest.mark.parametrize("vgg_trainable", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_generator_gradients_equal_plain_autodiff(vgg_trainable):
+    model, batch = _model_and_batch()
+    idx = jnp.array([3, 1], jnp.int32)
+    cfg = CTViTLossConfig(vgg_dropout=False, vgg_trainable=vgg_trainable)
+    graphdef, state = nnx.split(model)
+
+    def ours(m):
+        return generator_loss(m, batch, jax.random.key(0), cfg, slice_idx=idx)
+
+    (loss, metrics), g1 = nnx.jit(nnx.value_and_grad(ours, argnums=nnx.DiffState(0, GEN), has_aux=True))(
+        nnx.merge(graphdef, state, copy=True))
+    w = metrics["adaptive_weight"]
+    assert float(w) > 0
+    naive = nnx.value_and_grad(lambda m, w: _naive_generator_loss(m, batch, idx, w), argnums=nnx.DiffState(0, GEN))
+    loss2, g2 = nnx.jit(naive)(nnx.merge(graphdef, state, copy=True), w)
+    assert float(loss) == pytest.approx(float(loss2), rel=1e-6)
+    flat1, flat2 = nnx.to_flat_state(g1), dict(nnx.to_flat_state(g2))
+    for path, v in flat1:
+        expected = np.asarray(flat2[path][...])
+        if not vgg_trainable and "vgg" in path:
+            expected = np.zeros_like(expected)  # not computed when the VGG is frozen
+        np.testing.assert_allclose(np.asarray(v[...]), expected, rtol=1e-4, atol=1e-7, err_msg=str(path))
+
+
+def test_adaptive_weight_is_ratio_of_head_gradient_norms():
+    model, batch = _model_and_batch()
+    idx = jnp.array([2, 4], jnp.int32)
+    cfg = CTViTLossConfig(vgg_dropout=False)
+    graphdef, state = nnx.split(model)  # before the loss moves the EMA codebook
+    _, metrics = generator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0), cfg, slice_idx=idx)
+
+    def head_grad(loss_of_fake):
+        def f(kernel):
+            m = nnx.merge(graphdef, state, copy=True)
+            m.rest_to_pixels.kernel[...] = kernel
+            out = m(batch["volume"], train=True)
+            return loss_of_fake(m, pick_slices(batch["volume"], idx), pick_slices(out.recon_BxFxHxW, idx))
+        return jnp.linalg.norm(jax.grad(f)(model.rest_to_pixels.kernel[...]))
+
+    g_perc = head_grad(lambda m, r, f: perceptual_loss(m, r, f, None))
+    g_gan = head_grad(lambda m, r, f: -jnp.mean(m.discr(f)))
+    assert float(metrics["adaptive_weight"]) == pytest.approx(float(g_perc / (g_gan + 1e-8)), rel=1e-3)
+
+
+def test_slice_zero_gives_zero_adaptive_weight():
+    """Slice 0 comes from the first-slice head, so the rest-slices head gets no gradient (GenerateCT)."""
+    model, batch = _model_and_batch()
+    _, metrics = generator_loss(model, batch, jax.random.key(0), CTViTLossConfig(vgg_dropout=False),
+                                slice_idx=jnp.zeros(2, jnp.int32))
+    assert float(metrics["adaptive_weight"]) == 0.0
+
+
+def test_discriminator_loss_terms():
+    model, batch = _model_and_batch()
+    loss, m = discriminator_loss(model, batch, jax.random.key(0))
+    hinge = float(jnp.mean(jax.nn.relu(1 + m["d_fake"]) + jax.nn.relu(1 - m["d_real"])))
+    assert float(loss) == pytest.approx(float(m["discr_hinge"] + m["grad_penalty"]), rel=1e-6)
+    assert float(m["discr_hinge"]) == pytest.approx(hinge, rel=0.05)  # d_* are batch means
+    assert float(m["grad_penalty"]) > 0
+
+
+def test_recon_reference_for_adaptive_weight_without_perceptual():
+    model, batch = _model_and_batch()
+    _, m = generator_loss(model, batch, jax.random.key(3), CTViTLossConfig(perceptual=False, adaptive_weight_ref="recon"),
+                          slice_idx=jnp.array([1, 2], jnp.int32))
+    assert "perceptual_loss" not in m and float(m["adaptive_weight"]) > 0
