@@ -265,7 +265,8 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
         save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
     elif path.endswith((".pt", ".pth", ".bin")):
         torch = _require_torch()
-        torch.save(OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state_dict.items()), path)
+        torch.save(OrderedDict((k, torch.from_numpy(np.require(v, None, ["C_CONTIGUOUS", "WRITEABLE"])))
+                               for k, v in state_dict.items()), path)
     else:
         raise UserError(f"{path}: unknown output format; use a .pt or .safetensors file name")
 
