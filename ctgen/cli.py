@@ -149,7 +149,13 @@ def _add_export_import(sub) -> None:
     ctvit_command.add_import_parser(imp.add_subparsers(dest="what", metavar="<model>", required=True))
 
 
-_SUBCOMMANDS = (_add_prepare, _add_train, _add_eval, _add_export_import, _add_bench)
+def _add_demo(sub) -> None:
+    from ctgen import demo
+
+    demo.add_parser(sub)
+
+
+_SUBCOMMANDS = (_add_prepare, _add_train, _add_eval, _add_export_import, _add_bench, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
