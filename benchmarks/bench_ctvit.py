@@ -13,7 +13,8 @@ call (compilation for ctgen) is excluded from the steady time.
     python benchmarks/bench_ctvit.py --workload gen --slices 17 201 --workload infer --slices 201
     CTGEN_GENERATECT_DIR=/path/to/GenerateCT python benchmarks/bench_ctvit.py --workload gen --slices 17
 
-Without CTGEN_GENERATECT_DIR only ctgen is measured. ctgen options: --remat (recompute
+Without CTGEN_GENERATECT_DIR only ctgen is measured. --background-load N adds N CPU-bound
+single-thread processes on the same cores during every measurement (a shared machine). ctgen options: --remat (recompute
 transformer activations in the backward pass; default on for gen/discr),
 --dtype bfloat16.
 """
@@ -159,6 +160,21 @@ def _child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+_LOAD = """
+import os, sys, numpy as np
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(sys.argv[1])])
+a = np.ones((384, 384), np.float32)
+while True:
+    a = np.tanh(a @ a * 1e-3)
+"""
+
+
+def _start_load(n: int, threads: int) -> list:
+    """`n` single-threaded CPU-bound processes on the benchmark's cores (a shared machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return [subprocess.Popen([sys.executable, "-c", _LOAD, str(threads)], env=env) for _ in range(n)]
+
+
 def _spawn(impl: str, workload: str, slices: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--workload", workload,
            "--slices", str(slices), "--steps", str(args.steps), "--threads", str(args.threads),
@@ -168,7 +184,13 @@ def _spawn(impl: str, workload: str, slices: int, args) -> dict:
     if args.remat is not None:
         cmd.append("--remat" if args.remat else "--no-remat")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    load = _start_load(args.background_load, args.threads)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -198,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-remat", dest="remat", action="store_false")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--no-reference", action="store_true", help="measure ctgen only")
+    ap.add_argument("--background-load", type=int, default=0,
+                    help="run N CPU-bound single-thread processes on the same cores during each measurement")
     ap.add_argument("--child", choices=("ctgen", "reference"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -215,6 +239,7 @@ def main(argv=None) -> int:
     reason = reason or rt.skip_reason()
     impls = ["ctgen"] + ([] if reason else ["reference"])
     print(f"CT-ViT benchmark: threads={args.threads} batch={args.batch} optimizer={args.optimizer} "
+          f"background_load={args.background_load} "
           f"load avg {os.getloadavg()[0]:.2f}; reference: {'GenerateCT at ' + rt.checkout_dir() if not reason else 'off (' + reason + ')'}")
     for workload, counts in zip(workloads, slices):
         for f in counts:
