@@ -187,7 +187,8 @@ def generatect_manifest(cfg: CTViTConfig) -> list[Entry]:
         out = []
         for i in range(depth):
             pre = f"{tr}_transformer.layers.{i}"
-            out += [Entry(f"{pre}.0.dsconv.weight", (d, 1, 3, 3, 3), "param"), Entry(f"{pre}.0.dsconv.bias", (d,), "param")]
+            out += [Entry(f"{pre}.0.dsconv.weight", (d, 1, 3, 3, 3), "param"),
+                    Entry(f"{pre}.0.dsconv.bias", (d,), "param")]
             out += _attention_entries(f"{pre}.1", d, h, dh)
             out += [Entry(f"{pre}.3.0.weight", (d,), "param"), Entry(f"{pre}.3.0.bias", (d,), "param"),
                     *_w(f"{pre}.3.1", 2 * inner_ff, d, bias=False), *_w(f"{pre}.3.4", d, inner_ff, bias=False)]
@@ -195,7 +196,8 @@ def generatect_manifest(cfg: CTViTConfig) -> list[Entry]:
                       Entry(f"{tr}_transformer.norm_out.beta", (d,), "buffer", 0.0)]
 
     e += transformer("enc_spatial", cfg.spatial_depth) + transformer("enc_temporal", cfg.temporal_depth)
-    e += [Entry("vq._codebook.initted", (1,), "buffer"), Entry("vq._codebook.cluster_size", (1, cfg.codebook_size), "buffer"),
+    e += [Entry("vq._codebook.initted", (1,), "buffer"),
+          Entry("vq._codebook.cluster_size", (1, cfg.codebook_size), "buffer"),
           Entry("vq._codebook.embed", (1, cfg.codebook_size, d), "buffer")]
     e += transformer("dec_spatial", cfg.spatial_depth) + transformer("dec_temporal", cfg.temporal_depth)
     e += [*_w("to_pixels_first_frame.0", p * p, d), *_w("to_pixels.0", pt * p * p, d)]
@@ -227,7 +229,8 @@ def _ours_flat(model_or_state: Any) -> dict[str, np.ndarray]:
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
     if isinstance(state, nnx.State):
         state = state.to_pure_dict()
-    flat = state if all(isinstance(k, str) and not isinstance(v, Mapping) for k, v in state.items()) else flatten_state(state)
+    is_flat = all(isinstance(k, str) and not isinstance(v, Mapping) for k, v in state.items())
+    flat = state if is_flat else flatten_state(state)
     return {k: v if isinstance(v, np.ndarray) else np.asarray(jax.device_get(v)) for k, v in flat.items()}
 
 
@@ -354,7 +357,8 @@ def infer_config(sd: Mapping[str, np.ndarray], image_size: int | None = None, **
         dh_d = sd[f"discr.attn_blocks.{attn[0]}.q_scale"].shape[0] if attn else 64
         heads_d = sd[f"discr.attn_blocks.{attn[0]}.to_q.weight"].shape[0] // dh_d if attn else 8
         res = tuple(image_size // 2 ** i for i in attn)
-        max_dim = max(v.shape[0] for key, v in sd.items() if key.startswith("discr.blocks.") and key.endswith("conv_res.weight"))
+        max_dim = max(v.shape[0] for key, v in sd.items()
+                      if key.startswith("discr.blocks.") and key.endswith("conv_res.weight"))
         kwargs["vgg"] = VGGConfig(widths=tuple(widths), fc_dim=fc)
         kwargs["discr"] = DiscriminatorConfig(base_dim=base, image_size=image_size, channels=1, attn_res_layers=res,
                                               max_dim=max_dim, attn_heads=heads_d, attn_dim_head=dh_d)

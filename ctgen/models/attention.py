@@ -104,8 +104,9 @@ class ContinuousPositionBias(nnx.Module):
     """
 
     def __init__(self, dim: int, heads: int, *, num_dims: int = 2, layers: int = 2, rngs: nnx.Rngs):
-        self.hidden = nnx.List([Dense(num_dims if i == 0 else dim, dim, axes=("pos", "mlp") if i == 0 else (None, "mlp"),
-                                      rngs=rngs) for i in range(layers)])
+        self.hidden = nnx.List([
+            Dense(num_dims if i == 0 else dim, dim, axes=("pos", "mlp") if i == 0 else (None, "mlp"), rngs=rngs)
+            for i in range(layers)])
         self.to_heads = Dense(dim, heads, axes=(None, "heads"), rngs=rngs)
 
     def __call__(self, grid: Sequence[int]) -> jax.Array:

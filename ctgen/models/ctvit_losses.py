@@ -82,7 +82,8 @@ def _slice_from_head(model: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array,
     return jnp.where((idx_B == 0).reshape(-1, 1, 1), first, rest)[..., None]
 
 
-def _vgg_features_loss(vgg, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+def _vgg_features_loss(vgg, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
+                       dropout_rng: jax.Array | None) -> jax.Array:
     """MSE between VGG16 features of the input and reconstructed slices (grayscale x3 channels).
 
     Both go through the VGG as one batch (one weight-gradient per layer instead of two); dropout
@@ -156,7 +157,10 @@ def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConf
         if use_perc and cfg.adaptive_weight_ref == "perceptual":
             g_ref = jnp.linalg.norm(head_vjp(jax.lax.stop_gradient(c_perc))[0])
         else:  # recon loss over the whole volume through the same head
-            g_ref = jnp.linalg.norm(jax.grad(lambda k: jnp.mean(jnp.square(volume - _full_recon(model, feats, k))))(kernel))
+            def recon_of(k):
+                return jnp.mean(jnp.square(volume - _full_recon(model, feats, k)))
+
+            g_ref = jnp.linalg.norm(jax.grad(recon_of)(kernel))
         weight = jax.lax.stop_gradient(jnp.minimum(g_ref / (g_gan + 1e-8), cfg.adaptive_weight_max))
         loss = loss + weight * _surrogate(gan, (c_gan,), (fake,))
         metrics.update(gan_loss=gan, adaptive_weight=weight)
