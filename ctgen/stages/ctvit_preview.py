@@ -40,7 +40,7 @@ def three_plane_grid(input_FxHxW: np.ndarray, recon_FxHxW: np.ndarray, pad: int 
 def write_three_planes(path: str, input_FxHxW: np.ndarray, recon_FxHxW: np.ndarray, title: str = "") -> str:
     """Write the preview PNG (with a caption line) and return its path."""
     grid = three_plane_grid(input_FxHxW, recon_FxHxW)
-    zoom = max(1, 256 // max(grid.shape[1], 1))  # small test volumes: enlarge to a viewable size
+    zoom = max(1, round(640 / max(grid.shape[1], 1)))  # enlarge small volumes to a viewable size
     grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
     canvas = np.zeros((grid.shape[0] + 14, grid.shape[1]), np.uint8)
     canvas[14:] = grid
