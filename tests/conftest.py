@@ -18,6 +18,21 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+MARKERS = (
+    "slow: takes more than ~30 s on the 2-core CI machine",
+    "multiprocess: starts several jax.distributed processes on localhost",
+    "parity: numeric parity against a reference implementation (skipped without it)",
+)
+
+
+def pytest_configure(config):
+    # Settings live here rather than in an ini file (the repository's top level is fixed).
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:tensorflow_datasets.*")
+
+
 DATA_DIR = os.path.join(TESTS_DIR, "data")
 
 
