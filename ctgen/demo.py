@@ -34,15 +34,27 @@ def demo_overrides(args, data_dir: str) -> list[tuple[str, str]]:
     """The tiny CT-ViT config scaled to a 64x64 grid with 8x8 patches (8x8 tokens per slice, as in
     the paper's 128/16) and a few hundred steps."""
     r = args.resolution
+    mesh = demo_mesh(args.batch_size)
+    eval_batch = max(2, int(mesh[1][1]))  # a multiple of the batch shards (fsdp)
     return [
-        ("data.dir", data_dir), ("data.num_slices", str(args.slices)), ("data.eval_batch_size", "2"),
+        ("data.dir", data_dir), ("data.num_slices", str(args.slices)), ("data.eval_batch_size", str(eval_batch)),
         ("model.image_size", str(r)), ("model.discr.image_size", str(r)), ("model.max_slices", str(args.slices)),
         ("model.dim", "128"), ("model.codebook_size", "512"), ("model.heads", "4"), ("model.dim_head", "32"),
         ("train.steps", str(args.steps)), ("train.batch_size", str(args.batch_size)),
         ("train.log_every", "25"), ("train.checkpoint_every", "100"),
         ("train.eval_every", "100"), ("train.preview_every", "100"), ("train.eval_batches", "0"),
-        ("mesh.fsdp", "-1"),
-    ]
+    ] + mesh
+
+
+def demo_mesh(batch_size: int) -> list[tuple[str, str]]:
+    """Use every local device: the batch over `fsdp` as far as it divides, the rest as `tensor`."""
+    import math
+
+    import jax
+
+    n = jax.device_count()
+    fsdp = math.gcd(batch_size, n)
+    return [("mesh.data", "1"), ("mesh.fsdp", str(fsdp)), ("mesh.tensor", str(n // fsdp))]
 
 
 def run(args) -> int:

@@ -1,7 +1,7 @@
 """Write a source into a TFDS array_record dataset: parallel conversion, manifest, resume.
 
 Layout: `<out>/ctgen_ct/<config name>/1.0.0/` holds the TFDS files (`dataset_info.json`,
-`features.json`, `ctgen_ct-<split>.array_record-XXXXX-of-YYYYY`), `manifest.jsonl` (one line per
+`features.json`, `ctgen_ct-<split>.array_record-<shard>-of-<count>`), `manifest.jsonl` (one line per
 input: written / warning / skipped, with the file and the problem) and `prepare.json` (the
 request and counts). While running, work goes to `1.0.0.incomplete/` in chunks of
 `examples_per_shard` records; each finished chunk is a finished shard, so an interrupted run

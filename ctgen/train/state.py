@@ -205,8 +205,15 @@ def numeric_fields(batch) -> dict:
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """Assemble each process's local rows into global arrays sharded over data x fsdp."""
+    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
     out = {}
     for k, v in local.items():
+        rows = v.shape[0] * jax.process_count()
+        if rows % shards:
+            raise UserError(
+                f"a batch of {rows} examples (field {k!r}) cannot be split over data*fsdp={shards} devices; "
+                "make the batch size (train.batch_size, or the stage's eval batch size such as "
+                "data.eval_batch_size) a multiple of it")
         sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (v.ndim - 1))))
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out

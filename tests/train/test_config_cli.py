@@ -92,3 +92,11 @@ def test_eval_command_on_workdir_and_weights(tmp_path, capsys):
     assert "mse:" in capsys.readouterr().out
     assert main(["eval", "--config", f"{TOY}:tiny", "--weights", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_eval_batch_that_does_not_split_over_the_mesh_fails_clearly(tmp_path, capsys):
+    rc = main(["train", "--config", f"{TOY}:tiny", "--workdir", str(tmp_path), "--config.train.steps=2",
+               "--config.train.eval_every=2", "--config.data.eval_batch_size=4", "--config.train.progress_bar=false"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "a batch of 4 examples" in err and "data*fsdp=8" in err and "data.eval_batch_size" in err
