@@ -14,8 +14,10 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -147,6 +149,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
             log.info("warm-starting parameters from %s", config.init_from)
             state["params"], state["model_state"] = ckpt_lib.load_weights(
                 config.init_from, setup.abstract["params"], setup.abstract["model_state"])
+            for name in state["ema"]:  # EMA copies start from the loaded weights, not the random init
+                trained = nnx.filter_state(state["params"], setup.phases[name].trains)
+                state["ema"][name] = jax.tree.map(jnp.copy, trained)
     start = int(jax.device_get(state["step"]))
     end = min(t.steps, start + t.stop_after_steps) if t.stop_after_steps > 0 else t.steps
     log.info("%d parameters; starting at step %d of %d", state_lib.param_count(state), start, t.steps)

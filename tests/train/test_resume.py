@@ -84,7 +84,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path, mesh, ndev):
 def test_init_from_warm_starts_params_only(tmp_path):
     cfg = _cfg(**{"train.steps": 3})
     src = train(cfg, str(tmp_path / "src"))
-    cfg2 = _cfg(**{"train.steps": 1, "init_from": str(tmp_path / "src")})
+    cfg2 = _cfg(**{"train.steps": 1, "init_from": str(tmp_path / "src")})  # "ema" variant: EMA kept
     with cfg2.unlocked():
         cfg2.optim.main.learning_rate = 0.0  # keep params as loaded
         cfg2.optim.main.weight_decay = 0.0
@@ -94,6 +94,9 @@ def test_init_from_warm_starts_params_only(tmp_path):
     assert_params_equal(params_numpy(dst["state"]), params_numpy(src["state"]))
     # non-trainable model state (here a running mean; for CT-ViT the VQ codebook) comes along
     assert int(dst["state"]["opt"]["main"][1][0].count) == 1
+    # the EMA starts from the loaded weights (lr 0: they stay put), not from the random init
+    ema = jax.device_get(dst["state"]["ema"]["main"]["mid"]["kernel"][...])
+    np.testing.assert_allclose(ema, params_numpy(src["state"])["mid/kernel"], rtol=1e-6, atol=1e-7)
 
 
 def test_weights_directory_roundtrip(tmp_path):
