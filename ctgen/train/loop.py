@@ -132,31 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
     optimizers = {n: make_optimizer(config.optim[n], t.steps) for n in phase_names}
     setup = state_lib.build_setup(stage, config, mesh, rules, optimizers)
 
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_period=t.keep_period,
-                                 async_save=t.async_checkpointing)
-    data_it = stage.train_data(jax.process_index(), jax.process_count(), config.seed)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        log.info("resuming from %s step %d", ckpt.directory, latest)
-        if config.init_from:
-            log.info("init_from=%s ignored: the workdir already has checkpoints", config.init_from)
-        state, data_state = ckpt.restore(latest, setup.abstract)
-        if data_state is not None:
-            ckpt_lib.set_iterator_state(data_it, data_state)
-    else:
-        state = state_lib.create_state(stage, config, setup)
-        if config.init_from:
-            log.info("warm-starting parameters from %s", config.init_from)
-            state["params"], state["model_state"] = ckpt_lib.load_weights(
-                config.init_from, setup.abstract["params"], setup.abstract["model_state"])
-            for name in state["ema"]:  # EMA copies start from the loaded weights, not the random init
-                trained = nnx.filter_state(state["params"], setup.phases[name].trains)
-                state["ema"][name] = jax.tree.map(jnp.copy, trained)
-    start = int(jax.device_get(state["step"]))
-    end = min(t.steps, start + t.stop_after_steps) if t.stop_after_steps > 0 else t.steps
-    log.info("%d parameters; starting at step %d of %d", state_lib.param_count(state), start, t.steps)
-
-    # --- jitted steps -------------------------------------------------------------------------------
+    # --- eval / preview functions, data (train steps are jitted per phase on first use) ----------
     steps: dict[str, Any] = {}
     eval_fn = preview_fn = None
     eval_data = stage.eval_data(jax.process_index(), jax.process_count()) if t.eval_every >= 0 else None
@@ -164,6 +140,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
         eval_fn = state_lib.make_apply_fn(setup, stage.eval_step, t.eval_with_ema)
     if t.preview_every >= 0 and hasattr(stage, "preview_step"):
         preview_fn = state_lib.make_apply_fn(setup, stage.preview_step, t.eval_with_ema)
+
+    data_it = stage.train_data(jax.process_index(), jax.process_count(), config.seed)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_period=t.keep_period,
+                                 async_save=t.async_checkpointing)
+    try:
+        state = _initial_state(stage, config, setup, ckpt, data_it)
+    except BaseException:
+        ckpt.close()  # also stops Orbax's background threads before the error propagates
+        raise
+    start = int(jax.device_get(state["step"]))
+    end = min(t.steps, start + t.stop_after_steps) if t.stop_after_steps > 0 else t.steps
+    log.info("%d parameters; starting at step %d of %d", state_lib.param_count(state), start, t.steps)
 
     writer = MetricWriter(workdir)
     pending: list[dict] = []
@@ -225,6 +213,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
     summary["final_step"] = step
     summary["state"] = state
     return summary
+
+
+def _initial_state(stage, config, setup, ckpt, data_it):
+    """Resume from the workdir's latest checkpoint (state and data position), else a fresh
+    sharded state, warm-started from `init_from` if set."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        log.info("resuming from %s step %d", ckpt.directory, latest)
+        if config.init_from:
+            log.info("init_from=%s ignored: the workdir already has checkpoints", config.init_from)
+        state, data_state = ckpt.restore(latest, setup.abstract)
+        if data_state is not None:
+            ckpt_lib.set_iterator_state(data_it, data_state)
+        return state
+    state = state_lib.create_state(stage, config, setup)
+    if config.init_from:
+        log.info("warm-starting parameters from %s", config.init_from)
+        state["params"], state["model_state"] = ckpt_lib.load_weights(
+            config.init_from, setup.abstract["params"], setup.abstract["model_state"])
+        for name in state["ema"]:  # EMA copies start from the loaded weights, not the random init
+            trained = nnx.filter_state(state["params"], setup.phases[name].trains)
+            state["ema"][name] = jax.tree.map(jnp.copy, trained)
+    return state
 
 
 def _average(rows: list[dict[str, float]]) -> dict[str, float]:
