@@ -14,6 +14,15 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.parity
 
 
+def _copy_config_and_vocab(src_dir, dst_dir):
+    """A new model directory holding only src_dir's config.json and spiece.model."""
+    os.makedirs(dst_dir)
+    for name in ("config.json", "spiece.model"):
+        with open(os.path.join(src_dir, name), "rb") as f, open(os.path.join(dst_dir, name), "wb") as g:
+            g.write(f.read())
+    return dst_dir
+
+
 @pytest.mark.parametrize("kind", ["encoder", "full"])
 def test_last_hidden_state_matches_transformers(hf_models, kind):
     directory, hf = hf_models[kind]
@@ -44,10 +53,7 @@ def test_relative_position_buckets_match_transformers():
 
 def test_pytorch_bin_checkpoint_loads_with_weights_only(hf_models, tmp_path):
     directory, hf = hf_models["encoder"]
-    d = tmp_path / "bin"
-    d.mkdir()
-    for name in ("config.json", "spiece.model"):
-        (d / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    d = _copy_config_and_vocab(directory, tmp_path / "bin")
     torch.save(hf.state_dict(), d / "pytorch_model.bin")
     model, _, _ = load_text_encoder(str(d))
     ids, mask = random_batch(seed=4)
@@ -63,10 +69,7 @@ class _Exploit:
 
 def test_pickled_objects_are_refused(hf_models, tmp_path):
     directory, hf = hf_models["encoder"]
-    d = tmp_path / "evil"
-    d.mkdir()
-    (d / "config.json").write_bytes(open(os.path.join(directory, "config.json"), "rb").read())
-    (d / "spiece.model").write_bytes(open(os.path.join(directory, "spiece.model"), "rb").read())
+    d = _copy_config_and_vocab(directory, tmp_path / "evil")
     exploit = _Exploit()
     exploit.marker = str(tmp_path / "pwned")
     torch.save({"shared.weight": torch.zeros(3), "x": exploit}, d / "pytorch_model.bin")
@@ -78,10 +81,7 @@ def test_pickled_objects_are_refused(hf_models, tmp_path):
 def _rewrite_safetensors(src_dir, dst_dir, edit):
     from safetensors.torch import load_file, save_file
 
-    os.makedirs(dst_dir)
-    for name in ("config.json", "spiece.model"):
-        with open(os.path.join(src_dir, name), "rb") as f, open(os.path.join(dst_dir, name), "wb") as g:
-            g.write(f.read())
+    _copy_config_and_vocab(src_dir, dst_dir)
     sd = load_file(os.path.join(src_dir, "model.safetensors"))
     save_file(edit(dict(sd)), os.path.join(dst_dir, "model.safetensors"), metadata={"format": "pt"})
     return str(dst_dir)
@@ -112,10 +112,7 @@ def test_sharded_safetensors_with_index(hf_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
     directory, hf = hf_models["full"]
-    d = tmp_path / "sharded"
-    d.mkdir()
-    for name in ("config.json", "spiece.model"):
-        (d / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    d = _copy_config_and_vocab(directory, tmp_path / "sharded")
     sd = load_file(os.path.join(directory, "model.safetensors"))
     keys = sorted(sd)
     weight_map = {}

@@ -53,6 +53,15 @@ def _final_params(workdir):
     return step, flat
 
 
+def _assert_same_final_params(straight, resumed, steps):
+    step_a, a = _final_params(straight)
+    step_b, b = _final_params(resumed)
+    assert step_a == step_b == steps
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def _wait_for(pred, proc, timeout=300):
     t0 = time.time()
     while not pred():
@@ -79,11 +88,7 @@ def test_sigterm_saves_and_resumes_identically(tmp_path):
     stopped = ckpt_lib.Checkpointer(str(work)).latest_step()
     assert 50 <= stopped < 400, stopped
     _run(work, *args)
-    step_a, a = _final_params(tmp_path / "straight")
-    step_b, b = _final_params(work)
-    assert step_a == step_b == 400
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_final_params(tmp_path / "straight", work, steps=400)
 
 
 @pytest.mark.slow
@@ -115,11 +120,7 @@ def test_kill_9_during_async_save_skips_torn_checkpoint(tmp_path):
     complete = ckpt_lib.Checkpointer(str(torn)).latest_step()
     assert complete is not None and complete < torn_step, (complete, torn_step)
     _run(torn, *args)
-    step_a, a = _final_params(tmp_path / "straight")
-    step_b, b = _final_params(torn)
-    assert step_a == step_b == 40
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_final_params(tmp_path / "straight", torn, steps=40)
     assert not [n for n in os.listdir(torn / "checkpoints") if "tmp" in n], "torn directory not cleaned up"
 
 
