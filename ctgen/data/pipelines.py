@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ctgen.data.preprocess import hu_to_model, hu_to_sr, model_to_sr, resize_volume
-from ctgen.data.side import KeyedSource, open_split
+from ctgen.data.side import KeyedSource, as_text, open_split
 from ctgen.errors import UserError
 
 LowResFn = Callable[[Mapping[str, Any], np.ndarray], np.ndarray]
@@ -39,10 +39,6 @@ class LoaderOptions:
     worker_count: int = 0
     read_threads: int = 2
     prefetch_batches: int = 2
-
-
-def _text(v) -> str:
-    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
 def host_batch_size(global_batch_size: int, process_count: int, multiple: int = 1) -> int:
@@ -133,7 +129,7 @@ class _VolumeElement:
     def __call__(self, item, rng):
         ex, valid = item
         vol = select_slices(ex["volume"], self.num_slices, self.sampling, rng)
-        return {"volume": hu_to_model(vol), "prompt": _text(ex["prompt"]), "source_id": _text(ex["source_id"]),
+        return {"volume": hu_to_model(vol), "prompt": as_text(ex["prompt"]), "source_id": as_text(ex["source_id"]),
                 "valid": np.bool_(valid)}
 
 
@@ -185,9 +181,9 @@ class ReconstructionLowRes:
         self.side, self.field = KeyedSource(side_dir, split), field
 
     def __call__(self, ex, idx):
-        rec = np.asarray(self.side[_text(ex["source_id"])][self.field])
+        rec = np.asarray(self.side[as_text(ex["source_id"])][self.field])
         if rec.shape[0] != ex["volume"].shape[0]:
-            raise UserError(f"reconstruction of {_text(ex['source_id'])!r} has {rec.shape[0]} slices, the volume "
+            raise UserError(f"reconstruction of {as_text(ex['source_id'])!r} has {rec.shape[0]} slices, the volume "
                             f"{ex['volume'].shape[0]}")
         sl = rec[idx]
         return hu_to_sr(sl) if np.issubdtype(sl.dtype, np.integer) else model_to_sr(sl)
@@ -205,7 +201,7 @@ class _SrElement:
         else:
             idx = np.rint(np.linspace(0, D - 1, self.k)).astype(np.int64)
         return {"hires": hu_to_sr(ex["volume"][idx]), "lowres": np.asarray(self.lowres_fn(ex, idx), np.float32),
-                "prompt": np.asarray([_text(ex["prompt"])] * self.k), "source_id": np.asarray([_text(ex["source_id"])] * self.k),
+                "prompt": np.asarray([as_text(ex["prompt"])] * self.k), "source_id": np.asarray([as_text(ex["source_id"])] * self.k),
                 "slice_index": idx.astype(np.int32), "valid": np.full((self.k,), bool(valid))}
 
 
@@ -241,7 +237,7 @@ class _TokenElement:
 
     def __call__(self, item):
         ex, valid = item
-        sid = _text(ex["source_id"])
+        sid = as_text(ex["source_id"])
         emb_ex = ex if "embedding" in ex else (self.embeddings[sid] if self.embeddings is not None else None)
         if emb_ex is None:
             raise UserError("token dataset has no `embedding` feature; pass embeddings_dir (a T5 embedding cache)")

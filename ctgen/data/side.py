@@ -66,7 +66,7 @@ def write_side_dataset(path: str, features: Mapping[str, Any], splits: Mapping[s
             writer.write(blob)
             nbytes += len(blob)
             lengths[-1] += 1
-            ids.append(str(ex["source_id"]))
+            ids.append(as_text(ex["source_id"]))
             if lengths[-1] == examples_per_shard:
                 writer.close()
                 writer = None
@@ -88,7 +88,8 @@ def write_side_dataset(path: str, features: Mapping[str, Any], splits: Mapping[s
     return path
 
 
-def _text(v) -> str:
+def as_text(v) -> str:
+    """A TFDS Text feature's value (bytes from a data source, or str) as str."""
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
@@ -106,7 +107,7 @@ def source_id_index(path: str, split: str) -> dict[str, int]:
         skip = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
                 if k != "source_id" and isinstance(f, tfds.features.Tensor)}
         src = open_split(d, split, decoders=skip)
-        ids = [_text(src[i]["source_id"]) for i in range(len(src))]
+        ids = [as_text(src[i]["source_id"]) for i in range(len(src))]
     index: dict[str, int] = {}
     for i, sid in enumerate(ids):
         index.setdefault(sid, i)
@@ -138,7 +139,7 @@ class KeyedSource:
         except KeyError:
             raise UserError(f"{self.path} [{self.split}] has no example with source_id {source_id!r}") from None
         ex = self._src[i]
-        if _text(ex["source_id"]) != source_id:
-            raise UserError(f"{self.path}: record {i} has source_id {_text(ex['source_id'])!r}, expected "
+        if as_text(ex["source_id"]) != source_id:
+            raise UserError(f"{self.path}: record {i} has source_id {as_text(ex['source_id'])!r}, expected "
                             f"{source_id!r}; the source_ids sidecar is stale")
         return ex

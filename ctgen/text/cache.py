@@ -1,8 +1,9 @@
 """T5 embedding cache: precompute prompt embeddings of a prepared dataset into a side TFDS dataset.
 
 Training stages read `(source_id, embedding [length, d_model], length)` instead of running T5
-every step. The side dataset has the same splits and the same example order as the source (TFDS
-shuffling is disabled), and repeats `source_id` so a reader can check the pairing.
+every step. The side dataset has the same splits and the same example order as the source (written
+in order by `ctgen.data.side.write_side_dataset`), and repeats `source_id` so a reader can check
+the pairing.
 
     python -m ctgen.text.cache --dataset DIR --out DIR [--encoder builtin|PATH] [--batch-size 64]
         [--dtype bfloat16|float16] [--split train]
@@ -12,8 +13,8 @@ decoding only `prompt` and `source_id`; DIR is the dataset's version directory o
 directory holding exactly one dataset. Embeddings are stored unpadded (real tokens only, EOS
 included), in bfloat16 or float16, as raw bytes; `length` is the number of real tokens. Padding a
 batch back to its longest member with zeros reproduces GenerateCT's `padding="longest"` states.
-`source_ids.<split>.txt` is written next to the data, as `ctgen.data.side` does, so `KeyedSource`
-indexes the cache without reading it.
+Being a side dataset, it has `source_ids.<split>.txt` sidecars, so `KeyedSource` indexes it
+without reading it.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
+from ctgen.data.side import as_text, open_split, write_side_dataset
 from ctgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,42 +58,6 @@ def _open_source(dataset_dir: str):
     skip = {k: tfds.decode.SkipDecoding() for k, f in features.items()
             if k not in _NEEDED and isinstance(f, tfds.features.Tensor)}
     return builder, skip
-
-
-def _make_builder_class():
-    tfds = _tfds()
-
-    class TextEmbeddingCache(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Side dataset of T5 prompt embeddings (see ctgen.text.cache)."""
-
-        VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "T5 encoder last hidden states of each example's prompt."}
-
-        def __init__(self, *, source_dir, splits, encode_batch, d_model, dtype, description, **kwargs):
-            self._source_dir, self._splits, self._encode_batch = source_dir, splits, encode_batch
-            self._d_model, self._dtype, self._description = d_model, dtype, description
-            super().__init__(**kwargs)
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                description=self._description,
-                features=tfds.features.FeaturesDict({
-                    "source_id": tfds.features.Text(),
-                    "embedding": tfds.features.Tensor(shape=(None, self._d_model), dtype=self._dtype,
-                                                      encoding=tfds.features.Encoding.BYTES),
-                    "length": tfds.features.Scalar(dtype=np.int32),
-                }),
-                disable_shuffling=True,  # keep the source's order
-            )
-
-        def _split_generators(self, dl_manager):
-            return {split: self._generate_examples(split) for split in self._splits}
-
-        def _generate_examples(self, split):
-            yield from self._encode_batch(split)
-
-    return TextEmbeddingCache
 
 
 def build_embedding_cache(
@@ -130,25 +96,23 @@ def build_embedding_cache(
     unknown = [s for s in splits if s not in source.info.splits]
     if unknown:
         raise UserError(f"{dataset_dir} has no split(s) {unknown}; it has {sorted(source.info.splits.keys())}")
-    if mesh is None and jax.local_device_count() > 1 and jax.process_count() == 1:
+    if mesh is None and jax.local_device_count() > 1:
         from ctgen.parallel.mesh import make_mesh
 
         mesh = make_mesh({"data": -1})
     model, tokenizer, cfg = load_text_encoder(encoder_path, mesh=mesh)
     storage = STORAGE_DTYPES[dtype]
-    written_ids: dict[str, list[str]] = {}
 
     def encode_split(name):
-        ids_out = written_ids.setdefault(name, [])
         src = source.as_data_source(name, decoders=skip)
         with tqdm(total=len(src), desc=f"T5 embeddings [{name}]", unit="ex") as bar:
             for start in range(0, len(src), batch_size):
                 rows = [src[i] for i in range(start, min(start + batch_size, len(src)))]
-                prompts = [_text(r["prompt"]) for r in rows]
+                prompts = [as_text(r["prompt"]) for r in rows]
                 for i, p in enumerate(prompts):
                     if not p.strip():
                         raise UserError(f"{dataset_dir} [{name}] example {start + i} (source_id "
-                                        f"{_text(rows[i]['source_id'])!r}) has an empty prompt")
+                                        f"{as_text(rows[i]['source_id'])!r}) has an empty prompt")
                 unique = sorted(set(prompts))  # studies often share one report across volumes
                 ids, mask = tokenizer.batch_encode(unique, max_length=max_length)
                 emb, _ = encode_ids(model, ids, mask, mesh=mesh, batch_size=batch_size)
@@ -157,43 +121,37 @@ def build_embedding_cache(
                     raise UserError(f"embeddings overflow {dtype} in [{name}] batch at {start}; use bfloat16")
                 lengths = mask.sum(axis=1).astype(np.int32)
                 where = {p: j for j, p in enumerate(unique)}
-                for i, (row, p) in enumerate(zip(rows, prompts)):
+                for row, p in zip(rows, prompts):
                     j = where[p]
-                    ids_out.append(_text(row["source_id"]))
-                    yield start + i, {"source_id": ids_out[-1], "embedding": emb[j, : lengths[j]],
-                                      "length": lengths[j]}
+                    yield {"source_id": as_text(row["source_id"]), "embedding": emb[j, : lengths[j]],
+                           "length": lengths[j]}
                 bar.update(len(rows))
 
+    tfds = _tfds()
+    features = {
+        "source_id": tfds.features.Text(),
+        "embedding": tfds.features.Tensor(shape=(None, cfg.d_model), dtype=storage,
+                                          encoding=tfds.features.Encoding.BYTES),
+        "length": tfds.features.Scalar(dtype=np.int32),
+    }
     description = (f"T5 prompt embeddings of {dataset_dir} by encoder {encoder_path!r} (d_model {cfg.d_model}, "
                    f"max_length {max_length}, {dtype}); built by ctgen.text.cache")
-    builder_cls = _make_builder_class()
+    # Written next to out_dir and moved into place when complete: with --overwrite the old output
+    # is only removed once the new one exists.
     staging = out_dir + ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    builder = builder_cls(source_dir=dataset_dir, splits=splits, encode_batch=encode_split, d_model=cfg.d_model,
-                          dtype=storage, description=description, data_dir=staging, file_format="array_record")
-    builder.download_and_prepare(download_config=_tfds().download.DownloadConfig(
-        download_mode=_tfds().download.GenerateMode.REUSE_CACHE_IF_EXISTS))
-    # TFDS writes <data_dir>/<name>/<version>/; make out_dir that version directory. The old
-    # output (with --overwrite) is only removed once the new one is complete.
+    write_side_dataset(staging, features, {name: encode_split(name) for name in splits},
+                       name="t5_embeddings", description=description)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    os.replace(builder.data_dir, out_dir)
-    shutil.rmtree(staging, ignore_errors=True)
-    for name, ids in written_ids.items():  # ctgen side-dataset convention (ctgen.data.side): index without reading
-        with open(os.path.join(out_dir, f"source_ids.{name}.txt"), "w", encoding="utf-8") as f:
-            f.writelines(i + "\n" for i in ids)
+    os.replace(staging, out_dir)
     return out_dir
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def read_embeddings(cache_dir: str, split: str):
     """The side dataset's data source for `split` (items: source_id bytes, embedding [length, D], length)."""
-    tfds = _tfds()
-    return tfds.builder_from_directory(os.path.abspath(cache_dir)).as_data_source(split)
+    return open_split(cache_dir, split)
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
