@@ -131,17 +131,22 @@ def convert(
             if not ignore_source(key):
                 report.unexpected.append(key)
     if expected_shapes is not None:
-        for key, shape in expected_shapes.items():
-            if key not in out:
-                report.missing.append(key)
-            elif tuple(out[key].shape) != tuple(shape):
-                report.mismatched.append((key, tuple(out[key].shape), tuple(shape)))
-        for key in out:
-            if key not in expected_shapes:
-                report.unexpected.append(key)
+        compare_shapes({k: np.shape(v) for k, v in out.items()}, expected_shapes, report)
     if strict and not report.ok:
         raise ConversionError(report)
     return out, report
+
+
+def compare_shapes(got: Mapping[str, tuple], expected: Mapping[str, tuple], report: Report | None = None) -> Report:
+    """Add to `report` (or a new one) what `got` lacks, has extra, or has in another shape than `expected`."""
+    report = report if report is not None else Report(converted=len(got))
+    for key, shape in expected.items():
+        if key not in got:
+            report.missing.append(key)
+        elif tuple(got[key]) != tuple(shape):
+            report.mismatched.append((key, tuple(got[key]), tuple(shape)))
+    report.unexpected.extend(key for key in got if key not in expected)
+    return report
 
 
 def flatten_state(tree, sep: str = "/") -> dict[str, np.ndarray]:

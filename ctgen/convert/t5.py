@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ctgen.convert.namemap import Report, Rule, convert, transpose
+from ctgen.convert.namemap import Rule, convert, transpose
 from ctgen.errors import UserError
 
 HF_RULES: tuple[Rule, ...] = (
@@ -60,7 +60,7 @@ def _describe_fix(source: str) -> str:
 
 def hf_to_ours(
     tensors: Mapping[str, Any], expected_shapes: Mapping[str, tuple], *, source: str = "checkpoint"
-) -> tuple[dict[str, np.ndarray], Report]:
+) -> dict[str, np.ndarray]:
     """Convert a `T5EncoderModel` / `T5ForConditionalGeneration` state dict to ctgen paths.
 
     The encoder's token embedding is `encoder.embed_tokens.weight` when present (it is what the
@@ -72,15 +72,15 @@ def hf_to_ours(
     return _run(tensors, HF_RULES, expected_shapes, lambda k: k.startswith(_HF_UNUSED), source)
 
 
-def ours_to_hf(params: Mapping[str, Any], expected_shapes: Mapping[str, tuple] | None = None) -> dict[str, np.ndarray]:
+def ours_to_hf(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """ctgen paths -> `T5EncoderModel` state dict (`shared.weight` holds the embedding)."""
-    out, _ = convert(params, HF_RULES, direction="to_foreign", expected_shapes=expected_shapes)
+    out, _ = convert(params, HF_RULES, direction="to_foreign")
     return out
 
 
 def t5x_to_ours(
     tensors: Mapping[str, Any], expected_shapes: Mapping[str, tuple], *, source: str = "checkpoint"
-) -> tuple[dict[str, np.ndarray], Report]:
+) -> dict[str, np.ndarray]:
     """Convert a flat T5X state dict (`target/encoder/...`) to ctgen paths."""
     return _run(tensors, T5X_RULES, expected_shapes, lambda k: k.startswith(_T5X_UNUSED), source)
 
@@ -91,4 +91,4 @@ def _run(tensors, rules, expected_shapes, ignore, source):
     if not report.ok:
         raise UserError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}"
                          + _describe_fix(source))
-    return out, report
+    return out

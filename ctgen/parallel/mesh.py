@@ -72,9 +72,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_shards(mesh: Mesh) -> int:
-    """How many ways the batch is split."""
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+def batch_shards(mesh: Mesh | None, rules=None) -> int:
+    """How many ways the batch is split: over BATCH_AXES, or, given a rules table, over the mesh
+    axes it maps the logical `batch` axis to (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    if rules is None:
+        axes = BATCH_AXES
+    else:
+        from ctgen.parallel.axes import spec_for
+
+        spec = spec_for(("batch",), (mesh.size,), rules, mesh)
+        axes = spec[0] if len(spec) else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def describe(mesh: Mesh) -> str:

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ctgen.errors import UserError
 from ctgen.parallel.axes import DEFAULT_RULES, spec_for, state_shardings
+from ctgen.parallel.mesh import batch_shards
 from ctgen.text.t5 import T5Encoder
 from ctgen.text.tokenizer import T5Tokenizer
 
@@ -40,17 +41,6 @@ def _sharding(mesh: Mesh, rules, names, shape) -> NamedSharding:
 
 def _hashable_rules(rules) -> tuple:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in (rules or DEFAULT_RULES))
-
-
-def batch_shards(mesh: Mesh | None, rules=None) -> int:
-    """How many ways the batch axis is split on `mesh` under `rules` (1 without a mesh)."""
-    if mesh is None:
-        return 1
-    total = int(np.prod(list(mesh.shape.values())))
-    spec = spec_for(("batch",), (total,), rules or DEFAULT_RULES, mesh)
-    axes = spec[0] if len(spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
@@ -94,7 +84,7 @@ def encode_ids(
         raise UserError("every row needs at least one real token (an all-padding row has nothing to attend to)")
     rules = _hashable_rules(rules)
     b, l = ids_BxL.shape
-    chunk = _round_up(batch_size or b, batch_shards(mesh, rules))
+    chunk = _round_up(batch_size or b, batch_shards(mesh, rules or DEFAULT_RULES))
     padded_l = _round_up(l, LENGTH_BUCKET)
     padded_b = _round_up(b, chunk)
     ids = np.zeros((padded_b, padded_l), np.int32)

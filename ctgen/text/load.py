@@ -3,7 +3,7 @@
     load_text_encoder("builtin")                       # the tiny shipped demo/test encoder
     load_text_encoder("/models/t5-v1_1-base")          # config.json + model.safetensors + spiece.model
     load_text_encoder("/models/t5_1_1_base")           # T5X: checkpoint_<step>/checkpoint + zarr arrays
-    load_text_encoder("/runs/t5_ctgen")                # ctgen_t5.json + params/ (Orbax) + spiece.model
+    load_text_encoder("/runs/t5_ctgen")                # ctgen weights dir (save_text_encoder) + spiece.model
 
 Every path ends in the same place: a flat `{ctgen path: array}` checked against the model's
 expected names and shapes (missing, unexpected and mis-shaped tensors are all reported together).
@@ -11,7 +11,6 @@ expected names and shapes (missing, unexpected and mis-shaped tensors are all re
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -22,15 +21,15 @@ from flax import nnx
 
 from ctgen.errors import UserError
 from ctgen.convert import t5 as t5_maps
-from ctgen.convert.namemap import Report, flatten_state, unflatten_state
+from ctgen.convert.namemap import compare_shapes, flatten_state, unflatten_state
 from ctgen.text import hf_files, t5x_format
 from ctgen.text.config import T5Config
 from ctgen.text.t5 import T5Encoder, abstract_encoder
 from ctgen.text.tokenizer import T5Tokenizer
+from ctgen.train.checkpoint import WEIGHTS_MARKER, load_weights, save_weights, weights_info
 
 BUILTIN = "builtin"
-CTGEN_META = "ctgen_t5.json"
-CTGEN_FORMAT = "ctgen.text.t5-encoder"
+STAGE = "text"  # the `stage` a ctgen weights directory records for a text encoder
 _LAYER = re.compile(r"target/encoder/layers_(\d+)/")
 
 
@@ -49,7 +48,7 @@ def detect_format(path: str) -> tuple[str, str]:
     if not os.path.exists(path):
         raise UserError(f"text encoder {path!r} does not exist; give 'builtin' or a directory holding a "
                                 "Hugging Face T5 model, a T5X checkpoint or a ctgen text encoder")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CTGEN_META)):
+    if os.path.isdir(path) and weights_info(path) is not None:
         return "ctgen", path
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return "hf", path
@@ -59,7 +58,7 @@ def detect_format(path: str) -> tuple[str, str]:
     raise UserError(
         f"{path} is not a text encoder: expected a Hugging Face model dir (config.json + model.safetensors or "
         f"pytorch_model.bin + spiece.model), a T5X checkpoint (checkpoint_<step>/checkpoint), or a ctgen "
-        f"encoder dir ({CTGEN_META} + params/); found {listing}")
+        f"text encoder weights dir ({WEIGHTS_MARKER} + weights/, written by save_text_encoder); found {listing}")
 
 
 def _expected_shapes(cfg: T5Config) -> dict[str, tuple]:
@@ -89,15 +88,14 @@ def _t5x_config(flat: Mapping[str, Any], source: str) -> T5Config:
 
 
 def _read_ctgen_meta(directory: str) -> T5Config:
-    path = os.path.join(directory, CTGEN_META)
+    info = weights_info(directory)
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != CTGEN_FORMAT:
-            raise UserError(f"format is {meta.get('format')!r}, expected {CTGEN_FORMAT!r}")
-        return T5Config.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} is not a valid ctgen text encoder description: {e}") from None
+        if info.get("stage") != STAGE:
+            raise UserError(f"it holds weights of stage {info.get('stage')!r}, not a text encoder")
+        return T5Config.from_dict(info["t5_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{os.path.join(directory, WEIGHTS_MARKER)} does not describe a ctgen text encoder: "
+                        f"{e}") from None
 
 
 def load_text_config(path: str) -> T5Config:
@@ -111,52 +109,47 @@ def load_text_config(path: str) -> T5Config:
     return _t5x_config(t5x_format.read_t5x_checkpoint(msgpack), msgpack)
 
 
-def _check_same_names(flat: Mapping[str, Any], expected: Mapping[str, tuple], source: str) -> None:
-    report = Report(converted=len(flat))
-    report.missing = sorted(set(expected) - set(flat))
-    report.unexpected = sorted(set(flat) - set(expected))
-    report.mismatched = [(k, tuple(np.shape(flat[k])), tuple(expected[k]))
-                         for k in sorted(set(flat) & set(expected)) if tuple(np.shape(flat[k])) != tuple(expected[k])]
+def _check_shapes(shapes: Mapping[str, tuple], expected: Mapping[str, tuple], source: str) -> None:
+    report = compare_shapes(shapes, expected)
     if not report.ok:
         raise UserError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}")
 
 
-def _load_params(kind: str, directory: str, cfg: T5Config) -> dict[str, np.ndarray]:
-    expected = _expected_shapes(cfg)
-    if kind == "hf":
-        tensors, source = hf_files.read_hf_weights(directory)
-        flat, _ = t5_maps.hf_to_ours(tensors, expected, source=source)
-    elif kind == "t5x":
-        msgpack = t5x_format.find_t5x_checkpoint(directory)
-        flat, _ = t5_maps.t5x_to_ours(t5x_format.read_t5x_checkpoint(msgpack), expected, source=msgpack)
-    else:
-        import orbax.checkpoint as ocp
+def _abstract_params(cfg: T5Config, mesh=None, rules=None) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """(graphdef, state, pure-dict of ShapeDtypeStructs carrying the target shardings)."""
+    from ctgen.parallel.axes import DEFAULT_RULES, state_shardings
 
-        params_dir = os.path.join(directory, "params")
-        if not os.path.isdir(params_dir):
-            raise UserError(f"{directory} has {CTGEN_META} but no params/ Orbax checkpoint")
-        with ocp.StandardCheckpointer() as ckpt:
-            tree = ckpt.metadata(params_dir).item_metadata.tree
-            shapes = {k: tuple(v.shape) for k, v in flatten_state(tree).items()}
-            _check_same_names({k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()},
-                              expected, params_dir)
-            flat = flatten_state(ckpt.restore(params_dir))
-        _check_same_names(flat, expected, params_dir)
-    return flat
+    graphdef, state = nnx.split(abstract_encoder(cfg))
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(state_shardings(state, rules or DEFAULT_RULES, mesh))
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
+    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, jax.numpy.dtype(cfg.param_dtype), sharding=s),
+                            nnx.to_pure_dict(state), shardings)
+    return graphdef, state, abstract
+
+
+def _load_ctgen(directory: str, cfg: T5Config, *, mesh=None, rules=None) -> T5Encoder:
+    """A ctgen weights directory, checked by name and shape first, restored straight onto the mesh."""
+    import orbax.checkpoint as ocp
+
+    weights_dir = os.path.join(directory, "weights")
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.metadata(weights_dir).item_metadata.tree.get("params", {})
+    _check_shapes({k: tuple(v.shape) for k, v in flatten_state(tree).items()}, _expected_shapes(cfg), weights_dir)
+    graphdef, state, abstract = _abstract_params(cfg, mesh, rules)
+    params, _ = load_weights(directory, abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def model_from_params(cfg: T5Config, flat: Mapping[str, Any], *, mesh=None, rules=None) -> T5Encoder:
     """Build the encoder from a flat `{ctgen path: array}` dict (no random init), optionally sharded."""
-    from ctgen.parallel.axes import DEFAULT_RULES, state_shardings
-
-    graphdef, state = nnx.split(abstract_encoder(cfg))
+    graphdef, state, abstract = _abstract_params(cfg, mesh, rules)
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
-    nnx.replace_by_pure_dict(state, unflatten_state({k: np.asarray(v).astype(dtype) for k, v in flat.items()}))
-    if mesh is not None:
-        shardings = state_shardings(state, rules or DEFAULT_RULES, mesh)
-        state = jax.device_put(state, shardings)
-    else:
-        state = jax.device_put(state)
+    params = unflatten_state({k: np.asarray(v).astype(dtype, copy=False) for k, v in flat.items()})
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda v, a: jax.device_put(v, a.sharding), params, abstract))
     return nnx.merge(graphdef, state)
 
 
@@ -171,37 +164,45 @@ def load_text_encoder(
     above `checkpoint_<step>/`).
     """
     kind, directory = detect_format(path)
-    cfg = load_text_config(path)
+    also, t5x_flat = (), None
+    if kind == "t5x":  # read once: the sizes come from the same tensors as the weights
+        msgpack = t5x_format.find_t5x_checkpoint(directory)
+        t5x_flat = t5x_format.read_t5x_checkpoint(msgpack)
+        cfg = _t5x_config(t5x_flat, msgpack)
+        # the vocabulary usually sits in the model dir, above checkpoint_<step>[/state]
+        here = os.path.dirname(os.path.abspath(msgpack))
+        also = (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here)))
+    else:
+        cfg = load_text_config(directory)
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    also = ()
-    if kind == "t5x":  # the vocabulary usually sits in the model dir, above checkpoint_<step>[/state]
-        here = os.path.dirname(os.path.abspath(t5x_format.find_t5x_checkpoint(directory)))
-        also = (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here)))
     tokenizer = T5Tokenizer.from_dir(directory, also=also)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{tokenizer.source} has {tokenizer.vocab_size} pieces but the encoder in {directory} "
                          f"embeds only {cfg.vocab_size} ids: tokenizer and weights do not belong together")
-    model = model_from_params(cfg, _load_params(kind, directory, cfg), mesh=mesh, rules=rules)
-    return model, tokenizer, cfg
+    if kind == "ctgen":
+        return _load_ctgen(directory, cfg, mesh=mesh, rules=rules), tokenizer, cfg
+    expected = _expected_shapes(cfg)
+    if kind == "hf":
+        tensors, source = hf_files.read_hf_weights(directory)
+        flat = t5_maps.hf_to_ours(tensors, expected, source=source)
+    else:
+        flat = t5_maps.t5x_to_ours(t5x_flat, expected, source=msgpack)
+    return model_from_params(cfg, flat, mesh=mesh, rules=rules), tokenizer, cfg
 
 
 def save_text_encoder(model: T5Encoder, tokenizer: T5Tokenizer, out_dir: str) -> str:
-    """Write ctgen's own format: `ctgen_t5.json`, `spiece.model`, `params/` (Orbax)."""
-    import orbax.checkpoint as ocp
-
+    """Write ctgen's own format: a ctgen weights directory (`ctgen.train.checkpoint.save_weights`,
+    recording the T5 config) plus `spiece.model`. Loading restores straight onto a mesh."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(os.path.join(out_dir, "params")):
-        raise FileExistsError(f"{out_dir} already holds a text encoder (params/); choose a new directory")
+    if weights_info(out_dir) is not None or os.path.exists(os.path.join(out_dir, "weights")):
+        raise FileExistsError(f"{out_dir} already holds weights; choose a new directory")
     os.makedirs(out_dir, exist_ok=True)
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(out_dir, "params"), params)
-        ckpt.wait_until_finished()
-    with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
-        f.write(tokenizer.serialized_model())
-    with open(os.path.join(out_dir, CTGEN_META), "w", encoding="utf-8") as f:
-        json.dump({"format": CTGEN_FORMAT, "version": 1, "config": model.config.to_dict()}, f, indent=2)
+    save_weights(out_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                 info={"stage": STAGE, "t5_config": model.config.to_dict()})
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
+            f.write(tokenizer.serialized_model())
     return out_dir
 
 

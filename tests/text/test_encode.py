@@ -6,7 +6,8 @@ import pytest
 from ctgen.errors import UserError
 from ctgen.parallel.mesh import make_mesh
 from ctgen.text import encode_ids, encode_text, load_text_encoder
-from ctgen.text.encode import batch_shards
+from ctgen.parallel.axes import DEFAULT_RULES
+from ctgen.parallel.mesh import batch_shards
 
 PROMPTS = [
     "64 years old male: Emphysema.",
@@ -47,7 +48,8 @@ def test_shards_over_8_devices(builtin):
     assert jax.device_count() == 8
     want, _ = encode_text(model, tok, PROMPTS)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert batch_shards(mesh) == 4
+    assert batch_shards(mesh) == batch_shards(mesh, DEFAULT_RULES) == 4
+    assert batch_shards(mesh, [("batch", "data")]) == 2 and batch_shards(None) == 1
     sharded_model, _, _ = load_text_encoder("builtin", mesh=mesh)
     kernel = sharded_model.encoder.layers_0.mlp.wi_0.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # (embed, mlp)

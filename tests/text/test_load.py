@@ -3,11 +3,13 @@ import hashlib
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from ctgen.errors import UserError
 from ctgen.parallel.axes import logical_names
+from ctgen.parallel.mesh import make_mesh
 from ctgen.text import (
     T5Config,
     TextEncoderSpec,
@@ -18,6 +20,7 @@ from ctgen.text import (
     save_text_encoder,
 )
 from ctgen.text.load import detect_format
+from ctgen.train.checkpoint import WEIGHTS_MARKER
 
 PROMPTS = ["64 years old male: Emphysema.", "23 years old female: Pleural effusion."]
 
@@ -76,16 +79,28 @@ def test_orbax_round_trip_and_errors(tmp_path):
     with pytest.raises(FileExistsError):
         save_text_encoder(model, tok, out)
     # A description that does not match the stored parameters names them.
-    meta_path = os.path.join(out, "ctgen_t5.json")
+    meta_path = os.path.join(out, WEIGHTS_MARKER)
     meta = json.load(open(meta_path))
-    meta["config"]["d_ff"] = 96
+    assert meta["stage"] == "text" and os.path.isfile(os.path.join(out, "spiece.model"))
+    meta["t5_config"]["d_ff"] = 96
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match=r"encoder/layers_0/mlp/wi_0/kernel: \(64, 128\) vs \(64, 96\)"):
         load_text_encoder(out)
-    meta["format"] = "something else"
+    meta["stage"] = "ctvit"
     json.dump(meta, open(meta_path, "w"))
-    with pytest.raises(UserError, match="ctgen_t5.json is not a valid ctgen text encoder"):
+    with pytest.raises(UserError, match="ctgen_weights.json does not describe a ctgen text encoder"):
         load_text_encoder(out)
+
+
+def test_orbax_format_restores_onto_a_mesh(tmp_path):
+    model, tok, _ = load_text_encoder("builtin")
+    out = save_text_encoder(model, tok, str(tmp_path / "enc"))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded, _, _ = load_text_encoder(out, mesh=mesh)
+    kernel = sharded.encoder.layers_0.mlp.wi_0.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (32, 64)
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(model.encoder.layers_0.mlp.wi_0.kernel[...]))
 
 
 def test_config_presets_and_hf_json(tmp_path):

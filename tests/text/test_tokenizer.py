@@ -46,6 +46,7 @@ def test_conventions_and_exact_truncation(tok):
     assert (ids[0, len(short):] == PAD_ID).all() and not mask[0, len(short):].any()
     # Exactly 256 tokens is not truncated; bytes are decoded as UTF-8 (TFDS text features).
     exact = tok.decode(full[:255])
+    assert len(tok.encode(exact)) == 256  # 255 pieces + EOS: right at the limit
     assert tok.batch_encode([exact.encode("utf-8")], max_length=256)[0].shape[1] == len(tok.encode(exact))
 
 
