@@ -152,8 +152,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         grid = GridConfig(shape=(slices, args.resolution, args.resolution),
                           spacing=tuple(args.spacing) if args.spacing else None, odd_slices=not args.even_slices)
-        if args.spacing is not None and len(args.spacing) != 3:
-            raise ValueError(f"--spacing needs 3 values (D,H,W mm), got {args.spacing}")
         name = args.name or f"{args.source}_{slices or 'var'}x{args.resolution}x{args.resolution}"
         config = DatasetConfig(name=name, grid=grid, report_fields=tuple(f for f in args.report_fields.split(",") if f),
                                prompt_template=TEMPLATES.get(args.prompt_template, args.prompt_template),

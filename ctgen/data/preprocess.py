@@ -202,7 +202,8 @@ class GridConfig:
     spacing: target spacing (D, H, W) in mm, or None. None = paper mode: resize the whole
       volume to `shape` by array size (GenerateCT); spacing then follows from the extent.
       With a spacing, the volume is resampled to it and centre-cropped / padded (air) to `shape`.
-    odd_slices: force 1 + 2k slices (CT-ViT's first frame + pairs) by dropping the top slice.
+    odd_slices: require 1 + 2k slices (CT-ViT's first frame + pairs): a fixed D must be odd, and a
+      free D (None) that comes out even loses its top slice.
     """
 
     shape: tuple[int | None, int, int] = (201, 128, 128)
@@ -214,6 +215,12 @@ class GridConfig:
             raise ValueError(f"grid shape must be 3 positive sizes (D may be None), got {self.shape}")
         if self.shape[0] is None and self.spacing is None:
             raise ValueError("a free slice count (D=None) needs a target spacing")
+        if self.spacing is not None and len(self.spacing) != 3:
+            raise ValueError(f"--spacing needs 3 values (D,H,W mm), got {self.spacing}")
+        if self.odd_slices and self.shape[0] is not None and int(self.shape[0]) % 2 == 0:
+            d = int(self.shape[0])
+            raise UserError(f"--slices {d} is even, but CT-ViT needs 1 + 2k slices: use --slices {d - 1} or "
+                            f"{d + 1}, or pass --even-slices (GridConfig(odd_slices=False)) to keep {d}")
 
 
 def to_grid(vol_DxHxW: np.ndarray, spacing_dhw: Sequence[float], grid: GridConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +238,7 @@ def to_grid(vol_DxHxW: np.ndarray, spacing_dhw: Sequence[float], grid: GridConfi
         new_spacing = spacing * in_shape / res_shape
         want = [res_shape[0] if grid.shape[0] is None else grid.shape[0], grid.shape[1], grid.shape[2]]
         vol = _crop_or_pad(vol, want, HU_MIN)
-    if grid.odd_slices and vol.shape[0] % 2 == 0:
+    if grid.odd_slices and vol.shape[0] % 2 == 0:  # only a free D (None) can get here (see GridConfig)
         vol = vol[:-1]
     return vol, new_spacing.astype(np.float32)
 

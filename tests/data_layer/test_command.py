@@ -48,3 +48,9 @@ def test_bad_options_are_user_errors(tmp_path, capsys):
     assert "spacing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         command.main(["--source", "phantom", "--out", str(tmp_path), "--spacing", "a,b"])
+    assert command.main(["--source", "phantom", "--out", str(tmp_path), "--spacing", "2,2"]) == 2
+    assert "--spacing needs 3 values" in capsys.readouterr().err
+    assert command.main(["--source", "phantom", "--out", str(tmp_path), "--slices", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--slices 16 is even" in err and "--even-slices" in err
+    assert not os.path.exists(os.path.join(tmp_path, "ctgen_ct"))  # refused before any work

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from ctgen.data import preprocess as pp
+from ctgen.errors import UserError
 
 
 def test_value_ranges_round_trip():
@@ -73,6 +74,18 @@ def test_grid_modes():
     assert out.shape == (20, 64, 64)
     with pytest.raises(ValueError):
         pp.GridConfig(shape=(None, 64, 64))
+
+
+def test_grid_rejects_an_even_fixed_slice_count_unless_even_slices():
+    # to_grid used to drop a slice (16 -> 15) while the dataset declared D = 16, so every resampled
+    # volume failed the feature shape check; phantoms (not resampled) came out with 16 slices.
+    with pytest.raises(UserError, match=r"--slices 16 is even.*--even-slices"):
+        pp.GridConfig(shape=(16, 32, 32))
+    grid = pp.GridConfig(shape=(16, 32, 32), odd_slices=False)
+    out, _ = pp.to_grid(np.zeros((40, 30, 20), np.float32), (1.0, 2.0, 3.0), grid)
+    assert out.shape == (16, 32, 32)
+    with pytest.raises(ValueError, match="--spacing needs 3 values"):  # checked for Python callers too
+        pp.GridConfig(shape=(17, 32, 32), spacing=(2.0, 2.0))
 
 
 def test_check_hu_volume_rejects_bad_input(body_hu):
