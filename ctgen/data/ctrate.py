@@ -69,7 +69,6 @@ def _rows_by_name(paths: list[str], kind: str, issues: list[Issue], required: li
                 continue
             out[name], origin[name] = row, where
     for name in conflicted:
-        out.pop(name, None)
         out[name] = None  # marks "skip"
     return out
 

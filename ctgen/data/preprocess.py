@@ -35,8 +35,7 @@ from ctgen.errors import UserError
 
 HU_MIN = -1000.0
 HU_MAX = 1000.0
-CANONICAL_AXCODES_DHW = ("S", "P", "L")
-CANONICAL_AXCODES_IJK = ("L", "P", "S")  # the same frame with axes in (W, H, D) order
+CANONICAL_AXCODES_IJK = ("L", "P", "S")  # canonical (D, H, W) = (S, P, L), stored as (i, j, k) = (W, H, D)
 
 
 class VolumeError(UserError):

@@ -108,13 +108,13 @@ def header_spacing_ok(spacing_ijk: np.ndarray, has_geometry: bool) -> bool:
     return bool(has_geometry and np.all(spacing_ijk > 0) and not np.allclose(spacing_ijk, 1.0))
 
 
-def resolve_spacing(vol, csv_spacing_ijk: list[float] | None, name: str, rtol: float = 0.02):
-    """Spacing to use for a NIfTI, and where it came from; raises on header/CSV disagreement."""
+def resolve_spacing(vol, csv_spacing_ijk: list[float] | None, name: str):
+    """Spacing to use for a NIfTI, and where it came from; raises on header/CSV disagreement (over 2 %)."""
     header_ok = header_spacing_ok(vol.spacing_ijk, vol.has_geometry)
     if csv_spacing_ijk:
         csv_sp = np.asarray(csv_spacing_ijk, np.float64)
         if header_ok:
-            if not np.allclose(np.sort(csv_sp), np.sort(vol.spacing_ijk), rtol=rtol):
+            if not np.allclose(np.sort(csv_sp), np.sort(vol.spacing_ijk), rtol=0.02):
                 raise VolumeError(f"{name}: inconsistent spacing: header {np.round(vol.spacing_ijk, 4).tolist()} mm "
                                   f"vs CSV {np.round(csv_sp, 4).tolist()} mm")
             return None, "header (agrees with CSV)"

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ctgen.data.preprocess import VolumeError
+from ctgen.data.preprocess import VolumeError, apply_rescale
 
 
 @dataclasses.dataclass
@@ -67,12 +67,12 @@ def _vec(ds, tag: str, n: int, path: str) -> np.ndarray:
     return np.asarray([float(x) for x in v], np.float64)
 
 
-def load_series(files: Sequence[str], name: str, *, spacing_rtol: float = 0.05) -> tuple[np.ndarray, np.ndarray, dict]:
+def load_series(files: Sequence[str], name: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read one CT series. Returns (HU float32 array in (i=col, j=row, k=slice) order, voxel-to-RAS affine, notes).
 
     Raises VolumeError for: non-CT modality, single 2-D images, mixed orientation or matrix size,
     duplicated slices, missing slices (a gap above 1.5x the usual step) and otherwise irregular
-    slice spacing (beyond `spacing_rtol`).
+    slice spacing (steps differing by more than 5 % of the usual step).
     """
     if len(files) < 2:
         raise VolumeError(f"{name}: a single image ({files[0] if files else 'no file'}), not a 3-D series")
@@ -116,7 +116,7 @@ def load_series(files: Sequence[str], name: str, *, spacing_rtol: float = 0.05) 
         i = int(gaps[0])
         raise VolumeError(f"{name}: missing slice(s): gap of {steps[i]:.2f} mm between {proj[i]:.2f} and "
                           f"{proj[i + 1]:.2f} mm (usual step {step:.2f} mm)")
-    if steps.max() - steps.min() > spacing_rtol * step:
+    if steps.max() - steps.min() > 0.05 * step:
         raise VolumeError(f"{name}: inconsistent slice spacing ({steps.min():.3f} to {steps.max():.3f} mm)")
     if not np.allclose(pos[-1] - pos[0], normal * (proj[-1] - proj[0]), atol=max(0.5, 0.1 * step)):
         raise VolumeError(f"{name}: slice positions do not lie along the slice normal (gantry tilt?)")
@@ -132,7 +132,7 @@ def load_series(files: Sequence[str], name: str, *, spacing_rtol: float = 0.05) 
             raise VolumeError(f"{f}: pixel data of shape {px.shape} is not a single grayscale image")
         slope = float(ds.get("RescaleSlope", 1) or 1)
         inter = float(ds.get("RescaleIntercept", 0) or 0)
-        slices.append(px.astype(np.float32) * np.float32(slope) + np.float32(inter))
+        slices.append(apply_rescale(px, slope, inter))
     vol_kji = np.stack(slices)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * spacing_rc[1]
