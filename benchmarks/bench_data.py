@@ -39,10 +39,9 @@ def _phantom_times(n: int) -> None:
 
 def _make_inputs(work: str, n: int) -> str:
     """n CT-RATE-sized int16 NIfTIs (upsampled phantoms + noise) and a CSV; reused if present."""
-    import nibabel as nib
-
     from ctgen.data.phantom import make_phantom
-    from ctgen.data.preprocess import canonical_affine, resize_volume
+    from ctgen.data.preprocess import resize_volume
+    from ctgen.io.nifti import write_nifti
 
     folder = os.path.join(work, "nifti512")
     csv_path = os.path.join(folder, "list.csv")
@@ -57,9 +56,8 @@ def _make_inputs(work: str, n: int) -> str:
         ph = make_phantom(1000 + i)
         big = resize_volume(ph.hu.astype(np.float32), (300, 512, 512))
         big += np.random.default_rng(i).normal(0, 15, big.shape).astype(np.float32)
-        img = nib.Nifti1Image(np.rint(big).astype(np.int16).transpose(2, 1, 0), canonical_affine((1.0, 0.68, 0.68)))
         path = os.path.join(folder, f"vol_{i:03d}.nii.gz")
-        nib.save(img, path)
+        write_nifti(path, np.rint(big).astype(np.int16), (1.0, 0.68, 0.68))
         rows.append([os.path.basename(path), ph.report["impression"], ph.attributes["age"], ph.attributes["sex"]])
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
