@@ -303,15 +303,13 @@ def _finalize(config, staging, final, chunks, issues, request, log) -> dict:
                                                    filename_template=tmpl.replace(split=split)))
     counts["skipped"] = sum(e["status"] == "skipped" for e in entries)
     counts["warnings"] = sum(e["status"] == "warning" for e in entries)
+    with open(os.path.join(staging, "manifest.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in entries)
     if not split_infos:
-        with open(os.path.join(staging, "manifest.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in entries)
         raise PrepareError(f"no volume could be written; see {staging}/manifest.jsonl")
     tfds.folder_dataset.write_metadata(
         data_dir=staging, features=features(config), split_infos=split_infos, filename_template=tmpl,
         check_data=False, description=f"ctgen prepared CT dataset ({request['source'].get('kind')}): {config.name}")
-    with open(os.path.join(staging, "manifest.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in entries)
     summary = {"request": request, "counts": counts, "path": final}
     _write_json(os.path.join(staging, "prepare.json"), summary)
     os.remove(os.path.join(staging, "request.json"))
