@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ctgen.data.preprocess import GridConfig, VolumeError, preprocess, to_int16_hu
-from ctgen.text.prompt import PAPER_TEMPLATE, build_prompt
+from ctgen.text.prompt import PAPER_TEMPLATE, build_prompt, parse_age
 
 DATASET_NAME = "ctgen_ct"
 VERSION = "1.0.0"
@@ -94,19 +94,6 @@ def normalize_text(text: Any) -> tuple[str, str]:
     s = " ".join(s.split())
     odd = "".join(sorted({c for c in s if ord(c) > 127}))
     return s, odd
-
-
-def parse_age(age: Any) -> float:
-    """"064Y" / 64 / "64" -> 64.0; months/weeks/days converted to years; unknown -> NaN."""
-    if age is None or (isinstance(age, float) and math.isnan(age)):
-        return float("nan")
-    if isinstance(age, (int, float)):
-        return float(age)
-    m = re.fullmatch(r"\s*0*(\d+(?:\.\d+)?)\s*([YyMmWwDd])?\s*", str(age))
-    if not m:
-        return float("nan")
-    value = float(m.group(1))
-    return value / {"Y": 1, "M": 12, "W": 52.18, "D": 365.25}[(m.group(2) or "Y").upper()]
 
 
 def parse_sex(sex: Any) -> str:

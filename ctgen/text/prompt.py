@@ -6,6 +6,9 @@ the text a model was trained on and the text it is sampled with never disagree.
 GenerateCT's convention (its `videotextdataset.py`): `"{age} years old {sex}: {impression}"`
 with age from DICOM `PatientAge` ("064Y" -> "64"), sex M/F -> male/female, and the characters
 `" ' ( )` removed from the whole prompt. Missing age or sex become the literal "None", as there.
+Ages are read by `parse_age`, the one age rule (the prepared datasets' `age` feature uses it too):
+ages in months, weeks or days become whole years ("006M" -> "0"; GenerateCT, which only saw
+years, would have printed "06").
 """
 from __future__ import annotations
 
@@ -18,17 +21,24 @@ FINDINGS_TEMPLATE = "{age} years old {sex}: {findings} {impression}"
 _REMOVED = str.maketrans("", "", "\"'()")
 
 
-def format_age(age: Any) -> str:
-    """`"064Y"` / `64` / `64.0` -> `"64"`; missing or unparsable -> `"None"` (as GenerateCT)."""
+def parse_age(age: Any) -> float:
+    """"064Y" / 64 / "64" -> 64.0; months/weeks/days converted to years; unknown -> NaN."""
     if age is None or (isinstance(age, float) and math.isnan(age)):
-        return "None"
+        return float("nan")
     if isinstance(age, (int, float)):
-        return str(int(age))
-    s = str(age).strip()
-    m = re.fullmatch(r"0*(\d+)\s*([YyMmWwDd])?", s)
+        return float(age)
+    m = re.fullmatch(r"\s*0*(\d+(?:\.\d+)?)\s*([YyMmWwDd])?\s*", str(age))
     if not m:
-        return "None"
-    return str(int(m.group(1)))
+        return float("nan")
+    value = float(m.group(1))
+    return value / {"Y": 1, "M": 12, "W": 52.18, "D": 365.25}[(m.group(2) or "Y").upper()]
+
+
+def format_age(age: Any) -> str:
+    """Whole years of `parse_age`: `"064Y"` / `64` / `64.0` -> `"64"`, `"006M"` -> `"0"`; missing or
+    unparsable -> `"None"` (as GenerateCT)."""
+    years = parse_age(age)
+    return str(int(years)) if math.isfinite(years) else "None"
 
 
 def format_sex(sex: Any) -> str:

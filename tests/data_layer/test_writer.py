@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from dl_helpers import SMALL_GRID, write_nifti_raw
-from ctgen.data.features import DatasetConfig, normalize_text, parse_age
+from ctgen.data.features import DatasetConfig, normalize_text, parse_age, text_fields
 from ctgen.data.side import open_split
 from ctgen.data.sources import NiftiCsvSource, PhantomSource
 from ctgen.data.writer import PrepareError, Record, assign_splits, build
+from ctgen.text.prompt import build_prompt
 
 CFG = DatasetConfig(name="tiny", grid=SMALL_GRID, phantom=True)
 
@@ -128,3 +129,15 @@ def test_nifti_csv_bad_inputs_each_get_one_line(tmp_path, body_hu):
 def test_text_and_age_helpers():
     assert normalize_text("a\u00a0\u201cb\u201d \u2212 c\u00e9") == ('a "b" - c\u00e9', "\u00e9")
     assert parse_age("064Y") == 64 and parse_age("006M") == 0.5 and np.isnan(parse_age("unknown"))
+
+
+@pytest.mark.parametrize("raw", ["064Y", "64", 64, 64.0, np.float32(64), "006M", "7M", "012W", "030D", "64.5", "",
+                                 "unknown", None])
+def test_dataset_prompt_and_user_prompt_read_age_alike(raw):
+    # The prompt a dataset stores (age parsed by features.parse_age) and build_prompt on the raw
+    # value (generation) used to disagree for "006M" ("0" vs "6"), "64.5" and numpy scalars.
+    cfg = DatasetConfig(name="x")
+    age = parse_age(raw)
+    stored, _ = text_fields({"impression": "No findings."}, cfg, age, "M")
+    assert stored["prompt"] == build_prompt(age=raw, sex="M", impression="No findings.")
+    assert build_prompt(age="064Y", sex="M", impression="No findings.") == "64 years old male: No findings."

@@ -14,7 +14,7 @@ def test_quotes_and_parentheses_removed_and_missing_fields():
     assert p == "None years old female: Nodule 8 mm in the right lungs apex."
 
 
-@pytest.mark.parametrize("raw,want", [("064Y", "64"), (64, "64"), (64.0, "64"), ("7M", "7"), ("abc", "None")])
+@pytest.mark.parametrize("raw,want", [("064Y", "64"), (64, "64"), (64.0, "64"), ("7M", "0"), ("abc", "None")])
 def test_age(raw, want):
     assert format_age(raw) == want
 
