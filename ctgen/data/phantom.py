@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ctgen.data.anatomy import LABELS, LOBES, LUNG_CODES, measure
+from ctgen.data.anatomy import LABELS, LOBES, measure
 from ctgen.data.phantom_report import SEVERITY_LAA, sample_attributes, write_report
 from ctgen.data.preprocess import resize_volume
 from ctgen.text.prompt import PAPER_TEMPLATE, build_prompt
@@ -545,5 +545,3 @@ def _findings_and_vessels(rng, cv: _Canvas, a: dict, g: dict, lung0: np.ndarray)
                 placed = True
                 break
         nd["placed"] = placed
-    for code in LUNG_CODES:  # drop lung labels where findings replaced lung tissue by fluid
-        cv.labels[(cv.labels == code) & eff_all] = L["effusion"]
