@@ -87,6 +87,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     c.add_argument("--text-column", default=None, help="nifti: report text column (default 'text'); "
                                                        "dicom: impression column (default 'impression')")
     c.add_argument("--findings-column", default=None, help="nifti / dicom: findings column (optional)")
+    c.add_argument("--clinical-column", default=None, help="dicom: clinical information column (optional)")
+    c.add_argument("--technique-column", default=None, help="dicom: technique column (optional)")
     c.add_argument("--id-column", default=None, help="nifti: id column (default: file name)")
     c.add_argument("--patient-column", default=None, help="nifti: patient id column (default: the id)")
     c.add_argument("--age-column", default="age", help="nifti: age column")
@@ -131,7 +133,8 @@ def make_source(args: argparse.Namespace, grid):
         if not args.root or len(args.reports) != 1:
             raise UserError("--source dicom needs --root DIR and one --reports CSV")
         return DicomSource(args.root, args.reports[0], key=args.key, key_column=args.key_column,
-                           text_column=args.text_column or "impression", findings_column=args.findings_column)
+                           text_column=args.text_column or "impression", findings_column=args.findings_column,
+                           clinical_column=args.clinical_column, technique_column=args.technique_column)
     raise UserError(f"unknown source {args.source!r}")
 
 

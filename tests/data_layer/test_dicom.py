@@ -161,3 +161,24 @@ def test_dicom_source_prepares_studies_with_reports(tmp_path):
         np.testing.assert_allclose(ex["spacing"], [STEP, 0.7, 0.8], rtol=1e-6)
         assert ex["orientation"] == b"LPS" and ex["age"] == 58 and ex["sex"] == b"F"
         assert ex["prompt"] in (b"58 years old female: Cardiomegaly.", b"58 years old female: No significant pathology.")
+
+
+def test_dicom_report_columns_from_the_command_line(tmp_path):
+    import argparse
+
+    from ctgen.data import command
+
+    study = generate_uid()
+    write_series(str(tmp_path / "pacs" / "A"), anatomy(9), study=study)
+    with open(tmp_path / "reports.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uid", "impr", "find", "history", "protocol"])
+        w.writerow([study, "Cardiomegaly.", "Heart size is increased.", "Dyspnea.", "Non-contrast chest CT."])
+    args = command.configure(argparse.ArgumentParser()).parse_args([
+        "--source", "dicom", "--root", str(tmp_path / "pacs"), "--reports", str(tmp_path / "reports.csv"),
+        "--out", str(tmp_path / "out"), "--key-column", "uid", "--text-column", "impr", "--findings-column", "find",
+        "--clinical-column", "history", "--technique-column", "protocol"])
+    recs, issues = command.make_source(args, GridConfig(shape=(9, 64, 48))).scan()
+    assert not issues and len(recs) == 1
+    assert recs[0].payload["report"] == {"impression": "Cardiomegaly.", "findings": "Heart size is increased.",
+                                         "clinical": "Dyspnea.", "technique": "Non-contrast chest CT."}
