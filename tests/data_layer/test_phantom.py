@@ -43,8 +43,8 @@ def test_anatomy_is_present_with_realistic_hu():
     assert ii_r.mean() < SHAPE[2] / 2 < ii_l.mean()
     _, jj_heart, ii_heart = np.nonzero(lab == LABELS["heart"])
     assert jj_heart.mean() < SHAPE[1] / 2 and ii_heart.mean() > SHAPE[2] / 2  # anterior, leftward
-    assert p.attributes["normal"] and "No significant pathology" in p.report["impression"] or \
-        "within normal limits" in p.report["impression"]
+    assert p.attributes["normal"] and ("No significant pathology" in p.report["impression"]
+                                       or "within normal limits" in p.report["impression"])
 
 
 def test_cardiothoracic_ratio_rises_with_cardiomegaly():
@@ -53,8 +53,8 @@ def test_cardiothoracic_ratio_rises_with_cardiomegaly():
     for n, b in zip(normal, big):
         m = b.attributes["measured"]["cardiothoracic_ratio"]
         assert 0.38 < n < 0.52 and m > 0.55 and m > n + 0.1
-        assert "Cardiomegaly" in b.report["impression"] and "enlarged" in b.report["findings"] or \
-            "increased" in b.report["findings"]
+        assert "Cardiomegaly" in b.report["impression"] and ("enlarged" in b.report["findings"]
+                                                             or "increased" in b.report["findings"])
 
 
 def test_effusion_volume_matches_attribute():
