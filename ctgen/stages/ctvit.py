@@ -2,8 +2,8 @@
 
 Phases (config.train.phase_cycle, GenerateCT: generator x3, discriminator):
   generator      recon + perceptual + commitment + adaptive-weight GAN loss; trains every
-                 parameter but the discriminator's (and the VGG's only if loss.vgg_trainable);
-                 moves the EMA codebook (model state)
+                 parameter but the discriminator's (and the VGG's only if the perceptual loss is on
+                 and loss.vgg_trainable); moves the EMA codebook (model state)
   discriminator  hinge + gradient penalty; trains the discriminator only (GenerateCT's step also
                  moves the codebook: loss.update_codebook_in_discr_step)
 Perceptual-loss weights: loss.vgg_weights (a torchvision VGG16 file), or the VGG inside an
@@ -70,9 +70,12 @@ class CTViTStage:
         return model
 
     def phases(self):
-        lc = self.loss_cfg
+        lc = self.loss_cfg  # the effective settings (perceptual off without VGG weights)
         discr = nnx.PathContains("discr")
-        frozen = discr if self.config.loss.vgg_trainable else nnx.Any(discr, nnx.PathContains("vgg"))
+        # The VGG gets gradients only from the perceptual loss: without it, training it would only
+        # hold optimizer state (~1 GB at the paper size).
+        train_vgg = lc.perceptual and lc.vgg_trainable
+        frozen = discr if train_vgg else nnx.Any(discr, nnx.PathContains("vgg"))
 
         def gen(model, batch, rng):
             return generator_loss(model, batch, rng, lc)

@@ -39,6 +39,35 @@ def _rows(workdir, split="train"):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+def _trained_paths(config) -> dict[str, set[str]]:
+    """Per phase, the parameter paths it trains and the ones its optimizer state holds."""
+    from ctgen.parallel.mesh import make_mesh
+    from ctgen.train import state as state_lib
+
+    _, setup = state_lib.setup_from_config(config, make_mesh(config.mesh.to_dict()))
+    params = setup.abstract["params"]
+    out = {}
+    for name, phase in setup.phases.items():
+        trained = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.filter_state(params, phase.trains))}
+        opt = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p)
+               for p, _ in jax.tree_util.tree_flatten_with_path(setup.abstract["opt"][name])[0]}
+        out[name] = (trained, opt)
+    return out
+
+
+def test_vgg_is_frozen_without_perceptual_loss():
+    """No VGG weights (the default run): the perceptual loss is off, so the generator neither trains
+    the VGG nor holds optimizer state for it; with weights (here: init_from) it trains it."""
+    trained, opt = _trained_paths(_config("unused"))["generator"]
+    assert trained and not any("vgg" in p for p in trained)
+    assert any("enc_spatial" in p for p in opt) and not any("vgg" in p for p in opt)
+    trained, opt = _trained_paths(_config("unused", init_from="/imported/generatect"))["generator"]
+    assert any("vgg" in p for p in trained) and any("vgg" in p for p in opt)
+    trained, _ = _trained_paths(_config("unused", init_from="/imported/generatect",
+                                        **{"loss.vgg_trainable": False}))["generator"]
+    assert not any("vgg" in p for p in trained)
+
+
 def test_tiny_training_on_8_devices(phantoms, tmp_path):
     workdir = str(tmp_path / "run")
     cfg = _config(phantoms, **{"mesh.data": 8, "mesh.fsdp": 1, "train.steps": 24, "train.log_every": 4,
