@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ctgen.data.features import DatasetConfig
 from ctgen.data.preprocess import GridConfig, preprocess, to_canonical
@@ -65,6 +66,16 @@ def test_prepare_without_resampling_is_lossless_in_hu(real, tmp_path):
     assert ex["orientation"] == b"RAS"
 
 
+def _pil_paper_resize(hu_DxHxW, shape):
+    """docs/data.md's paper resampling done independently with PIL's bilinear resize (anti-aliased
+    when shrinking, as GenerateCT resizes slices): each axial slice to (H, W), then the slice axis
+    as the height of (D, H) images."""
+    D, H, W = shape
+    axial = np.stack([np.asarray(Image.fromarray(s).resize((W, H), Image.BILINEAR)) for s in hu_DxHxW])
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(axial[:, :, w])).resize((H, D), Image.BILINEAR))
+                     for w in range(W)], axis=2)
+
+
 def test_prepare_paper_grid_matches_documented_resampling(real, tmp_path):
     grid = GridConfig(shape=(33, 64, 64))
     summary = _prepare(_rows(real), tmp_path, grid, "paper")
@@ -74,7 +85,13 @@ def test_prepare_paper_grid_matches_documented_resampling(real, tmp_path):
     ex = got["example_ct"]
     v = read_nifti(real["example_ct.nii.gz"])
     want = preprocess(v.data_ijk, v.affine, grid, name="x")
-    np.testing.assert_array_equal(ex["volume"], want["volume"])
+    np.testing.assert_array_equal(ex["volume"], want["volume"])  # the writer stores what preprocess gives
+    # Independent of preprocess: the file is RAS, so canonical (D, H, W) = (S, P, L) is the (k, j, i)
+    # transpose with i and j flipped; clip, resize as documented, round.
+    hu = np.clip(v.data_ijk, -1000, 1000).astype(np.float32)[::-1, ::-1, :].transpose(2, 1, 0)
+    ref = np.rint(_pil_paper_resize(np.ascontiguousarray(hu), grid.shape)).astype(np.int16)
+    diff = np.abs(ex["volume"].astype(np.int32) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float rounding only
     np.testing.assert_allclose(ex["spacing"], [3 * 112 / 33, 3 * 101 / 64, 3 * 122 / 64], rtol=1e-5)
     np.testing.assert_array_equal(ex["original_shape"], [112, 101, 122])
     assert ex["volume"].min() == -1000 and ex["volume"].max() <= 1000
