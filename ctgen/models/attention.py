@@ -172,7 +172,7 @@ class Transformer(nnx.Module):
                  context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
         """x: (..., N, D) whose row-major memory is reinterpreted as the grid by each PEG."""
         grid = tuple(int(g) for g in grid_BxTxHxW)
-        if not self.remat or len(self.layers) < 2:
+        if not self.remat or not self.layers:
             for block in self.layers:
                 x = block(x, grid, bias_HxNxN, context, context_mask)
             return self.norm_out(x)

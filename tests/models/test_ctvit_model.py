@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.parallel.axes import logical_names
@@ -96,15 +97,58 @@ def test_bfloat16_compute_is_close():
     assert rel < 0.05
 
 
-def test_remat_gives_same_gradients():
+def _count_remat(closed_jaxpr) -> int:
+    """Checkpointed computations in a jaxpr, including inside scan bodies."""
+    remat = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).jaxpr.eqns[0].primitive
+
+    def count(jaxpr):
+        return sum((e.primitive is remat) + sum(count(getattr(sub, "jaxpr", sub))
+                                                for sub in jaxprs_in_params(e.params))
+                   for e in jaxpr.eqns)
+
+    return count(closed_jaxpr.jaxpr)
+
+
+def test_remat_gives_same_outputs_and_gradients():
+    """Depth 2 (a real scan over blocks): remat=True checkpoints every transformer's scan body and
+    computes the same reconstruction and gradients as remat=False."""
     vol = _vol(1, 5, seed=5)
 
     def loss(m):
-        return jnp.mean(jnp.square(m(vol, train=False).recon_BxFxHxW - vol))
+        rec = m(vol, train=False).recon_BxFxHxW
+        return jnp.mean(jnp.square(rec - vol)), rec
 
-    grads = []
+    results = []
     for remat in (False, True):
-        m = CTViT(CTViTConfig.tiny(use_vgg_and_gan=False, remat=remat), rngs=nnx.Rngs(0))
-        grads.append(jax.tree.leaves(nnx.jit(nnx.grad(loss))(m)))
-    for a, b in zip(*grads):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+        m = CTViT(CTViTConfig.tiny(use_vgg_and_gan=False, spatial_depth=2, temporal_depth=2, remat=remat),
+                  rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(m)
+        jaxpr = jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s))[0])(state)
+        assert _count_remat(jaxpr) == (4 if remat else 0)  # enc/dec x spatial/temporal
+        (_, rec), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(m)
+        results.append((rec, jax.tree.leaves(grads)))
+    (rec0, g0), (rec1, g1) = results
+    np.testing.assert_allclose(np.asarray(rec1), np.asarray(rec0), rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+def test_remat_with_a_single_block():
+    """A depth-1 transformer also runs its (length-1) checkpointed scan, with the same results."""
+    from ctgen.models.attention import Transformer
+
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 16))
+    results = []
+    for remat in (False, True):
+        graphdef, state = nnx.split(Transformer(16, depth=1, heads=2, dim_head=8, remat=remat, rngs=nnx.Rngs(0)))
+
+        def f(s):
+            return jnp.sum(jnp.square(nnx.merge(graphdef, s)(x, (2, 3, 2, 2))))
+
+        assert _count_remat(jax.make_jaxpr(f)(state)) == int(remat)
+        results.append(jax.jit(jax.value_and_grad(f))(state))
+    (v0, g0), (v1, g1) = results
+    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
