@@ -185,15 +185,17 @@ class CTViT(nnx.Module):
             tokens.append(self.rest_embed(rest))
         return jnp.concatenate(tokens, axis=1) if len(tokens) > 1 else tokens[0]
 
-    def to_pixels(self, features_BxTxhxwxD: jax.Array) -> jax.Array:
-        """Linear heads from decoder features back to a volume (B, F, H, W) (no output activation)."""
+    def to_pixels(self, features_BxTxhxwxD: jax.Array, rest_kernel: jax.Array | None = None) -> jax.Array:
+        """Linear heads from decoder features back to a volume (B, F, H, W) (no output activation).
+
+        rest_kernel: replaces the rest-slices head's weight (the losses differentiate w.r.t. it)."""
         b, t, h, w, _ = features_BxTxhxwxD.shape
         p, pt = self.cfg.patch_size, self.cfg.temporal_patch_size
         first = self.first_to_pixels(features_BxTxhxwxD[:, :1]).astype(jnp.float32)
         first = first.reshape(b, 1, h, w, p, p).transpose(0, 1, 2, 4, 3, 5).reshape(b, 1, h * p, w * p)
         if t == 1:
             return first
-        rest = self.rest_to_pixels(features_BxTxhxwxD[:, 1:]).astype(jnp.float32)
+        rest = self.rest_to_pixels(features_BxTxhxwxD[:, 1:], rest_kernel).astype(jnp.float32)
         rest = rest.reshape(b, t - 1, h, w, pt, p, p).transpose(0, 1, 4, 2, 5, 3, 6)
         return jnp.concatenate([first, rest.reshape(b, (t - 1) * pt, h * p, w * p)], axis=1)
 

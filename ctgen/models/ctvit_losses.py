@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ctgen.models.ctvit import CTViT
+from ctgen.models.vgg import VGG16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,7 @@ def _slice_from_head(model: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array,
     row = jnp.where(idx_B == 0, 0, (idx_B - 1) // pt + 1)
     sub = jnp.where(idx_B == 0, 0, (idx_B - 1) % pt)
     tokens = jnp.take_along_axis(feats_BxTxhxwxD, row.reshape(-1, 1, 1, 1, 1), axis=1)[:, 0]
-    rest = jnp.matmul(tokens, kernel.astype(tokens.dtype)).astype(jnp.float32)
-    rest = rest + model.rest_to_pixels.bias[...].reshape(1, 1, 1, -1)
+    rest = model.rest_to_pixels(tokens, kernel).astype(jnp.float32)
     rest = rest.reshape(b, h, w, pt, p, p)
     rest = jnp.take_along_axis(rest, sub.reshape(-1, 1, 1, 1, 1, 1), axis=3)[:, :, :, 0]
     rest = rest.transpose(0, 1, 3, 2, 4).reshape(b, h * p, w * p)
@@ -82,8 +82,8 @@ def _slice_from_head(model: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array,
     return jnp.where((idx_B == 0).reshape(-1, 1, 1), first, rest)[..., None]
 
 
-def _vgg_features_loss(vgg, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
-                       dropout_rng: jax.Array | None) -> jax.Array:
+def perceptual_loss(vgg: VGG16, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
+                    dropout_rng: jax.Array | None) -> jax.Array:
     """MSE between VGG16 features of the input and reconstructed slices (grayscale x3 channels).
 
     Both go through the VGG as one batch (one weight-gradient per layer instead of two); dropout
@@ -93,11 +93,6 @@ def _vgg_features_loss(vgg, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
     both = jnp.repeat(jnp.concatenate([real_BxHxWx1, fake_BxHxWx1], axis=0), 3, axis=-1)
     feats = vgg(both, dropout_rng)
     return jnp.mean(jnp.square(feats[:b] - feats[b:]))
-
-
-def perceptual_loss(model: CTViT, real_BxHxWx1: jax.Array, fake_BxHxWx1: jax.Array,
-                    dropout_rng: jax.Array | None) -> jax.Array:
-    return _vgg_features_loss(model.vgg, real_BxHxWx1, fake_BxHxWx1, dropout_rng)
 
 
 def _surrogate(value: jax.Array, grads, inputs) -> jax.Array:
@@ -135,7 +130,7 @@ def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConf
         vgg_def, vgg_params, vgg_rest = nnx.split(model.vgg, nnx.Param, ...)
 
         def perc_of(fake_slice, params):
-            return _vgg_features_loss(nnx.merge(vgg_def, params, vgg_rest), real, fake_slice, drop)
+            return perceptual_loss(nnx.merge(vgg_def, params, vgg_rest), real, fake_slice, drop)
 
         if cfg.vgg_trainable:
             perc, vjp = jax.vjp(perc_of, fake, vgg_params)
@@ -158,26 +153,13 @@ def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConf
             g_ref = jnp.linalg.norm(head_vjp(jax.lax.stop_gradient(c_perc))[0])
         else:  # recon loss over the whole volume through the same head
             def recon_of(k):
-                return jnp.mean(jnp.square(volume - _full_recon(model, feats, k)))
+                return jnp.mean(jnp.square(volume - model.to_pixels(feats, rest_kernel=k)))
 
             g_ref = jnp.linalg.norm(jax.grad(recon_of)(kernel))
         weight = jax.lax.stop_gradient(jnp.minimum(g_ref / (g_gan + 1e-8), cfg.adaptive_weight_max))
         loss = loss + weight * _surrogate(gan, (c_gan,), (fake,))
         metrics.update(gan_loss=gan, adaptive_weight=weight)
     return loss, metrics
-
-
-def _full_recon(model: CTViT, feats_BxTxhxwxD: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The whole reconstruction with the rest-slices head weight replaced by `kernel`."""
-    b, t, h, w, _ = feats_BxTxhxwxD.shape
-    first = model.to_pixels(feats_BxTxhxwxD[:, :1])
-    if t == 1:
-        return first
-    p, pt = model.cfg.patch_size, model.cfg.temporal_patch_size
-    rest = jnp.matmul(feats_BxTxhxwxD[:, 1:], kernel.astype(feats_BxTxhxwxD.dtype)).astype(jnp.float32)
-    rest = rest + model.rest_to_pixels.bias[...].reshape(1, 1, 1, 1, -1)
-    rest = rest.reshape(b, t - 1, h, w, pt, p, p).transpose(0, 1, 4, 2, 5, 3, 6).reshape(b, (t - 1) * pt, h * p, w * p)
-    return jnp.concatenate([first, rest], axis=1)
 
 
 def discriminator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConfig = CTViTLossConfig(), *,

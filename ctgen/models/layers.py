@@ -80,8 +80,10 @@ class Dense(nnx.Module):
                      if use_bias else None)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def __call__(self, x: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """`kernel`, if given, replaces the stored weight (e.g. to differentiate w.r.t. it alone)."""
+        kernel = self.kernel[...] if kernel is None else kernel
+        y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias is not None:
             y = y + bcast(self.bias[...].astype(y.dtype), y.ndim)
         return y

@@ -135,6 +135,8 @@ def test_vgg16_paper_layout_and_small_forward():
     # train-mode dropout changes features, deterministically per key
     d1, d2 = vgg(x, jax.random.key(1)), vgg(x, jax.random.key(1))
     np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+    assert not np.allclose(np.asarray(d1), np.asarray(out))
+    assert not np.allclose(np.asarray(d1), np.asarray(vgg(x, jax.random.key(2))))
 
 
 def test_discriminator_layout():

@@ -27,7 +27,7 @@ def _naive_generator_loss(model, batch, idx, weight):
     out = model(vol, train=True)
     recon = out.recon_BxFxHxW
     real, fake = pick_slices(vol, idx), pick_slices(recon, idx)
-    perc = perceptual_loss(model, real, fake, None)
+    perc = perceptual_loss(model.vgg, real, fake, None)
     gan = -jnp.mean(model.discr(fake))
     return jnp.mean(jnp.square(vol - recon)) + out.commit_loss + perc + weight * gan
 
@@ -72,7 +72,7 @@ def test_adaptive_weight_is_ratio_of_head_gradient_norms():
             return loss_of_fake(m, pick_slices(batch["volume"], idx), pick_slices(out.recon_BxFxHxW, idx))
         return jnp.linalg.norm(jax.grad(f)(model.rest_to_pixels.kernel[...]))
 
-    g_perc = head_grad(lambda m, r, f: perceptual_loss(m, r, f, None))
+    g_perc = head_grad(lambda m, r, f: perceptual_loss(m.vgg, r, f, None))
     g_gan = head_grad(lambda m, r, f: -jnp.mean(m.discr(f)))
     assert float(metrics["adaptive_weight"]) == pytest.approx(float(g_perc / (g_gan + 1e-8)), rel=1e-3)
 
@@ -87,15 +87,43 @@ def test_slice_zero_gives_zero_adaptive_weight():
 
 def test_discriminator_loss_terms():
     model, batch = _model_and_batch()
-    loss, m = discriminator_loss(model, batch, jax.random.key(0))
+    graphdef, state = nnx.split(model)  # the loss moves the EMA codebook: each use gets a copy
+    loss, m = discriminator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0))
     hinge = float(jnp.mean(jax.nn.relu(1 + m["d_fake"]) + jax.nn.relu(1 - m["d_real"])))
-    assert float(loss) == pytest.approx(float(m["discr_hinge"] + m["grad_penalty"]), rel=1e-6)
     assert float(m["discr_hinge"]) == pytest.approx(hinge, rel=0.05)  # d_* are batch means
     assert float(m["grad_penalty"]) > 0
+
+    # the same loss written independently from the discriminator's logits on a fixed slice
+    idx = jnp.array([3, 0], jnp.int32)
+    loss, m = discriminator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0), slice_idx=idx)
+    ref = nnx.merge(graphdef, state, copy=True)
+    vol = batch["volume"]
+    real, fake = pick_slices(vol, idx), pick_slices(ref(vol, train=True).recon_BxFxHxW, idx)
+    d_real, d_fake = np.asarray(ref.discr(real)), np.asarray(ref.discr(fake))
+    assert d_real.shape == d_fake.shape == (2,)
+    hinge = np.mean(np.maximum(0, 1 + d_fake) + np.maximum(0, 1 - d_real))
+    grads = np.stack([np.asarray(jax.grad(lambda x: ref.discr(x[None])[0])(real[i])) for i in range(2)])
+    gp = 10.0 * np.mean(np.square(np.linalg.norm(grads.reshape(2, -1), axis=1) - 1.0))
+    assert float(m["discr_hinge"]) == pytest.approx(hinge, rel=1e-5)
+    assert float(m["grad_penalty"]) == pytest.approx(gp, rel=1e-4)
+    assert float(loss) == pytest.approx(hinge + gp, rel=1e-5)
 
 
 def test_recon_reference_for_adaptive_weight_without_perceptual():
     model, batch = _model_and_batch()
-    _, m = generator_loss(model, batch, jax.random.key(3), CTViTLossConfig(perceptual=False, adaptive_weight_ref="recon"),
-                          slice_idx=jnp.array([1, 2], jnp.int32))
+    idx = jnp.array([1, 2], jnp.int32)
+    graphdef, state = nnx.split(model)  # the loss moves the EMA codebook: it gets a copy
+    _, m = generator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(3),
+                          CTViTLossConfig(perceptual=False, adaptive_weight_ref="recon"), slice_idx=idx)
     assert "perceptual_loss" not in m and float(m["adaptive_weight"]) > 0
+
+    def head_grad_norm(loss_of_recon):  # plain autodiff w.r.t. the rest-slices head only
+        def f(kernel):
+            mod = nnx.merge(graphdef, state, copy=True)
+            mod.rest_to_pixels.kernel[...] = kernel
+            return loss_of_recon(mod, mod(batch["volume"], train=True).recon_BxFxHxW)
+        return jnp.linalg.norm(jax.grad(f)(model.rest_to_pixels.kernel[...]))
+
+    g_recon = head_grad_norm(lambda mod, rec: jnp.mean(jnp.square(batch["volume"] - rec)))
+    g_gan = head_grad_norm(lambda mod, rec: -jnp.mean(mod.discr(pick_slices(rec, idx))))
+    assert float(m["adaptive_weight"]) == pytest.approx(float(g_recon / (g_gan + 1e-8)), rel=1e-3)
