@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_batches = 0  # 0 = the whole eval split
     t.eval_with_ema = True  # evaluate with EMA parameters when a phase keeps them
     t.preview_every = 0  # 0 = only at the end; -1 = never
-    t.checkpoint_every = 500
+    t.checkpoint_every = 500  # 0 = only at the end of the run (a run always ends with a checkpoint)
     t.keep_checkpoints = 3
     t.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0 = off)
     t.async_checkpointing = True

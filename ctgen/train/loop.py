@@ -84,9 +84,15 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
         )
     if t.steps <= 0:
         raise UserError(f"train.steps must be positive, got {t.steps}")
+    if t.accum_steps <= 0:
+        raise UserError(f"train.accum_steps must be positive, got {t.accum_steps}")
+    if t.checkpoint_every < 0:
+        raise UserError(f"train.checkpoint_every must be >= 0 (0 = only at the end of the run), "
+                        f"got {t.checkpoint_every}; the end of a run always saves a checkpoint")
 
 
 def _due(step: int, every: int, last: int) -> bool:
+    """Hook schedule: every `every` steps and at `last`; 0 = only at `last`; -1 = never."""
     if every < 0:
         return False
     return step == last or (every > 0 and step % every == 0)
@@ -199,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
                 if preview_fn is not None and _due(step, t.preview_every, t.steps):
                     _preview(stage, preview_fn, state, eval_data, last_batch, mesh,
                              os.path.join(workdir, "previews", f"step_{step:08d}"), step)
-                if step % t.checkpoint_every == 0 or step == end:
+                if _due(step, t.checkpoint_every, end):
                     ckpt.save(step, state, ckpt_lib.iterator_state(data_it))
                 if stop.stop_requested():
                     if step not in ckpt.all_steps():

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from ctgen.errors import UserError
 from ctgen.train import checkpoint as ckpt_lib
 from ctgen.train.loop import train
 
@@ -115,6 +116,16 @@ def test_weights_directory_roundtrip(tmp_path):
                                       jax.device_get(st["model_state"]["target_mean"][...]))
     with pytest.raises(FileNotFoundError, match="neither a ctgen weights directory"):
         ckpt_lib.load_weights(str(tmp_path / "nothing"), abstract(st["params"]))
+
+
+def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
+    cfg = _cfg(**{"train.steps": 3, "train.checkpoint_every": 0})
+    train(cfg, str(tmp_path / "zero"))
+    ck = ckpt_lib.Checkpointer(str(tmp_path / "zero"))
+    assert ck.all_steps() == [3]
+    ck.close()
+    with pytest.raises(UserError, match="train.checkpoint_every must be >= 0"):
+        train(_cfg(**{"train.steps": 3, "train.checkpoint_every": -1}), str(tmp_path / "negative"))
 
 
 def test_retention_keeps_the_newest(tmp_path):
