@@ -43,8 +43,22 @@ class Preempted(Exception):
         self.step = step
 
 
+# Multi-process runs agree on stopping only every this many steps (and at the end of the run):
+# agreeing is a collective that waits for every step dispatched so far, so doing it every step
+# would stop the host from running ahead of the devices.
+STOP_CHECK_EVERY = 10
+
+
 class _StopSignal:
-    """Turns SIGTERM (and SIGINT) into a flag the loop polls between steps."""
+    """Turns SIGTERM (and SIGINT) into a flag the loop polls between steps.
+
+    One process: the flag is read after every step, so the loop stops after the current step.
+    Several processes: they must all stop at the same step (for a consistent checkpoint), so
+    the flags are combined (an allgather) only at steps every process picks identically, every
+    `STOP_CHECK_EVERY` steps and at the run's last step: a signal is noticed within
+    `STOP_CHECK_EVERY` steps, which must fit in the grace period before the hard kill (SLURM's
+    `--signal=TERM@120` gives 120 s), together with the checkpoint save.
+    """
 
     def __init__(self):
         self.flag = threading.Event()
@@ -64,10 +78,13 @@ class _StopSignal:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self, step: int, end: int) -> bool:
+        """Whether to stop after `step` (the steps taken so far; `end` is this run's last)."""
         local = self.flag.is_set()
         if jax.process_count() == 1:
             return local
+        if step % STOP_CHECK_EVERY and step != end:
+            return False
         # Every process must stop at the same step so the checkpoint is consistent.
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
@@ -191,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
                 bar.update(1)
 
                 if _due(step, t.log_every, t.steps) or step == end:
-                    values = _average([to_python(m) for m in pending])
+                    values = _average(to_python(pending))  # one device_get for all pending steps
                     now = time.time()
                     values["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step, pending = now, step, []
@@ -207,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
                              os.path.join(workdir, "previews", f"step_{step:08d}"), step)
                 if _due(step, t.checkpoint_every, end):
                     ckpt.save(step, state, ckpt_lib.iterator_state(data_it))
-                if stop.stop_requested():
+                if stop.stop_requested(step, end):
                     if step not in ckpt.all_steps():
                         ckpt.save(step, state, ckpt_lib.iterator_state(data_it), force=True)
                     ckpt.wait()
@@ -254,15 +271,15 @@ def _fmt(values: dict[str, float]) -> str:
 
 
 def _evaluate(eval_fn, state, eval_data, max_batches: int, mesh) -> dict[str, float]:
-    rows = []
+    rows = []  # per-batch scalar metrics, left on device until all batches are dispatched
     for i, host in enumerate(eval_data):
         if max_batches and i >= max_batches:
             break
         local = state_lib.numeric_fields(host)
-        rows.append(to_python(eval_fn(state, state_lib.global_batch(local, mesh))))
+        rows.append(eval_fn(state, state_lib.global_batch(local, mesh)))
     if not rows:
         raise RuntimeError("the eval split yielded no batches (is it smaller than one eval batch?)")
-    return _average(rows)
+    return _average(to_python(rows))
 
 
 def _preview(stage, preview_fn, state, eval_data, last_batch, mesh, out_dir: str, step: int) -> None:

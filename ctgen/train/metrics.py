@@ -13,12 +13,10 @@ import numpy as np
 from ctgen.train.tensorboard import EventWriter
 
 
-def to_python(values: Mapping[str, object]) -> dict[str, float]:
-    out = {}
-    for k, v in values.items():
-        v = float(np.asarray(jax.device_get(v)))
-        out[k] = v
-    return out
+def to_python(tree):
+    """Scalar metrics (a dict, or a list of dicts) to Python floats, with one `jax.device_get`
+    for the whole tree (one host-device transfer, not one per metric and step)."""
+    return jax.tree.map(lambda v: float(np.asarray(v)), jax.device_get(tree))
 
 
 class MetricWriter:

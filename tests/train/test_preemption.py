@@ -126,3 +126,77 @@ def test_kill_9_during_async_save_skips_torn_checkpoint(tmp_path):
 
 def tmp_dirs_name(work):
     return sorted(n for n in os.listdir(work / "checkpoints") if ".orbax-checkpoint-tmp" in n)
+
+
+def test_processes_agree_on_stopping_only_every_few_steps(monkeypatch):
+    """With several processes the stop flags are gathered (a collective that waits for the
+    devices) only every STOP_CHECK_EVERY steps and at the last step; any process's flag stops all."""
+    from ctgen.train import loop
+
+    gathered = []
+    peer_flag = [0]
+
+    def allgather(local):
+        gathered.append(int(local))
+        return np.array([int(local), peer_flag[0]], np.int32)
+
+    monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(loop.multihost_utils, "process_allgather", allgather)
+    stop = loop._StopSignal()
+    k, end = loop.STOP_CHECK_EVERY, 2 * loop.STOP_CHECK_EVERY + 3
+    assert not any(stop.stop_requested(step, end) for step in range(1, end + 1))
+    assert len(gathered) == 3  # at k, 2k and the last step
+    stop.flag.set()  # this process was signalled: noticed at the next multiple of k
+    assert not stop.stop_requested(k + 1, end) and stop.stop_requested(2 * k, end)
+    stop.flag.clear()
+    peer_flag[0] = 1  # only the other process was signalled: this one stops at the same step
+    assert not stop.stop_requested(k - 1, end) and stop.stop_requested(k, end)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    import socket
+
+    from ctgen.train.loop import STOP_CHECK_EVERY
+
+    work = tmp_path / "two"
+
+    def start(*extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = []
+        for pid in range(2):
+            env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+                   "CTGEN_DISTRIBUTED": "1", "CTGEN_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                   "CTGEN_NUM_PROCESSES": "2", "CTGEN_PROCESS_ID": str(pid)}
+            procs.append(subprocess.Popen(_cmd(work, "--config.train.steps=100000", "--config.train.checkpoint_every=25",
+                                               *extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        return procs
+
+    procs = start()
+    _wait_for(lambda: os.path.isdir(work / "checkpoints" / "25"), procs[0])
+    procs[1].send_signal(signal.SIGTERM)  # process 0 is not signalled: it learns through the allgather
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, errs[0][-2000:] + errs[1][-2000:]
+    steps = {int(e.split("preempted at step ")[1].split(";")[0]) for e in errs}
+    assert len(steps) == 1, steps
+    (stopped,) = steps
+    assert stopped % STOP_CHECK_EVERY == 0 and stopped >= 25
+    assert _latest_step(work) == stopped
+    # Both processes restore it and continue.
+    procs = start("--config.train.stop_after_steps=5")
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert _latest_step(work) == stopped + 5
+
+
+def _latest_step(workdir):
+    ck = ckpt_lib.Checkpointer(str(workdir))
+    try:
+        return ck.latest_step()
+    finally:
+        ck.close()
