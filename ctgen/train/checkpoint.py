@@ -13,7 +13,8 @@ is never listed as a step (and is cleaned up on the next start).
 Weights directories (`save_weights`/`load_weights`: parameters plus non-trainable model state
 such as a VQ codebook, no optimizer) are what `init_from`, `ctgen import`, `ctgen eval` and
 inference use: `DIR/weights` (Orbax) + `DIR/ctgen_weights.json` (what wrote it, and when).
-`load_weights` also accepts a training workdir (its latest checkpoint).
+`load_weights` also accepts a training workdir (its latest checkpoint, read partially: no
+optimizer state); `load_weights_and_ema` also reads that checkpoint's EMA copies.
 """
 from __future__ import annotations
 
@@ -174,36 +175,55 @@ def load_weights(path: str, abstract_params: Any, abstract_model_state: Any = No
     so the weights land directly on the current mesh. Raises FileNotFoundError naming `path`
     if neither layout is there.
     """
-    path = os.path.abspath(path)
+    out = _restore_weights(path, {"params": abstract_params, "model_state": abstract_model_state or {}})
+    return out["params"], out["model_state"]
+
+
+def load_weights_and_ema(path: str, abstract_params: Any, abstract_model_state: Any,
+                         abstract_ema: Any) -> tuple[Any, Any, Any]:
+    """`load_weights` plus the EMA copies `{phase: params}` (`abstract_ema`, like the train
+    state's `ema`) when `path` is a workdir: (params, model_state, ema). A weights directory
+    keeps no EMA, so ema is None there. Only these subtrees are read, never optimizer state."""
     target = {"params": abstract_params, "model_state": abstract_model_state or {}}
+    if weights_info(path) is None and abstract_ema:
+        target["ema"] = abstract_ema
+    out = _restore_weights(path, target)
+    return out["params"], out["model_state"], out.get("ema")
+
+
+def _restore_weights(path: str, target: dict) -> dict:
+    """Restore `target`'s subtrees from a weights directory (params, model_state) or,
+    partially, from the train state of a workdir's latest checkpoint."""
+    path = os.path.abspath(path)
     if weights_info(path) is not None:
         ckptr = ocp.StandardCheckpointer()
         try:
-            out = ckptr.restore(os.path.join(path, "weights"), target)
+            return ckptr.restore(os.path.join(path, "weights"), target)
         finally:
             ckptr.close()
-        return out["params"], out["model_state"]
     ckpt_dir = os.path.join(path, "checkpoints")
     if os.path.isdir(ckpt_dir):
         mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"),
                                      options=ocp.CheckpointManagerOptions(read_only=True))
-        step = mngr.latest_step()
-        if step is None:
+        try:
+            step = mngr.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"{path}: workdir has no complete checkpoint to take weights from")
+            # Partial restore: only the target's subtrees of the saved train state.
+            restored = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        finally:
             mngr.close()
-            raise FileNotFoundError(f"{path}: workdir has no complete checkpoint to take weights from")
-        # Partial restore: only the params and model_state subtrees of the saved train state.
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        )
-        mngr.close()
-        return restored["state"]["params"], restored["state"]["model_state"]
+        log.info("weights (%s) from %s step %d", ", ".join(target), ckpt_dir, step)
+        return restored["state"]
     raise FileNotFoundError(
         f"{path}: neither a ctgen weights directory ({WEIGHTS_MARKER}) nor a workdir with checkpoints/"
     )

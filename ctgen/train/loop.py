@@ -14,21 +14,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ctgen.errors import UserError
-from ctgen.parallel import axes as axes_lib
 from ctgen.parallel.mesh import batch_shards, describe, make_mesh
-from ctgen.stages import get_stage
 from ctgen.train import checkpoint as ckpt_lib
 from ctgen.train import state as state_lib
 from ctgen.train.metrics import MetricWriter, to_python
-from ctgen.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -139,21 +134,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
     """
     # --- mesh -----------------------------------------------------------------------------------
     mesh = make_mesh(config.mesh.to_dict(), devices)
-    rules = axes_lib.rules_from_config(config.sharding_rules)
     validate(config, mesh)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
     log.info("mesh %s, process %d/%d", describe(mesh), jax.process_index(), jax.process_count())
 
     # --- stage, optimizers, sharded state ---------------------------------------------------------
-    stage = stage or get_stage(config)
+    stage, setup = state_lib.setup_from_config(config, mesh, stage)
     t = config.train
-    phase_names = list(dict.fromkeys(t.phase_cycle))
-    for name in phase_names:
-        if name not in config.optim:
-            raise UserError(f"phase {name!r} has no optimizer config: set config.optim.{name}")
-    optimizers = {n: make_optimizer(config.optim[n], t.steps) for n in phase_names}
-    setup = state_lib.build_setup(stage, config, mesh, rules, optimizers)
 
     # --- eval / preview functions, data (train steps are jitted per phase on first use) ----------
     steps: dict[str, Any] = {}
@@ -195,7 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
                 last_batch = host
                 local = state_lib.numeric_fields(host)
                 if phase not in steps:
-                    fn = state_lib.make_train_step(setup, phase, t.accum_steps, len(phase_names) > 1)
+                    fn = state_lib.make_train_step(setup, phase, t.accum_steps, len(setup.phases) > 1)
                     steps[phase] = state_lib.jit_train_step(setup, fn, state_lib.batch_shardings_for(local, mesh))
                 if t.profile_steps and step == start + 2 and jax.process_index() == 0:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -256,8 +244,7 @@ def _initial_state(stage, config, setup, ckpt, data_it):
         state["params"], state["model_state"] = ckpt_lib.load_weights(
             config.init_from, setup.abstract["params"], setup.abstract["model_state"])
         for name in state["ema"]:  # EMA copies start from the loaded weights, not the random init
-            trained = nnx.filter_state(state["params"], setup.phases[name].trains)
-            state["ema"][name] = jax.tree.map(jnp.copy, trained)
+            state["ema"][name] = state_lib.init_ema(state["params"], setup.phases[name])
     return state
 
 

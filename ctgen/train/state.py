@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ctgen.errors import UserError
 from ctgen.parallel import axes as axes_lib
-from ctgen.parallel.mesh import BATCH_AXES
-from ctgen.train.optim import ema_update
+from ctgen.parallel.mesh import BATCH_AXES, batch_sharding, batch_shards, replicated
+from ctgen.train.optim import ema_update, make_optimizer
 from ctgen.train.stage import Phase
 
 TrainState = dict
@@ -46,6 +46,22 @@ class Setup:
 
 def _split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
+
+
+def setup_from_config(config, mesh: Mesh, stage=None) -> tuple[Any, Setup]:
+    """(stage, Setup) for `config` on `mesh`: the stage (`config.stage` unless given), one
+    optimizer per phase in `train.phase_cycle` from `config.optim`, the sharding rules table.
+    Used by training, `ctgen eval` and tools, so they all build the same state layout."""
+    from ctgen.stages import get_stage
+
+    stage = stage or get_stage(config)
+    names = list(dict.fromkeys(config.train.phase_cycle))
+    for name in names:
+        if name not in config.optim:
+            raise UserError(f"phase {name!r} has no optimizer config: set config.optim.{name}")
+    optimizers = {n: make_optimizer(config.optim[n], config.train.steps) for n in names}
+    rules = axes_lib.rules_from_config(config.sharding_rules)
+    return stage, build_setup(stage, config, mesh, rules, optimizers)
 
 
 def build_setup(stage, config, mesh: Mesh, rules, optimizers: dict[str, optax.GradientTransformation]) -> Setup:
@@ -75,10 +91,9 @@ def make_init_fn(stage, seed: int, phases: dict[str, Phase], optimizers, ema_cfg
         _, params, model_state = _split_model(model)
         opt, ema = {}, {}
         for name, phase in phases.items():
-            trainable = nnx.filter_state(params, phase.trains)
-            opt[name] = optimizers[name].init(trainable)
+            opt[name] = optimizers[name].init(nnx.filter_state(params, phase.trains))
             if name in ema_cfg:
-                ema[name] = jax.tree.map(jnp.copy, trainable)
+                ema[name] = init_ema(params, phase)
         return {
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.PRNGKey(seed),
@@ -90,6 +105,11 @@ def make_init_fn(stage, seed: int, phases: dict[str, Phase], optimizers, ema_cfg
         }
 
     return init
+
+
+def init_ema(params, phase: Phase):
+    """A phase's EMA copy before any update: a copy of the parameters that phase trains."""
+    return jax.tree.map(jnp.copy, nnx.filter_state(params, phase.trains))
 
 
 def create_state(stage, config, setup: Setup) -> TrainState:
@@ -182,7 +202,7 @@ def jit_train_step(setup: Setup, step_fn, batch_shardings):
     return jax.jit(
         step_fn,
         in_shardings=(setup.shardings, batch_shardings),
-        out_shardings=(setup.shardings, NamedSharding(setup.mesh, PartitionSpec())),
+        out_shardings=(setup.shardings, replicated(setup.mesh)),
         donate_argnums=(0,),
     )
 
@@ -195,7 +215,7 @@ def make_apply_fn(setup: Setup, fn: Callable, use_ema: bool):
         model = nnx.merge(graphdef, eval_params(state, use_ema), state["model_state"], copy=True)
         return fn(model, batch)
 
-    return jax.jit(apply, out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
+    return jax.jit(apply, out_shardings=replicated(setup.mesh))
 
 
 def numeric_fields(batch) -> dict:
@@ -205,7 +225,7 @@ def numeric_fields(batch) -> dict:
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """Assemble each process's local rows into global arrays sharded over data x fsdp."""
-    shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    shards = batch_shards(mesh)
     out = {}
     for k, v in local.items():
         rows = v.shape[0] * jax.process_count()
@@ -214,13 +234,12 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
                 f"a batch of {rows} examples (field {k!r}) cannot be split over data*fsdp={shards} devices; "
                 "make the batch size (train.batch_size, or the stage's eval batch size such as "
                 "data.eval_batch_size) a multiple of it")
-        sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (v.ndim - 1))))
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
     return out
 
 
 def batch_shardings_for(local: dict, mesh: Mesh) -> dict:
-    return {k: NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (v.ndim - 1)))) for k, v in local.items()}
+    return {k: batch_sharding(mesh, v.ndim) for k, v in local.items()}
 
 
 def param_count(state: TrainState) -> int:

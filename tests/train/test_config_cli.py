@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ctgen.cli import main
@@ -100,3 +101,26 @@ def test_eval_batch_that_does_not_split_over_the_mesh_fails_clearly(tmp_path, ca
     assert rc == 2
     err = capsys.readouterr().err
     assert "a batch of 4 examples" in err and "data*fsdp=8" in err and "data.eval_batch_size" in err
+
+
+def test_eval_reads_params_and_ema_only(tmp_path):
+    """`ctgen eval` on a workdir takes its EMA parameters (as the loop's own eval does) without
+    reading optimizer state: here the eval config's optimizer has another state layout."""
+    from ctgen.train import state as state_lib
+    from ctgen.train.evaluate import evaluate, load_for_inference
+    from ctgen.train.loop import train
+
+    from helpers import assert_params_equal, params_numpy, toy_config
+
+    run = str(tmp_path / "run")
+    out = train(toy_config("ema", **{"train.steps": 20, "train.eval_every": 0}), run)
+    other_optimizer = {"optim.main.name": "adam", "optim.main.grad_clip_norm": 0.0}  # no clipping state
+    cfg = toy_config("ema", **other_optimizer)
+    _, _, state = load_for_inference(cfg, run)
+    with_ema = params_numpy({"params": state_lib.eval_params(out["state"], use_ema=True)})
+    live = params_numpy(out["state"])
+    assert not np.array_equal(with_ema["mid/kernel"], live["mid/kernel"])
+    assert_params_equal(params_numpy(state), with_ema)
+    assert evaluate(cfg, run) == pytest.approx(out["eval"], rel=1e-6)
+    _, _, state = load_for_inference(toy_config("ema", **other_optimizer, **{"train.eval_with_ema": False}), run)
+    assert_params_equal(params_numpy(state), live)

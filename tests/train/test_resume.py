@@ -66,14 +66,10 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path, mesh, ndev):
     kernel = resumed["state"]["params"]["mid"]["kernel"][...]
     assert len(kernel.sharding.device_set) == ndev
     # And the restored values are exactly the saved ones.
-    from ctgen.train import state as state_lib
-    from ctgen.train.optim import make_optimizer
     from ctgen.parallel.mesh import make_mesh
-    from ctgen.parallel import axes
-    from ctgen.stages.toy import ToyStage
+    from ctgen.train import state as state_lib
     m = make_mesh(mesh, jax.devices()[:ndev])
-    setup = state_lib.build_setup(ToyStage(cfg2), cfg2, m, axes.rules_from_config(cfg2.sharding_rules),
-                                  {n: make_optimizer(cfg2.optim[n], 5) for n in ("main", "aux")})
+    _, setup = state_lib.setup_from_config(cfg2, m)
     ck = ckpt_lib.Checkpointer(str(tmp_path))
     state, data = ck.restore(4, setup.abstract)
     ck.close()
