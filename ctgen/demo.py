@@ -35,7 +35,7 @@ def demo_overrides(args, data_dir: str) -> list[tuple[str, str]]:
     the paper's 128/16) and a few hundred steps."""
     r = args.resolution
     mesh = demo_mesh(args.batch_size)
-    eval_batch = max(2, int(mesh[1][1]))  # a multiple of the batch shards (fsdp)
+    eval_batch = max(2, mesh["fsdp"])  # a multiple of the batch shards (fsdp)
     return [
         ("data.dir", data_dir), ("data.num_slices", str(args.slices)), ("data.eval_batch_size", str(eval_batch)),
         ("model.image_size", str(r)), ("model.discr.image_size", str(r)), ("model.max_slices", str(args.slices)),
@@ -43,10 +43,10 @@ def demo_overrides(args, data_dir: str) -> list[tuple[str, str]]:
         ("train.steps", str(args.steps)), ("train.batch_size", str(args.batch_size)),
         ("train.log_every", "25"), ("train.checkpoint_every", "100"),
         ("train.eval_every", "100"), ("train.preview_every", "100"), ("train.eval_batches", "0"),
-    ] + mesh
+    ] + [(f"mesh.{axis}", str(size)) for axis, size in mesh.items()]
 
 
-def demo_mesh(batch_size: int) -> list[tuple[str, str]]:
+def demo_mesh(batch_size: int) -> dict[str, int]:
     """Use every local device: the batch over `fsdp` as far as it divides, the rest as `tensor`."""
     import math
 
@@ -54,7 +54,7 @@ def demo_mesh(batch_size: int) -> list[tuple[str, str]]:
 
     n = jax.device_count()
     fsdp = math.gcd(batch_size, n)
-    return [("mesh.data", "1"), ("mesh.fsdp", str(fsdp)), ("mesh.tensor", str(n // fsdp))]
+    return {"data": 1, "fsdp": fsdp, "tensor": n // fsdp}
 
 
 def run(args) -> int:

@@ -80,7 +80,3 @@ def maybe_initialize(cfg: Any = None) -> bool:
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     )
     return True
-
-
-def is_main_process() -> bool:
-    return jax.process_index() == 0

@@ -149,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
     eval_data = stage.eval_data(jax.process_index(), jax.process_count()) if t.eval_every >= 0 else None
     if eval_data is not None:
         eval_fn = state_lib.make_apply_fn(setup, stage.eval_step, t.eval_with_ema)
-    if t.preview_every >= 0 and hasattr(stage, "preview_step"):
+    if t.preview_every >= 0:
         preview_fn = state_lib.make_apply_fn(setup, stage.preview_step, t.eval_with_ema)
 
     data_it = stage.train_data(jax.process_index(), jax.process_count(), config.seed)

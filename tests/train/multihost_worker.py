@@ -16,7 +16,7 @@ maybe_initialize(None)
 
 from ctgen.train.loop import train  # noqa: E402
 
-from helpers import RecordingToyStage, params_numpy, toy_config  # noqa: E402
+from helpers import RecordingToyStage, toy_config  # noqa: E402
 
 workdir, log_path, steps, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 cfg = toy_config("two_phase", **{"train.steps": steps, "train.stop_after_steps": stop_after,
@@ -36,8 +36,6 @@ info = {
     "batches": log,
     "shard_shape": list(kernel.addressable_shards[0].data.shape),
     "eval": out.get("eval"),
-    "param_sums": {k: float(v.sum()) for k, v in params_numpy(out["state"]).items()}
-    if jax.process_count() == 1 else None,
 }
 with open(log_path, "w") as f:
     json.dump(info, f)
