@@ -5,6 +5,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from ctgen.cli import main
+from ctgen.train.metrics import read_jsonl
 
 
 @pytest.mark.slow
@@ -25,6 +26,16 @@ def test_demo_end_to_end(tmp_path, capsys):
     exported = load_file(str(work / "ctvit_generatect.safetensors"))
     assert "vq._codebook.embed" in exported and "to_pixels.0.weight" in exported
     assert len(exported) == summary["keys"]
-    # Running it again resumes: nothing is retrained.
+    # Running it again resumes: nothing is retrained (no new train metrics, checkpoints untouched).
+    before = _training_record(work / "ctvit")
+    assert before[0] > 0
     assert main(args) == 0
     assert json.loads((work / "demo_summary.json").read_text())["steps"] == 4
+    assert _training_record(work / "ctvit") == before
+
+
+def _training_record(run_dir):
+    """(train rows in metrics.jsonl, {checkpoint directory: mtime})."""
+    rows = read_jsonl(str(run_dir / "metrics.jsonl"))
+    checkpoints = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    return sum(r["split"] == "train" for r in rows), checkpoints

@@ -12,7 +12,7 @@ from ctgen.train.loop import train
 from ctgen.train.metrics import MetricWriter, read_jsonl
 from ctgen.train.optim import ema_update, optimizer_config, schedule
 
-from helpers import params_numpy, toy_config
+from helpers import RecordingToyStage, params_numpy, toy_config
 
 
 def test_crc32c_known_vector():
@@ -53,12 +53,29 @@ def test_ema_update_copy_then_decay():
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     common = {"train.steps": 3, "train.eval_every": -1, "train.batch_size": 16}
     full = train(toy_config(**common), str(tmp_path / "full"))
-    acc = train(toy_config(**common, **{"train.accum_steps": 2}), str(tmp_path / "acc"))
+    batches = []
+    cfg = toy_config(**common, **{"train.accum_steps": 2})
+    acc = train(cfg, str(tmp_path / "acc"), stage=RecordingToyStage(cfg, batches))
     a, b = params_numpy(full["state"]), params_numpy(acc["state"])
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-4, err_msg=k)
-    # the running mean (model state) went through both micro-batches
-    assert "target_mean0" in acc["train"]
+    # the running mean (model state) went through both micro-batches, in order: micro-batch j
+    # of a step is its rows j::2, each updates mean <- m * mean + (1 - m) * batch mean of y
+    from ctgen.stages.toy import ToyConfig, _Example
+
+    example = _Example(ToyConfig(**cfg.model.to_dict()), cfg.data.data_seed)
+    m, mean, logged = cfg.model.momentum, np.zeros(cfg.model.out_dim), []
+    for indices in batches:
+        y = np.stack([example.map(i)["y"] for i in indices]).astype(np.float64)
+        per_micro = []
+        for j in range(2):
+            mean = m * mean + (1 - m) * y[j::2].mean(axis=0)
+            per_micro.append(mean[0])
+        logged.append(np.mean(per_micro))  # the step's metric: mean over its micro-batches
+    assert len(batches) == 3
+    np.testing.assert_allclose(jax.device_get(acc["state"]["model_state"]["target_mean"][...]), mean,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acc["train"]["target_mean0"], np.mean(logged), rtol=1e-5, atol=1e-6)
 
 
 def test_loop_writes_metrics_eval_and_learns(tmp_path):

@@ -86,11 +86,16 @@ def test_init_from_warm_starts_params_only(tmp_path):
         cfg2.optim.main.learning_rate = 0.0  # keep params as loaded
         cfg2.optim.main.weight_decay = 0.0
         cfg2.train.phase_cycle = ("main",)
+        cfg2.model.momentum = 1.0  # keep the running mean as loaded too
     dst = train(cfg2, str(tmp_path / "dst"))
     assert dst["start_step"] == 0  # a fresh run: step/optimizer not taken over
+    assert int(dst["state"]["opt"]["main"][1][0].count) == 1
     assert_params_equal(params_numpy(dst["state"]), params_numpy(src["state"]))
     # non-trainable model state (here a running mean; for CT-ViT the VQ codebook) comes along
-    assert int(dst["state"]["opt"]["main"][1][0].count) == 1
+    loaded = jax.device_get(dst["state"]["model_state"]["target_mean"][...])
+    trained = jax.device_get(src["state"]["model_state"]["target_mean"][...])
+    assert np.abs(trained).max() > 0  # not the zeros a fresh init starts from
+    np.testing.assert_array_equal(loaded, trained)
     # the EMA starts from the loaded weights (lr 0: they stay put), not from the random init
     ema = jax.device_get(dst["state"]["ema"]["main"]["mid"]["kernel"][...])
     np.testing.assert_allclose(ema, params_numpy(src["state"])["mid/kernel"], rtol=1e-6, atol=1e-7)
