@@ -15,35 +15,36 @@ the volume has, made odd, up to the model's max_slices). Metrics are computed in
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 import jax
 import numpy as np
 from flax import nnx
 
-from ctgen.data.pipelines import select_slices
-from ctgen.data.preprocess import HU_MAX, HU_MIN, hu_to_model, model_to_hu, resize_volume, to_canonical
+from ctgen.data.pipelines import host_batch_size, select_slices
+from ctgen.data.preprocess import HU_MIN, clip_hu, hu_to_model, model_to_hu, resize_volume, to_canonical
 from ctgen.errors import UserError
 from ctgen.eval.image_metrics import psnr, ssim
 from ctgen.io.nifti import read_nifti, write_nifti
+from ctgen.models.ctvit import CTViTConfig
 
-log = logging.getLogger(__name__)
 
-
-def load_for_ctvit(path: str, image_size: int, num_slices: int | None, max_slices: int, pt: int = 2):
-    """(volume (F, S, S) in [-1, 1], spacing (D, H, W) mm of the returned grid) for one NIfTI file."""
+def load_for_ctvit(path: str, cfg: CTViTConfig, num_slices: int | None = None):
+    """(volume (F, S, S) in [-1, 1], spacing (D, H, W) mm of the returned grid) for one NIfTI file,
+    for a CT-ViT of architecture `cfg`. num_slices=None: as many as the file has (made 1 + a multiple
+    of the temporal patch size), at most cfg.max_slices."""
     nii = read_nifti(path)
     hu, spacing, _ = to_canonical(nii.data_ijk, nii.affine, nii.spacing_ijk)
     d, h, w = hu.shape
-    vol = resize_volume(np.clip(hu, HU_MIN, HU_MAX), (d, image_size, image_size))
-    spacing = np.asarray([spacing[0], spacing[1] * h / image_size, spacing[2] * w / image_size], np.float32)
+    s = cfg.image_size
+    vol = resize_volume(clip_hu(hu), (d, s, s))
+    spacing = np.asarray([spacing[0], spacing[1] * h / s, spacing[2] * w / s], np.float32)
     if num_slices is None:
-        num_slices = min(d if (d - 1) % pt == 0 else d - (d - 1) % pt, max_slices)
-    if num_slices < 1 or (num_slices - 1) % pt:
-        raise UserError(f"--slices must be 1 + a multiple of {pt}, got {num_slices}")
-    if num_slices > max_slices:
-        raise UserError(f"--slices {num_slices} exceeds the model's max_slices={max_slices}")
+        num_slices = min(cfg.num_slices(cfg.num_groups(d)), cfg.max_slices)
+    try:
+        cfg.check_volume_shape((1, num_slices, s, s))
+    except ValueError as err:
+        raise UserError(f"cannot use {num_slices} slices of {path}: {err}") from None
     vol = select_slices(vol, num_slices, "center", None, fill=HU_MIN)
     return hu_to_model(vol).astype(np.float32), spacing
 
@@ -53,23 +54,20 @@ class NiftiEvalData:
     padded to `num_slices`; batches of `global_batch` volumes (the last padded with repeats marked
     invalid), this host's rows only."""
 
-    def __init__(self, paths: list[str], cfg, num_slices: int, global_batch: int, process_index: int = 0,
-                 process_count: int = 1):
-        if global_batch % process_count:
-            raise UserError(f"eval batch size {global_batch} is not divisible by {process_count} processes")
+    def __init__(self, paths: list[str], cfg: CTViTConfig, num_slices: int, global_batch: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.local = host_batch_size(global_batch, process_count)
         self.paths, self.cfg, self.num_slices = list(paths), cfg, num_slices
         self.batch, self.pi, self.pc = global_batch, process_index, process_count
 
     def __iter__(self):
-        cfg = self.cfg
-        local = self.batch // self.pc
+        local = self.local
         for start in range(0, len(self.paths), self.batch):
             chunk = self.paths[start:start + self.batch]
             valid = [True] * len(chunk) + [False] * (self.batch - len(chunk))
             chunk = chunk + [chunk[-1]] * (self.batch - len(chunk))
             rows = slice(self.pi * local, (self.pi + 1) * local)
-            loaded = {p: load_for_ctvit(p, cfg.image_size, self.num_slices, cfg.max_slices,
-                                        cfg.temporal_patch_size)[0] for p in dict.fromkeys(chunk[rows])}
+            loaded = {p: load_for_ctvit(p, self.cfg, self.num_slices)[0] for p in dict.fromkeys(chunk[rows])}
             vols = [loaded[p] for p in chunk[rows]]
             names = [os.path.basename(p) for p in chunk[rows]]
             yield {"volume": np.stack(vols), "valid": np.asarray(valid[rows]), "source_id": np.asarray(names)}
@@ -81,7 +79,7 @@ def evaluate_files(model, paths: list[str], num_slices: int | None = None, out_d
     reconstruct = nnx.jit(lambda m, v: m.reconstruct(v))
     rows = []
     for path in paths:
-        vol, spacing = load_for_ctvit(path, cfg.image_size, num_slices, cfg.max_slices, cfg.temporal_patch_size)
+        vol, spacing = load_for_ctvit(path, cfg, num_slices)
         rec = np.asarray(jax.device_get(reconstruct(model, vol[None])))[0]
         rec_c = np.clip(rec, -1.0, 1.0)
         row = {"file": path, "slices": vol.shape[0], "psnr": float(psnr(rec_c[None], vol[None])[0]),
@@ -97,7 +95,15 @@ def evaluate_files(model, paths: list[str], num_slices: int | None = None, out_d
     return rows
 
 
-def _run(args, overrides=None) -> int:
+def main(argv=None) -> int:
+    """`python -m ctgen.eval.ctvit_eval --model M --input a.nii.gz ...`"""
+    p = argparse.ArgumentParser(prog="python -m ctgen.eval.ctvit_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="workdir, CT-ViT weights directory or weights file")
+    p.add_argument("--input", required=True, nargs="+", help="NIfTI volumes (.nii / .nii.gz)")
+    p.add_argument("--slices", type=int, default=None, help="centred window of 1+2k slices")
+    p.add_argument("--out", default=None, help="directory for preview PNGs and reconstructed NIfTIs")
+    args = p.parse_args(argv)
     from ctgen.convert.ctvit_store import load_ctvit
 
     model = load_ctvit(args.model)
@@ -107,29 +113,6 @@ def _run(args, overrides=None) -> int:
     if len(rows) > 1:
         print(f"mean: PSNR {np.mean([r['psnr'] for r in rows]):.2f} dB  SSIM {np.mean([r['ssim'] for r in rows]):.4f}")
     return 0
-
-
-def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", required=True, help="workdir, CT-ViT weights directory or weights file")
-    p.add_argument("--input", required=True, nargs="+", help="NIfTI volumes (.nii / .nii.gz)")
-    p.add_argument("--slices", type=int, default=None, help="centred window of 1+2k slices")
-    p.add_argument("--out", default=None, help="directory for preview PNGs and reconstructed NIfTIs")
-    p.set_defaults(func=_run)
-    return p
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `ctvit-nifti` to a subparsers object (e.g. of `ctgen eval`)."""
-    return configure(subparsers.add_parser("ctvit-nifti", help="CT-ViT reconstruction PSNR/SSIM of NIfTI volumes",
-                                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-
-
-def main(argv=None) -> int:
-    """`python -m ctgen.eval.ctvit_eval --model M --input a.nii.gz ...`"""
-    parser = configure(argparse.ArgumentParser(prog="python -m ctgen.eval.ctvit_eval", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 if __name__ == "__main__":

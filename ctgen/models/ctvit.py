@@ -103,6 +103,7 @@ class CTViTConfig:
         return 1 + (num_slices - 1) // self.temporal_patch_size
 
     def num_slices(self, num_groups: int) -> int:
+        """Slices of a volume whose token grid has length `num_groups` (1 + (T-1)*pt)."""
         return 1 + (num_groups - 1) * self.temporal_patch_size
 
     def check_volume_shape(self, shape: tuple[int, ...]) -> None:
@@ -180,7 +181,7 @@ class CTViT(nnx.Module):
         first = v[:, 0].reshape(b, h, p, w, p).transpose(0, 1, 3, 2, 4).reshape(b, 1, h, w, p * p)
         tokens = [self.first_embed(first)]
         if f > 1:
-            t = (f - 1) // pt
+            t = cfg.num_groups(f) - 1
             rest = v[:, 1:].reshape(b, t, pt, h, p, w, p).transpose(0, 1, 3, 5, 2, 4, 6).reshape(b, t, h, w, pt * p * p)
             tokens.append(self.rest_embed(rest))
         return jnp.concatenate(tokens, axis=1) if len(tokens) > 1 else tokens[0]
