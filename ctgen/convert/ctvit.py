@@ -386,17 +386,21 @@ def _check_constants(sd: Mapping[str, np.ndarray], manifest: list[Entry], source
     return notes
 
 
+def abstract_ctvit(cfg: CTViTConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of shape/dtype structs) of a CT-ViT, without computing any weights."""
+    return nnx.split(nnx.eval_shape(lambda: CTViT(cfg, rngs=nnx.Rngs(0))))
+
+
 @dataclasses.dataclass
 class ImportResult:
     config: CTViTConfig
     state: nnx.State  # full model state (params and VQ buffers)
     report: Report
     notes: list[str]
+    graphdef: nnx.GraphDef = dataclasses.field(repr=False, compare=False)
 
     def model(self) -> CTViT:
-        abstract = nnx.eval_shape(lambda: CTViT(self.config, rngs=nnx.Rngs(0)))
-        graphdef, _ = nnx.split(abstract)
-        return nnx.merge(graphdef, self.state)
+        return nnx.merge(self.graphdef, self.state)
 
 
 def from_generatect(sd: Mapping[str, np.ndarray], cfg: CTViTConfig | None = None, *,
@@ -407,8 +411,7 @@ def from_generatect(sd: Mapping[str, np.ndarray], cfg: CTViTConfig | None = None
     manifest = generatect_manifest(cfg)
     notes = _check_constants(sd, manifest, source)
     constants = {e.key for e in manifest if e.constant is not None}
-    abstract = nnx.eval_shape(lambda: CTViT(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = abstract_ctvit(cfg)
     expected = {k: tuple(v.shape) for k, v in flatten_state(abstract_state.to_pure_dict()).items()}
     try:
         flat, report = convert(sd, ctvit_rules(cfg), direction="to_ours", expected_shapes=expected,
@@ -421,7 +424,7 @@ def from_generatect(sd: Mapping[str, np.ndarray], cfg: CTViTConfig | None = None
         raise UserError(f"{source}: GenerateCT's strict loading needs these keys too:\n" + "\n".join(missing_constants))
     state = abstract_state
     nnx.replace_by_pure_dict(state, unflatten_state({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}))
-    return ImportResult(cfg, state, report, notes)
+    return ImportResult(cfg, state, report, notes, graphdef)
 
 
 def import_generatect_ctvit(path: str, cfg: CTViTConfig | None = None, **config_overrides: Any) -> ImportResult:

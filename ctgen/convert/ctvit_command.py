@@ -79,18 +79,3 @@ def add_import_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-slices", type=int, default=201, help="longest volume the model will accept")
     p.set_defaults(func=_run_import)
     return p
-
-
-def main(argv=None) -> int:
-    """`python -m ctgen.convert.ctvit_command export|import ...` (before the CLI wiring)."""
-    parser = argparse.ArgumentParser(prog="python -m ctgen.convert.ctvit_command")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_parser(sub.add_parser("export").add_subparsers(dest="what", required=True))
-    add_import_parser(sub.add_parser("import").add_subparsers(dest="what", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,7 @@ import os
 
 from flax import nnx
 
-from ctgen.convert.ctvit import import_generatect_ctvit
+from ctgen.convert.ctvit import abstract_ctvit, import_generatect_ctvit
 from ctgen.errors import UserError
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.train import checkpoint as ckpt_lib
@@ -39,11 +39,10 @@ def workdir_config(workdir: str) -> CTViTConfig:
     return CTViTConfig.from_dict(config["model"])
 
 
-def load_ctvit_state(path: str, cfg: CTViTConfig | None = None) -> tuple[CTViTConfig, nnx.State]:
-    """(architecture, full state) from a GenerateCT/ctgen file, a weights directory or a workdir."""
+def _load(path: str, cfg: CTViTConfig | None) -> tuple[CTViTConfig, nnx.GraphDef, nnx.State]:
     if os.path.isfile(path):
         result = import_generatect_ctvit(path, cfg)
-        return result.config, result.state
+        return result.config, result.graphdef, result.state
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such file or directory")
     info = ckpt_lib.weights_info(path)
@@ -54,17 +53,22 @@ def load_ctvit_state(path: str, cfg: CTViTConfig | None = None) -> tuple[CTViTCo
             cfg = CTViTConfig.from_dict(info["ctvit_config"])
         else:
             cfg = workdir_config(path)
-    abstract = nnx.eval_shape(lambda: CTViT(cfg, rngs=nnx.Rngs(0)))
-    _, params, model_state = nnx.split(abstract, nnx.Param, ...)
+    graphdef, abstract_state = abstract_ctvit(cfg)
+    params, model_state = nnx.split_state(abstract_state, nnx.Param, ...)
     try:
         params, model_state = ckpt_lib.load_weights(path, params, model_state)
     except FileNotFoundError as err:
         raise UserError(str(err)) from None
-    return cfg, nnx.merge_state(params, model_state)
+    return cfg, graphdef, nnx.merge_state(params, model_state)
+
+
+def load_ctvit_state(path: str, cfg: CTViTConfig | None = None) -> tuple[CTViTConfig, nnx.State]:
+    """(architecture, full state) from a GenerateCT/ctgen file, a weights directory or a workdir."""
+    cfg, _, state = _load(path, cfg)
+    return cfg, state
 
 
 def load_ctvit(path: str, cfg: CTViTConfig | None = None) -> CTViT:
     """A ready `CTViT` module from any of the locations in this module's docstring."""
-    cfg, state = load_ctvit_state(path, cfg)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CTViT(cfg, rngs=nnx.Rngs(0))))
+    _, graphdef, state = _load(path, cfg)
     return nnx.merge(graphdef, state)
