@@ -84,12 +84,16 @@ def _add_eval(sub) -> None:
 def _run_eval(args, overrides) -> int:
     import json
 
+    import jax
+
     from ctgen.parallel.distributed import maybe_initialize
     from ctgen.train.evaluate import evaluate
 
     config = load(args.config, overrides)
     maybe_initialize(config.distributed)
     metrics = evaluate(config, args.weights, previews=args.previews)
+    if jax.process_index() != 0:  # every process holds the same global metrics; one reports them
+        return 0
     for k, v in metrics.items():
         print(f"{k}: {v:.6g}")
     if args.json:
