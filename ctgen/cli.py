@@ -1,4 +1,9 @@
-"""The `ctgen` command. Subcommands are listed explicitly in `_SUBCOMMANDS`."""
+"""The `ctgen` command. Subcommands are listed explicitly in `_SUBCOMMANDS`.
+
+Building the parser imports nothing heavy (no JAX, Flax, Orbax, TFDS, grain or torch): each
+subcommand imports what it needs inside its run function, so `ctgen <command> --help` is instant.
+The CLI resolves the stage (`ctgen.stages.get_stage`) and hands it to the training library.
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +23,8 @@ Train one stage with the shared loop.
 Every config field can be overridden as --config.<path>=<value> (a mistyped key fails and
 suggests the closest keys; use --print-config to see them all). A WORKDIR that already has
 checkpoints is resumed from its latest complete checkpoint (parameters, optimizer, RNG and data
-position); --config.init_from=DIR warm-starts parameters only. SIGTERM/Ctrl-C saves a checkpoint
+position); --config.init_from=DIR warm-starts a new run from DIR's weights: parameters and
+non-trainable state such as the VQ codebook, not the optimizer. SIGTERM/Ctrl-C saves a checkpoint
 and exits with code 75: run the same command again to resume.
 
 Multi-host: pass --distributed (or set CTGEN_DISTRIBUTED=1) on every host; the coordinator,
@@ -48,11 +54,13 @@ def _run_train(args, overrides) -> int:
     if not args.workdir:
         raise ConfigError("--workdir is required (where checkpoints, metrics and previews go)")
     from ctgen.parallel.distributed import maybe_initialize
+    from ctgen.stages import get_stage
     from ctgen.train.loop import EXIT_PREEMPTED, Preempted, train
 
-    maybe_initialize(config.distributed)
+    maybe_initialize(config.distributed)  # before the stage touches any device
+    stage = get_stage(config)
     try:
-        summary = train(config, args.workdir)
+        summary = train(config, args.workdir, stage=stage)
     except Preempted as e:
         logging.getLogger("ctgen").warning("%s", e)
         return EXIT_PREEMPTED
@@ -87,11 +95,12 @@ def _run_eval(args, overrides) -> int:
     import jax
 
     from ctgen.parallel.distributed import maybe_initialize
+    from ctgen.stages import get_stage
     from ctgen.train.evaluate import evaluate
 
     config = load(args.config, overrides)
     maybe_initialize(config.distributed)
-    metrics = evaluate(config, args.weights, previews=args.previews)
+    metrics = evaluate(config, args.weights, stage=get_stage(config), previews=args.previews)
     if jax.process_index() != 0:  # every process holds the same global metrics; one reports them
         return 0
     for k, v in metrics.items():

@@ -3,6 +3,8 @@
 A config file defines `get_config(arg)` returning an `ml_collections.ConfigDict`. The loaded
 config is locked: an override of a key that does not exist fails with the closest existing
 keys suggested, and a value that does not parse as the field's type fails naming the field.
+`ml_collections` is imported when a config is loaded, not with this module, so building the
+command line (`ctgen --help`) stays fast.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import difflib
 import importlib.util
 import os
 import sys
-from typing import Any, Sequence
-
-import ml_collections
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ctgen.errors import UserError
+
+if TYPE_CHECKING:
+    import ml_collections
 
 
 class ConfigError(UserError):
@@ -24,6 +27,8 @@ class ConfigError(UserError):
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`path/to/file.py[:arg]` -> the ConfigDict returned by its `get_config(arg)`."""
+    import ml_collections
+
     path, _, arg = spec.partition(":")
     if not path.endswith(".py"):
         raise ConfigError(f"--config {spec!r}: expected a Python file such as configs/ctvit.py:tiny")
@@ -48,6 +53,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    import ml_collections
+
     keys = []
     for k, v in config.items():
         full = f"{prefix}{k}"
@@ -93,6 +100,8 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
 
 
 def apply_override(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+    import ml_collections
+
     parts = key.split(".")
     node = config
     for i, part in enumerate(parts):

@@ -62,6 +62,7 @@ def run(args) -> int:
     from ctgen.data.preprocess import GridConfig
     from ctgen.data.sources import PhantomSource
     from ctgen.data.writer import build
+    from ctgen.stages import get_stage
     from ctgen.train.evaluate import evaluate
     from ctgen.train.loop import train
 
@@ -84,11 +85,13 @@ def run(args) -> int:
     cmd = "ctgen train --config configs/ctvit.py:tiny --workdir " + run_dir + " " + " ".join(
         f"--config.{k}={v}" for k, v in overrides)
     print(f"[2/4] training a CT-ViT for {args.steps} steps (equivalent: {cmd})")
-    result = train(config, run_dir)
+    stage = get_stage(config)
+    result = train(config, run_dir, stage=stage)
     steps = result["final_step"]
 
     print("[3/4] evaluating reconstructions")
-    metrics = {"validation_phantoms": evaluate(config, run_dir, previews=os.path.join(work, "previews", "validation"))}
+    metrics = {"validation_phantoms": evaluate(config, run_dir, stage=stage,
+                                                   previews=os.path.join(work, "previews", "validation"))}
     real = sorted(glob.glob(os.path.join(REAL_CT, "*.nii.gz")))
     if real:
         from ctgen.convert.ctvit_store import load_ctvit

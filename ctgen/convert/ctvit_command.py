@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ctgen.convert.ctvit import export_ctvit, import_generatect_ctvit
-from ctgen.convert.ctvit_store import load_ctvit_state, save_ctvit_dir
-
 log = logging.getLogger(__name__)
 
 
 def export_workdir(workdir: str, out: str) -> int:
     """Export the CT-ViT at `workdir` (see module docstring) to `out` (.pt or .safetensors)."""
+    # Imported here, not at the top: `ctgen export --help` must not import JAX.
+    from ctgen.convert.ctvit import export_ctvit
+    from ctgen.convert.ctvit_store import load_ctvit_state
+
     cfg, state = load_ctvit_state(workdir)
     n = export_ctvit(state, out, cfg)
     log.info("wrote %s: %d GenerateCT CTViT keys (%s)", out, n,
@@ -33,6 +34,9 @@ def export_workdir(workdir: str, out: str) -> int:
 
 def import_to_dir(path: str, out: str, *, image_size: int | None = None, max_slices: int = 201) -> str:
     """Import a GenerateCT CT-ViT file into a ctgen CT-ViT directory; returns a summary line."""
+    from ctgen.convert.ctvit import import_generatect_ctvit
+    from ctgen.convert.ctvit_store import save_ctvit_dir
+
     overrides = {"max_slices": max_slices}
     if image_size:
         overrides["image_size"] = image_size

@@ -30,11 +30,11 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `ctgen.text.cache` for `--source embeddings` (shared --out / --overwrite are ours)."""
-    from ctgen.text import cache
+    """Options of `ctgen.data.embeddings` for `--source embeddings` (shared --out / --overwrite are ours)."""
+    from ctgen.data import embeddings
 
     group = parser.add_argument_group("--source embeddings (T5 embedding cache of a prepared dataset)")
-    theirs = cache.add_prepare_arguments(argparse.ArgumentParser(add_help=False))
+    theirs = embeddings.add_prepare_arguments(argparse.ArgumentParser(add_help=False))
     for action in theirs._actions:  # reuse their definitions so defaults never drift
         if action.dest in ("out", "overwrite", "help"):
             continue
@@ -146,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
     from ctgen.errors import UserError
 
     if args.source == "embeddings":
-        from ctgen.text import cache
+        from ctgen.data import embeddings
 
         if not getattr(args, "dataset", None):
             raise UserError("--source embeddings needs --dataset DIR (a prepared dataset's version directory)")
-        return cache.run_prepare(args)
+        return embeddings.run_prepare(args)
     slices = args.slices if args.slices > 0 else None
     try:
         grid = GridConfig(shape=(slices, args.resolution, args.resolution),

@@ -18,11 +18,11 @@ import re
 
 import numpy as np
 
-from ctgen.data.preprocess import VolumeError, apply_rescale
 from ctgen.data.sources import (find_niftis, nifti_stem, orientation_warnings, parse_floats, read_csv, require_columns,
                                 resolve_spacing)
 from ctgen.data.writer import Issue, Record
 from ctgen.io.nifti import read_nifti
+from ctgen.volume import VolumeError, apply_rescale
 
 NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
 REPORT_COLUMNS = {"clinical": "ClinicalInformation_EN", "technique": "Technique_EN",

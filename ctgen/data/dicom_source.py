@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-from ctgen.data.preprocess import VolumeError
 from ctgen.data.sources import read_csv, require_columns
 from ctgen.data.writer import Issue, Record
 from ctgen.io.dicom import load_series, scan_series
+from ctgen.volume import VolumeError
 
 
 class DicomSource:

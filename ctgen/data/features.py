@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ctgen.data.preprocess import GridConfig, VolumeError, preprocess, to_int16_hu
+from ctgen.data.preprocess import GridConfig, preprocess
 from ctgen.text.prompt import PAPER_TEMPLATE, build_prompt, parse_age
+from ctgen.volume import VolumeError, to_int16_hu
 
 DATASET_NAME = "ctgen_ct"
 VERSION = "1.0.0"

@@ -23,9 +23,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ctgen.data.preprocess import hu_to_model, hu_to_sr, model_to_sr, resize_volume
+from ctgen.data.preprocess import resize_volume
 from ctgen.data.side import KeyedSource, as_text, open_split
 from ctgen.errors import UserError
+from ctgen.volume import clip_hu, hu_to_model, hu_to_sr, model_to_sr
 
 LowResFn = Callable[[Mapping[str, Any], np.ndarray], np.ndarray]
 """(decoded example with `volume` int16 HU (D,H,W) and `source_id`, slice indices (k,)) -> float32 (k, h, w) in [0, 1]."""
@@ -166,7 +167,7 @@ class _Downsample:
         self.size_hw = size_hw
 
     def __call__(self, ex, idx):
-        hu = np.clip(ex["volume"][idx].astype(np.float32), -1000, 1000)
+        hu = clip_hu(ex["volume"][idx].astype(np.float32))
         return hu_to_sr(resize_volume(hu, (len(idx),) + self.size_hw))
 
 
@@ -259,7 +260,7 @@ def token_pipeline(tokens_dir: str, split: str, *, global_batch_size: int, proce
 
     tokens_dir: side dataset with `source_id` and `tokens` (int16/int32 (T, h, w)), e.g. written
       by `side.write_side_dataset`; it may carry `embedding` (+ `length`) itself.
-    embeddings_dir: T5 embedding cache (`ctgen.text.cache`: `source_id`, `embedding` (length, E),
+    embeddings_dir: T5 embedding cache (`ctgen.data.embeddings`: `source_id`, `embedding` (length, E),
       `length`), looked up by source_id.
     """
     b = host_batch_size(global_batch_size, process_count)

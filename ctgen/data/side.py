@@ -3,7 +3,7 @@
 A side dataset is a TFDS array_record dataset with a `source_id` text feature that names the
 prepared example it belongs to. `write_side_dataset` writes one (plus a `source_ids.<split>.txt`
 sidecar so readers can index it without reading every record); `KeyedSource` looks examples up
-by source id in any such dataset, including ones written elsewhere (e.g. `ctgen.text.cache`).
+by source id in any such dataset, including ones written elsewhere (e.g. `ctgen.data.embeddings`).
 """
 from __future__ import annotations
 

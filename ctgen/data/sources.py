@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from ctgen.data.phantom import make_phantom
-from ctgen.data.preprocess import GridConfig, VolumeError
+from ctgen.data.preprocess import GridConfig
 from ctgen.data.writer import Issue, Record
 from ctgen.io.nifti import read_nifti
 

@@ -25,8 +25,8 @@ import sys
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from ctgen.data.features import DATASET_NAME, VERSION, DatasetConfig, assemble, features
-from ctgen.data.preprocess import VolumeError
 from ctgen.errors import UserError
+from ctgen.volume import VolumeError
 
 SPLITS = ("train", "validation")
 

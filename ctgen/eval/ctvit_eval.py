@@ -22,11 +22,12 @@ import numpy as np
 from flax import nnx
 
 from ctgen.data.pipelines import host_batch_size, select_slices
-from ctgen.data.preprocess import HU_MIN, clip_hu, hu_to_model, model_to_hu, resize_volume, to_canonical
+from ctgen.data.preprocess import resize_volume
 from ctgen.errors import UserError
 from ctgen.eval.image_metrics import psnr, ssim
 from ctgen.io.nifti import read_nifti, write_nifti
 from ctgen.models.ctvit import CTViTConfig
+from ctgen.volume import HU_MIN, clip_hu, hu_to_model, model_to_hu, to_canonical
 
 
 def load_for_ctvit(path: str, cfg: CTViTConfig, num_slices: int | None = None):
@@ -86,7 +87,7 @@ def evaluate_files(model, paths: list[str], num_slices: int | None = None, out_d
                "ssim": float(ssim(rec_c[None], vol[None])[0])}
         rows.append(row)
         if out_dir:
-            from ctgen.stages.ctvit_preview import write_three_planes
+            from ctgen.io.preview import write_three_planes
 
             stem = os.path.basename(path).replace(".nii.gz", "").replace(".nii", "")
             os.makedirs(out_dir, exist_ok=True)

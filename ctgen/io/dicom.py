@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ctgen.data.preprocess import VolumeError, apply_rescale
+from ctgen.volume import VolumeError, apply_rescale
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 
-from ctgen.data.preprocess import VolumeError, canonical_affine, voxel_sizes
+from ctgen.volume import VolumeError, canonical_affine, voxel_sizes
 
 
 @dataclasses.dataclass

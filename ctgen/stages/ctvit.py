@@ -151,7 +151,7 @@ class CTViTStage:
         return {"input": vol, "recon": model.reconstruct(vol)}
 
     def write_preview(self, outputs, batch, out_dir: str, step: int) -> None:
-        from ctgen.stages.ctvit_preview import write_three_planes
+        from ctgen.io.preview import write_three_planes
 
         name = batch["source_id"][0] if "source_id" in batch else "volume"
         write_three_planes(os.path.join(out_dir, "ctvit_recon.png"), outputs["input"][0], outputs["recon"][0],

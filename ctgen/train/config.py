@@ -8,7 +8,8 @@ Field reference (all overridable as `--config.<path>=value`):
   distributed.*    multi-host initialisation (see ctgen.parallel.distributed)
   optim.<phase>.*  optimizer, schedule, clipping and EMA per training phase
   train.*          steps, global batch size, accumulation, phase order, logging/eval/checkpoint
-  init_from        warm-start parameters (only) from a workdir or params directory
+  init_from        warm-start a new run from a workdir or weights directory: parameters and
+                   non-trainable state (e.g. the VQ codebook), not the optimizer
   model.*, data.*  stage specific
 """
 from __future__ import annotations

@@ -69,6 +69,43 @@ def test_help_explains_subcommands():
     assert out.returncode == 0
     for phrase in ("--config.<path>=<value>", "resumed", "init_from", "75", "--distributed"):
         assert phrase in out.stdout, phrase
+    # init_from also loads non-trainable state (e.g. the VQ codebook), not parameters only.
+    from ctgen.train import config as train_config
+
+    for text in (" ".join(out.stdout.split()), " ".join(train_config.__doc__.split())):
+        assert "non-trainable state" in text and "parameters only" not in text and "(only)" not in text
+
+
+HEAVY = ("jax", "flax", "orbax", "tensorflow", "tensorflow_datasets", "grain", "torch")
+HELP_PROBE = """
+import json, sys
+from ctgen.cli import main
+loaded = {}
+for cmd in json.loads(sys.argv[1]):
+    try:
+        main(cmd + ["--help"])
+    except SystemExit:
+        pass
+    loaded[" ".join(cmd)] = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[2])))
+print(json.dumps(loaded))
+"""
+
+
+def test_help_imports_no_heavy_library():
+    """`ctgen --help` and every `ctgen <command> --help` build their parsers without JAX & co."""
+    import json
+
+    commands = [[], ["prepare"], ["train"], ["eval"], ["export"], ["export", "ctvit"], ["import"],
+                ["import", "generatect-ctvit"], ["bench"], ["demo"]]
+    from ctgen.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {c[0] for c in commands if c} == set(sub.choices)  # a new command joins this test
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, json.dumps(commands), json.dumps(HEAVY)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = json.loads(out.stdout.splitlines()[-1])
+    assert loaded == {" ".join(c): [] for c in commands}
 
 
 def test_eval_command_on_workdir_and_weights(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 
 from ctgen.errors import UserError
 from ctgen.text import encode_text, load_text_encoder
-from ctgen.text.cache import build_embedding_cache, main, read_embeddings
+from ctgen.data.embeddings import build_embedding_cache, main, read_embeddings
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

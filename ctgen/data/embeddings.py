@@ -1,11 +1,11 @@
-"""T5 embedding cache: precompute prompt embeddings of a prepared dataset into a side TFDS dataset.
+"""T5 embedding cache: prompt embeddings of a prepared dataset as a side dataset (`ctgen prepare --source embeddings`).
 
 Training stages read `(source_id, embedding [length, d_model], length)` instead of running T5
 every step. The side dataset has the same splits and the same example order as the source (written
 in order by `ctgen.data.side.write_side_dataset`), and repeats `source_id` so a reader can check
 the pairing.
 
-    python -m ctgen.text.cache --dataset DIR --out DIR [--encoder builtin|PATH] [--batch-size 64]
+    python -m ctgen.data.embeddings --dataset DIR --out DIR [--encoder builtin|PATH] [--batch-size 64]
         [--dtype bfloat16|float16] [--split train]
 
 Reads the source with `tfds.builder_from_directory(DIR).as_data_source(split)` (no TensorFlow),
@@ -25,16 +25,21 @@ import shutil
 import sys
 from typing import Sequence
 
-import ml_dtypes
-import numpy as np
-
 from ctgen.data.side import as_text, open_split, write_side_dataset
 from ctgen.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STORAGE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+STORAGE_DTYPES = ("bfloat16", "float16")
 _NEEDED = ("prompt", "source_id")
+
+
+def storage_dtype(name: str):
+    """The numpy dtype of a `STORAGE_DTYPES` name (imported here so that `ctgen prepare --help` stays light)."""
+    import ml_dtypes
+    import numpy as np
+
+    return {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
 
 
 def _tfds():
@@ -75,6 +80,7 @@ def build_embedding_cache(
     Returns `out_dir`.
     """
     import jax
+    import numpy as np
     from tqdm import tqdm
 
     from ctgen.text.encode import encode_ids
@@ -101,7 +107,7 @@ def build_embedding_cache(
 
         mesh = make_mesh({"data": -1})
     model, tokenizer, cfg = load_text_encoder(encoder_path, mesh=mesh)
-    storage = STORAGE_DTYPES[dtype]
+    storage = storage_dtype(dtype)
 
     def encode_split(name):
         src = source.as_data_source(name, decoders=skip)
@@ -135,7 +141,7 @@ def build_embedding_cache(
         "length": tfds.features.Scalar(dtype=np.int32),
     }
     description = (f"T5 prompt embeddings of {dataset_dir} by encoder {encoder_path!r} (d_model {cfg.d_model}, "
-                   f"max_length {max_length}, {dtype}); built by ctgen.text.cache")
+                   f"max_length {max_length}, {dtype}); built by ctgen.data.embeddings")
     # Written next to out_dir and moved into place when complete: with --overwrite the old output
     # is only removed once the new one exists.
     staging = out_dir + ".staging"
@@ -155,14 +161,14 @@ def read_embeddings(cache_dir: str, split: str):
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `ctgen prepare --source embeddings` (also the standalone `python -m ctgen.text.cache`)."""
+    """Arguments of `ctgen prepare --source embeddings` (also the standalone `python -m ctgen.data.embeddings`)."""
     parser.add_argument("--dataset", required=True,
                         help="prepared TFDS dataset: its version directory, or a prepare --out holding one dataset")
     parser.add_argument("--out", required=True, help="output directory of the embedding side dataset")
     parser.add_argument("--encoder", default="builtin",
                         help="text encoder: 'builtin' or a Hugging Face / T5X / ctgen directory (default: builtin)")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (default: 64)")
-    parser.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="bfloat16",
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default="bfloat16",
                         help="storage dtype of the embeddings (default: bfloat16)")
     parser.add_argument("--split", action="append", default=None,
                         help="split to encode (repeatable; default: all splits)")
@@ -180,7 +186,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_prepare_arguments(argparse.ArgumentParser(
-        prog="python -m ctgen.text.cache", description="Precompute T5 prompt embeddings of a TFDS dataset."))
+        prog="python -m ctgen.data.embeddings", description="Precompute T5 prompt embeddings of a TFDS dataset."))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
