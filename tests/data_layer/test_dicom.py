@@ -12,10 +12,11 @@ from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossles
 
 from ctgen.data.dicom_source import DicomSource
 from ctgen.data.features import DatasetConfig
-from ctgen.data.preprocess import GridConfig, VolumeError, to_canonical
+from ctgen.data.preprocess import GridConfig
 from ctgen.data.side import open_split
 from ctgen.data.writer import build
 from ctgen.io.dicom import load_series
+from ctgen.volume import VolumeError, to_canonical
 
 SPACING_RC = (0.7, 0.8)  # PixelSpacing: between rows, between columns
 STEP = 1.25

@@ -7,9 +7,10 @@ import tensorflow_datasets as tfds
 
 from ctgen.data.pipelines import (LoaderOptions, ReconstructionLowRes, select_slices, sr_pipeline, token_pipeline,
                                   volume_pipeline)
-from ctgen.data.preprocess import hu_to_sr, resize_volume
+from ctgen.data.preprocess import resize_volume
 from ctgen.data.side import open_split, write_side_dataset
 from ctgen.errors import UserError
+from ctgen.volume import hu_to_sr
 
 
 def _ids(batches):

@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 from ctgen.data.features import DatasetConfig
-from ctgen.data.preprocess import GridConfig, preprocess, to_canonical
+from ctgen.data.preprocess import GridConfig, preprocess
 from ctgen.data.side import open_split
 from ctgen.data.sources import NiftiCsvSource
 from ctgen.data.writer import build
 from ctgen.io.nifti import read_nifti, write_nifti
+from ctgen.volume import to_canonical
 
 
 @pytest.fixture
