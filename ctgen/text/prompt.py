@@ -5,20 +5,29 @@ the text a model was trained on and the text it is sampled with never disagree.
 
 GenerateCT's convention (its `videotextdataset.py`): `"{age} years old {sex}: {impression}"`
 with age from DICOM `PatientAge` ("064Y" -> "64"), sex M/F -> male/female, and the characters
-`" ' ( )` removed from the whole prompt. Missing age or sex become the literal "None", as there.
-Ages are read by `parse_age`, the one age rule (the prepared datasets' `age` feature uses it too):
-ages in months, weeks or days become whole years ("006M" -> "0"; GenerateCT, which only saw
-years, would have printed "06").
+`" ' ( )` removed from the whole prompt. Ages are read by `parse_age`, the one age rule (the
+prepared datasets' `age` feature uses it too): ages in months, weeks or days become whole years
+("006M" -> "0"; GenerateCT, which only saw years, would have printed "06").
+
+Missing demographics are left out (GenerateCT wrote the literal "None"): "64 years old: X"
+without sex, "female: X" without age, just "X" with neither. The rule, for any template: a
+missing age or sex drops out together with the words the template attaches to it (its text up
+to the next punctuation mark or field, e.g. " years old"); the template's own punctuation is
+then tidied (no space before a mark, a run of marks keeps its last, no mark at the start).
+Report text is never changed by this rule.
 """
 from __future__ import annotations
 
 import math
 import re
+import string
 from typing import Any
 
 PAPER_TEMPLATE = "{age} years old {sex}: {impression}"
 FINDINGS_TEMPLATE = "{age} years old {sex}: {findings} {impression}"
+DEMOGRAPHICS = ("age", "sex")  # fields that may be missing and then drop out of the prompt
 _REMOVED = str.maketrans("", "", "\"'()")
+_MARKS = ":,;."
 
 
 def parse_age(age: Any) -> float:
@@ -36,22 +45,22 @@ def parse_age(age: Any) -> float:
 
 def format_age(age: Any) -> str:
     """Whole years of `parse_age`: `"064Y"` / `64` / `64.0` -> `"64"`, `"006M"` -> `"0"`; missing or
-    unparsable -> `"None"` (as GenerateCT)."""
+    unparsable -> `""`."""
     years = parse_age(age)
-    return str(int(years)) if math.isfinite(years) else "None"
+    return str(int(years)) if math.isfinite(years) else ""
 
 
 def format_sex(sex: Any) -> str:
-    """M/F (any case, or male/female) -> male/female; missing -> `"None"`; else unchanged."""
+    """M/F (any case, or male/female) -> male/female; missing -> `""`; else unchanged."""
     if sex is None or (isinstance(sex, float) and math.isnan(sex)):
-        return "None"
+        return ""
     s = str(sex).strip()
     low = s.lower()
     if low in ("m", "male"):
         return "male"
     if low in ("f", "female"):
         return "female"
-    return s or "None"
+    return s
 
 
 def clean_text(text: Any) -> str:
@@ -59,6 +68,40 @@ def clean_text(text: Any) -> str:
     if text is None or (isinstance(text, float) and math.isnan(text)):
         return ""
     return " ".join(str(text).split())
+
+
+def _tidy(text: str) -> str:
+    """The template's punctuation after a field dropped out (see module docstring)."""
+    text = re.sub(r"\s+([:,;.])", r"\1", text)
+    text = re.sub(r"(?:[:,;.]\s*)+([:,;.])", r"\1", text)
+    return re.sub(r"^\s*[:,;.]+", "", text)
+
+
+def _fill(template: str, fields: dict[str, str]) -> str:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"prompt template {template!r}: {e}") from None
+    pieces, values, dropped, after_missing = [], [], False, False
+    for literal, name, spec, conversion in parsed:
+        if after_missing:  # the words attached to the missing field, up to a mark or the next field
+            cut = next((i for i, c in enumerate(literal) if c in _MARKS), len(literal))
+            literal, after_missing = literal[cut:], False
+        pieces.append(literal)
+        if name is None:
+            continue
+        if name not in fields:
+            raise ValueError(f"prompt template {template!r} uses unknown field {{{name}}}; available: {sorted(fields)}")
+        if name in DEMOGRAPHICS and not fields[name]:
+            dropped = after_missing = True
+            continue
+        value = "{0" + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        values.append(value.format(fields[name]))
+        pieces.append(f"\0{len(values) - 1}\0")  # keeps report text out of `_tidy`
+    text = "".join(pieces)
+    if dropped:
+        text = _tidy(text)
+    return re.sub("\0(\\d+)\0", lambda m: values[int(m.group(1))], text)
 
 
 def build_prompt(
@@ -73,6 +116,8 @@ def build_prompt(
 
     template: a `str.format` template over `age`, `sex`, `impression`, `findings`
       (`PAPER_TEMPLATE` by default; `FINDINGS_TEMPLATE` uses findings and impression together).
+    A missing (None, NaN, empty or unparsable) age or sex is left out with the words the template
+    attaches to it: `"64 years old: X"`, `"female: X"`, `"X"` (rule in the module docstring).
     """
     fields = {
         "age": format_age(age),
@@ -80,10 +125,4 @@ def build_prompt(
         "impression": clean_text(impression),
         "findings": clean_text(findings),
     }
-    try:
-        text = template.format(**fields)
-    except KeyError as e:
-        raise ValueError(
-            f"prompt template {template!r} uses unknown field {e}; available: {sorted(fields)}"
-        ) from None
-    return " ".join(text.translate(_REMOVED).split())
+    return " ".join(_fill(template, fields).translate(_REMOVED).split())
