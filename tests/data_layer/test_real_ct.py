@@ -98,7 +98,7 @@ def test_prepare_paper_grid_matches_documented_resampling(real, tmp_path):
     assert ex["volume"].min() == -1000 and ex["volume"].max() <= 1000
     assert ex["prompt"] == b"64 years old male: No acute abdominal findings."
     assert np.isnan(got["example_ct_sm"]["age"]) and got["example_ct_sm"]["sex"] == b"F"
-    assert got["example_ct_sm"]["prompt"].startswith(b"None years old female: Abdomen without pathology partial")
+    assert got["example_ct_sm"]["prompt"].startswith(b"female: Abdomen without pathology partial")  # age unknown
 
 
 def test_write_nifti_round_trip(tmp_path, real):
