@@ -84,15 +84,21 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="ctrate: how to get HU (auto: header scaling, else CSV slope/intercept for raw values)")
     c.add_argument("--csv", help="nifti: CSV listing the volumes")
     c.add_argument("--path-column", default="path", help="nifti: column with the NIfTI path")
-    c.add_argument("--text-column", default=None, help="nifti: report text column (default 'text'); "
-                                                       "dicom: impression column (default 'impression')")
-    c.add_argument("--findings-column", default=None, help="nifti / dicom: findings column (optional)")
-    c.add_argument("--clinical-column", default=None, help="dicom: clinical information column (optional)")
-    c.add_argument("--technique-column", default=None, help="dicom: technique column (optional)")
+    c.add_argument("--text-column", default=None, help="nifti: report text column (default 'text'); dicom: "
+                                                       "impression column (default 'impression' or 'Impressions_EN')")
+    c.add_argument("--findings-column", default=None, help="nifti: findings column (optional); dicom: default "
+                                                           "'findings' or 'Findings_EN' if present")
+    c.add_argument("--clinical-column", default=None, help="dicom: clinical information column (default 'clinical' "
+                                                           "or 'ClinicalInformation_EN' if present)")
+    c.add_argument("--technique-column", default=None, help="dicom: technique column (default 'technique' or "
+                                                            "'Technique_EN' if present)")
     c.add_argument("--id-column", default=None, help="nifti: id column (default: file name)")
     c.add_argument("--patient-column", default=None, help="nifti: patient id column (default: the id)")
-    c.add_argument("--age-column", default="age", help="nifti: age column")
-    c.add_argument("--sex-column", default="sex", help="nifti: sex column")
+    c.add_argument("--age-column", default=None, help="nifti: age column (default 'age'); dicom: age column for "
+                                                      "series whose header has no PatientAge (default 'age' or "
+                                                      "'PatientAge' if present)")
+    c.add_argument("--sex-column", default=None, help="nifti: sex column (default 'sex'); dicom: as --age-column "
+                                                      "('sex' or 'PatientSex')")
     c.add_argument("--spacing-column", default="spacing", help="nifti: voxel sizes (i,j,k mm) when headers lack them")
     c.add_argument("--key", default="study", choices=("study", "folder"),
                    help="dicom: match reports by StudyInstanceUID or by top-level folder name")
@@ -108,6 +114,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     configure(parser)
     parser.set_defaults(func=run)
     return parser
+
+
+def _column(name: str | None, default: str) -> str | None:
+    """A column option: None (not given) -> `default`; "" -> no column."""
+    return default if name is None else (name or None)
 
 
 def make_source(args: argparse.Namespace, grid):
@@ -127,14 +138,15 @@ def make_source(args: argparse.Namespace, grid):
             raise UserError("--source nifti needs --csv FILE")
         return NiftiCsvSource(args.csv, args.root, path_column=args.path_column, text_column=args.text_column or "text",
                               findings_column=args.findings_column, id_column=args.id_column,
-                              patient_column=args.patient_column, age_column=args.age_column or None,
-                              sex_column=args.sex_column or None, spacing_column=args.spacing_column or None)
+                              patient_column=args.patient_column, age_column=_column(args.age_column, "age"),
+                              sex_column=_column(args.sex_column, "sex"), spacing_column=args.spacing_column or None)
     if args.source == "dicom":
         if not args.root or len(args.reports) != 1:
             raise UserError("--source dicom needs --root DIR and one --reports CSV")
         return DicomSource(args.root, args.reports[0], key=args.key, key_column=args.key_column,
-                           text_column=args.text_column or "impression", findings_column=args.findings_column,
-                           clinical_column=args.clinical_column, technique_column=args.technique_column)
+                           text_column=args.text_column, findings_column=args.findings_column,
+                           clinical_column=args.clinical_column, technique_column=args.technique_column,
+                           age_column=args.age_column, sex_column=args.sex_column)
     raise UserError(f"unknown source {args.source!r}")
 
 

@@ -18,6 +18,7 @@ from ctgen.data.phantom import make_phantom
 from ctgen.data.preprocess import GridConfig
 from ctgen.data.writer import Issue, Record
 from ctgen.io.nifti import read_nifti
+from ctgen.volume import VolumeError
 
 
 # ----------------------------------------------------------------------------- CSV helpers

@@ -1,7 +1,10 @@
 """DICOM CT series: find series in a folder tree, check them, and load them as HU with real geometry.
 
 Slices are grouped by SeriesInstanceUID and ordered by ImagePositionPatient projected on the slice
-normal (row direction x column direction), never by file name or InstanceNumber. Compressed
+normal (row direction x column direction), never by file name or InstanceNumber. Files whose
+SeriesInstanceUID is blank (anonymised exports) are grouped by folder and geometry instead: files
+in one folder with the same ImageOrientationPatient, PixelSpacing and matrix size form a series
+(so a localizer beside the axial slices becomes a series of its own). Compressed
 transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) decode through pydicom's pixel-data plugins
 (pylibjpeg with its openjpeg and libjpeg back-ends, installed with ctgen).
 """
@@ -18,9 +21,18 @@ from pydicom.errors import InvalidDicomError
 from ctgen.volume import VolumeError, apply_rescale
 
 
+BY_UID = "SeriesInstanceUID"
+BY_GEOMETRY = "folder and geometry (no SeriesInstanceUID)"
+
+
 @dataclasses.dataclass
 class Series:
-    """The files of one series and the header fields that sources need."""
+    """The files of one series and the header fields that sources need.
+
+    uid: the SeriesInstanceUID, or for files without one `folder:<path under root>` (with `#<n>`
+      when one folder holds several geometries); grouped_by says which (BY_UID / BY_GEOMETRY).
+    folder: the top-level folder under the scanned root (the study folder of a PACS export).
+    """
 
     uid: str
     files: list[str]
@@ -29,13 +41,39 @@ class Series:
     age: str = ""
     sex: str = ""
     folder: str = ""
+    grouped_by: str = BY_UID
+
+
+def _text(ds, keyword: str) -> str:
+    """A header string, "" when absent or empty (anonymisers blank or remove tags)."""
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _geometry(ds) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
+    """(ImageOrientationPatient, PixelSpacing, (Rows, Columns)) of a header, None if any is missing."""
+    try:
+        iop = np.asarray([float(x) for x in ds.ImageOrientationPatient], np.float64)
+        spacing = np.asarray([float(x) for x in ds.PixelSpacing], np.float64)
+        shape = (int(ds.Rows), int(ds.Columns))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (iop, spacing, shape) if iop.shape == (6,) and spacing.shape == (2,) else None
+
+
+def _same_geometry(a, b) -> bool:
+    """The tolerances `load_series` accepts within one series."""
+    return a[2] == b[2] and np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], rtol=1e-3)
 
 
 def scan_series(root: str) -> tuple[dict[str, Series], list[tuple[str, str]]]:
     """All series under `root` and (file, problem) pairs for DICOM-looking files that cannot be used."""
     series: dict[str, Series] = {}
+    unnamed: dict[str, list[tuple[tuple, Series]]] = {}  # folder -> (geometry, series) of files without a UID
     problems = []
-    for dirpath, _dirs, names in os.walk(root):
+    for dirpath, dirs, names in os.walk(root):
+        dirs.sort()
+        rel = os.path.relpath(dirpath, root)
         for n in sorted(names):
             path = os.path.join(dirpath, n)
             try:
@@ -47,16 +85,29 @@ def scan_series(root: str) -> tuple[dict[str, Series], list[tuple[str, str]]]:
             except Exception as e:
                 problems.append((path, f"{path}: cannot read DICOM header ({type(e).__name__}: {e})"))
                 continue
-            uid = str(ds.get("SeriesInstanceUID", ""))
-            if not uid:
-                problems.append((path, f"{path}: no SeriesInstanceUID"))
+            uid = _text(ds, "SeriesInstanceUID")
+            fields = dict(study_uid=_text(ds, "StudyInstanceUID"), patient_id=_text(ds, "PatientID"),
+                          age=_text(ds, "PatientAge"), sex=_text(ds, "PatientSex"),
+                          folder=rel.split(os.sep)[0] if rel != "." else os.path.basename(root))
+            if uid:
+                series.setdefault(uid, Series(uid=uid, files=[], **fields)).files.append(path)
                 continue
-            rel = os.path.relpath(dirpath, root)
-            s = series.setdefault(uid, Series(uid=uid, files=[], study_uid=str(ds.get("StudyInstanceUID", "")),
-                                              patient_id=str(ds.get("PatientID", "")), age=str(ds.get("PatientAge", "")),
-                                              sex=str(ds.get("PatientSex", "")),
-                                              folder=rel.split(os.sep)[0] if rel != "." else os.path.basename(root)))
-            s.files.append(path)
+            geometry = _geometry(ds)
+            if geometry is None:
+                problems.append((path, f"{path}: no SeriesInstanceUID, and no ImageOrientationPatient / PixelSpacing / "
+                                       "Rows / Columns to group it by"))
+                continue
+            groups = unnamed.setdefault(rel, [])
+            match = next((s for g, s in groups if _same_geometry(g, geometry)), None)
+            if match is None:
+                match = Series(uid="", files=[], grouped_by=BY_GEOMETRY, **fields)
+                groups.append((geometry, match))
+            match.files.append(path)
+    for rel, groups in unnamed.items():
+        name = "folder:" + (os.path.basename(os.path.abspath(root)) if rel == "." else rel.replace(os.sep, "/"))
+        for k, (_, s) in enumerate(groups, start=1):
+            s.uid = name if len(groups) == 1 else f"{name}#{k}"
+            series[s.uid] = s
     return series, problems
 
 
@@ -140,5 +191,5 @@ def load_series(files: Sequence[str], name: str) -> tuple[np.ndarray, np.ndarray
     lps[:3, 2] = normal * step
     lps[:3, 3] = pos[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    notes = {"series_uid": str(dss[0].SeriesInstanceUID), "slices": len(dss), "transfer_syntax": syntaxes}
+    notes = {"series_uid": _text(dss[0], "SeriesInstanceUID"), "slices": len(dss), "transfer_syntax": syntaxes}
     return np.ascontiguousarray(vol_kji.transpose(2, 1, 0)), affine, notes

@@ -183,3 +183,74 @@ def test_dicom_report_columns_from_the_command_line(tmp_path):
     assert not issues and len(recs) == 1
     assert recs[0].payload["report"] == {"impression": "Cardiomegaly.", "findings": "Heart size is increased.",
                                          "clinical": "Dyspnea.", "technique": "Non-contrast chest CT."}
+
+
+def anonymise(folder, *, keep_demographics=True):
+    """Blank the UIDs (and PatientID; age and sex too unless kept) of every file in `folder`, as
+    anonymising exports do."""
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(str(path))
+        ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ""
+        ds.file_meta.MediaStorageSOPInstanceUID = ""
+        ds.PatientID = ""
+        if not keep_demographics:
+            del ds.PatientAge
+            ds.PatientSex = ""
+        ds.save_as(str(path))
+
+
+def test_anonymised_export_without_uids_is_grouped_by_folder_and_geometry(tmp_path):
+    import argparse
+
+    from ctgen.data import command
+    from ctgen.io.dicom import BY_GEOMETRY, scan_series
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "export"
+    hu = anatomy(9)
+    for name in ("S1", "S2", "S3"):
+        write_series(str(root / name), hu, study=generate_uid(), rng=rng)  # file names unrelated to position
+    localizer = ct_slice(np.zeros((32, 40), np.uint16), 0.0, generate_uid(), generate_uid())
+    localizer.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal scout in the same folder as S1's slices
+    localizer.save_as(str(root / "S1" / "LOC.dcm"), enforce_file_format=True)
+    anonymise(root / "S1")
+    anonymise(root / "S2", keep_demographics=False)
+    anonymise(root / "S3", keep_demographics=False)
+    series, problems = scan_series(str(root))
+    assert not problems
+    assert {uid: len(s.files) for uid, s in series.items()} == {"folder:S1#1": 9, "folder:S1#2": 1,
+                                                                 "folder:S2": 9, "folder:S3": 9}
+    assert {s.grouped_by for s in series.values()} == {BY_GEOMETRY}
+    # CT-RATE's report column names; age and sex in the CSV for series whose header has none.
+    with open(tmp_path / "reports.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["folder", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN", "age", "sex"])
+        w.writerow(["S1", "Cough.", "Non-contrast.", "Heart size is increased.", "Cardiomegaly.", "70", "M"])
+        w.writerow(["S2", "Fever.", "Non-contrast.", "Normal.", "No acute findings.", "064Y", "M"])
+        w.writerow(["S3", "Dyspnea.", "Non-contrast.", "Normal.", "Normal chest CT.", "", ""])
+    parser = command.configure(argparse.ArgumentParser())
+    args = parser.parse_args(["--source", "dicom", "--root", str(root), "--reports", str(tmp_path / "reports.csv"),
+                              "--out", str(tmp_path / "out"), "--key", "folder"])
+    src = command.make_source(args, GridConfig(shape=(9, 64, 48)))
+    summary = build(src, DatasetConfig(name="anon", grid=GridConfig(shape=(9, 64, 48))), str(tmp_path / "out"),
+                    validation_fraction=0.0, progress=False, log=lambda s: None)
+    assert summary["counts"]["train"] == 3 and summary["counts"]["skipped"] == 1
+    lines = {e["source_id"]: e for e in map(json.loads, open(os.path.join(summary["path"], "manifest.jsonl")))}
+    assert "not a 3-D series" in lines["folder:S1#2"]["problem"]  # the scout, kept apart by its orientation
+    for sid in ("folder:S1#1", "folder:S2", "folder:S3"):
+        assert lines[sid]["status"] == "written" and lines[sid]["grouped_by"] == BY_GEOMETRY
+    assert (lines["folder:S1#1"]["age_from"], lines["folder:S2"]["age_from"], lines["folder:S3"]["sex_from"]) == (
+        "DICOM header", "reports CSV", "unknown")
+    train = open_split(summary["path"], "train")
+    got = {train[i]["source_id"].decode(): train[i] for i in range(len(train))}
+    for ex in got.values():  # ordered along the slice normal, not by file name
+        np.testing.assert_array_equal(ex["volume"], np.clip(hu, -1000, 1000).astype(np.int16))
+    assert got["folder:S1#1"]["prompt"] == b"58 years old female: Cardiomegaly."  # the header wins
+    assert got["folder:S1#1"]["findings"] == b"Heart size is increased." and got["folder:S1#1"]["clinical"] == b"Cough."
+    assert got["folder:S2"]["prompt"] == b"64 years old male: No acute findings." and got["folder:S2"]["age"] == 64
+    assert got["folder:S3"]["prompt"] == b"Normal chest CT." and np.isnan(got["folder:S3"]["age"])
+    # Matching by StudyInstanceUID cannot work without UIDs: the problem says what to do.
+    with open(tmp_path / "by_study.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["StudyInstanceUID", "impression"], ["1.2.3", "Cardiomegaly."]])
+    _, issues = DicomSource(str(root), str(tmp_path / "by_study.csv")).scan()
+    assert sum("has no StudyInstanceUID: match reports by folder with --key folder" in i.problem for i in issues) == 4
