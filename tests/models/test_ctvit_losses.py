@@ -48,7 +48,7 @@ def test_generator_gradients_equal_plain_autodiff(vgg_trainable):
     assert float(w) > 0
     naive = nnx.value_and_grad(lambda m, w: _naive_generator_loss(m, batch, idx, w), argnums=nnx.DiffState(0, GEN))
     loss2, g2 = nnx.jit(naive)(nnx.merge(graphdef, state, copy=True), w)
-    assert float(loss) == pytest.approx(float(loss2), rel=1e-6)
+    assert float(loss) == pytest.approx(float(loss2), rel=1e-5)
     flat1, flat2 = nnx.to_flat_state(g1), dict(nnx.to_flat_state(g2))
     for path, v in flat1:
         expected = np.asarray(flat2[path][...])

@@ -149,6 +149,6 @@ def test_remat_with_a_single_block():
         assert _count_remat(jax.make_jaxpr(f)(state)) == int(remat)
         results.append(jax.jit(jax.value_and_grad(f))(state))
     (v0, g0), (v1, g1) = results
-    assert float(v1) == pytest.approx(float(v0), rel=1e-6)
+    assert float(v1) == pytest.approx(float(v0), rel=1e-5)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)

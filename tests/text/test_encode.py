@@ -32,7 +32,9 @@ def test_output_convention_and_determinism(builtin):
     emb = np.asarray(emb)
     assert not emb[~want_mask].any() and np.abs(emb[want_mask]).min(axis=-1).max() > 0
     raw = np.asarray(model(ids, want_mask))
-    np.testing.assert_allclose(emb[want_mask], raw[want_mask], rtol=0, atol=1e-6)
+    # Two different programs (jitted with padding vs a direct call): kernels, and so rounding, may differ
+    # by CPU, so only the same program run twice is compared bit for bit (below).
+    np.testing.assert_allclose(emb[want_mask], raw[want_mask], rtol=0, atol=1e-5)
     again, _ = encode_text(model, tok, PROMPTS)
     np.testing.assert_array_equal(np.asarray(again), emb)  # bitwise deterministic
     # A prompt's states do not depend on its batch (padding and length bucketing are masked out).

@@ -158,6 +158,6 @@ def test_eval_reads_params_and_ema_only(tmp_path):
     live = params_numpy(out["state"])
     assert not np.array_equal(with_ema["mid/kernel"], live["mid/kernel"])
     assert_params_equal(params_numpy(state), with_ema)
-    assert evaluate(cfg, run) == pytest.approx(out["eval"], rel=1e-6)
+    assert evaluate(cfg, run) == pytest.approx(out["eval"], rel=1e-5)  # not the loop's compiled eval
     _, _, state = load_for_inference(toy_config("ema", **other_optimizer, **{"train.eval_with_ema": False}), run)
     assert_params_equal(params_numpy(state), live)
