@@ -78,6 +78,9 @@ class DicomSource:
         for n, row in enumerate(rows, start=2):
             k = row.get(cols["key"]) or ""
             where = f"{self.reports_csv}:{n}"
+            if not k:  # would otherwise match every series without a StudyInstanceUID
+                issues.append(Issue(where, f"{where}: empty {cols['key']!r}; report row skipped"))
+                continue
             if k in reports:
                 issues.append(Issue(where, f"{where}: duplicate report key {k!r}; first row used", k, status="warning"))
                 continue
@@ -99,9 +102,9 @@ class DicomSource:
             sex, sex_from = _header_else_csv(s.sex, reports[k]["sex"])
             patient = s.patient_id or s.study_uid or (f"folder:{s.folder}" if s.grouped_by == BY_GEOMETRY else uid)
             recs.append(Record(source_id=uid, patient_id=patient, file=where,
-                               payload={"files": sorted(s.files), "report": reports[k]["report"], "age": age, "sex": sex,
-                                        "notes": {"grouped_by": s.grouped_by, "age_from": age_from,
-                                                  "sex_from": sex_from}}))
+                               payload={"files": sorted(s.files), "report": reports[k]["report"], "age": age,
+                                        "sex": sex, "notes": {"grouped_by": s.grouped_by, "age_from": age_from,
+                                                              "sex_from": sex_from}}))
         for k in sorted(set(reports) - used):
             issues.append(Issue(self.reports_csv, f"{self.reports_csv}: report row {k!r} without a DICOM series", k))
         return recs, issues

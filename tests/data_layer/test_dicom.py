@@ -251,6 +251,8 @@ def test_anonymised_export_without_uids_is_grouped_by_folder_and_geometry(tmp_pa
     assert got["folder:S3"]["prompt"] == b"Normal chest CT." and np.isnan(got["folder:S3"]["age"])
     # Matching by StudyInstanceUID cannot work without UIDs: the problem says what to do.
     with open(tmp_path / "by_study.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["StudyInstanceUID", "impression"], ["1.2.3", "Cardiomegaly."]])
-    _, issues = DicomSource(str(root), str(tmp_path / "by_study.csv")).scan()
+        csv.writer(f).writerows([["StudyInstanceUID", "impression"], ["1.2.3", "Cardiomegaly."], ["", "Blank key."]])
+    recs, issues = DicomSource(str(root), str(tmp_path / "by_study.csv")).scan()
+    assert not recs  # the row with a blank key matches nothing
     assert sum("has no StudyInstanceUID: match reports by folder with --key folder" in i.problem for i in issues) == 4
+    assert any("empty 'StudyInstanceUID'; report row skipped" in i.problem for i in issues)
