@@ -6,6 +6,8 @@ Variant `tiny` (the default; a few hundred steps in seconds) with switches, comm
 
     ctgen train --config configs/toy.py:tiny --workdir /tmp/toy --config.train.steps=200
 """
+import ml_collections
+
 from ctgen.configuration import parse_arg
 from ctgen.train.config import base_config
 from ctgen.train.optim import optimizer_config
@@ -22,6 +24,8 @@ def get_config(arg: str = "tiny"):
     c.data.num_eval = 64
     c.data.eval_batch_size = 16
     c.data.data_seed = 7
+    # A frozen upstream model (stage docstring): weights of a toy run with the same model config.
+    c.teacher = ml_collections.ConfigDict({"weights": ""})
 
     c.optim.main = optimizer_config(name="adamw", learning_rate=3e-3, b2=0.99, weight_decay=1e-4,
                                     schedule="warmup_cosine", warmup_steps=10, grad_clip_norm=1.0)

@@ -48,11 +48,13 @@ def _run_train(args, overrides) -> int:
     if not args.workdir:
         raise ConfigError("--workdir is required (where checkpoints, metrics and previews go)")
     from ctgen.parallel.distributed import maybe_initialize
+    from ctgen.stages import get_stage
     from ctgen.train.loop import EXIT_PREEMPTED, Preempted, train
 
     maybe_initialize(config.distributed)
+    stage = get_stage(config)
     try:
-        summary = train(config, args.workdir)
+        summary = train(config, args.workdir, stage=stage)
     except Preempted as e:
         logging.getLogger("ctgen").warning("%s", e)
         return EXIT_PREEMPTED
@@ -87,11 +89,13 @@ def _run_eval(args, overrides) -> int:
     import jax
 
     from ctgen.parallel.distributed import maybe_initialize
+    from ctgen.stages import get_stage
     from ctgen.train.evaluate import evaluate
 
     config = load(args.config, overrides)
     maybe_initialize(config.distributed)
-    metrics = evaluate(config, args.weights, previews=args.previews)
+    stage = get_stage(config)
+    metrics = evaluate(config, args.weights, stage=stage, previews=args.previews)
     if jax.process_index() != 0:  # every process holds the same global metrics; one reports them
         return 0
     for k, v in metrics.items():

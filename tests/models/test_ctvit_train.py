@@ -13,6 +13,7 @@ from ctgen.data.features import DatasetConfig
 from ctgen.data.preprocess import GridConfig
 from ctgen.data.sources import PhantomSource
 from ctgen.data.writer import build
+from ctgen.stages import get_stage
 from ctgen.train.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +45,7 @@ def _trained_paths(config) -> dict[str, set[str]]:
     from ctgen.parallel.mesh import make_mesh
     from ctgen.train import state as state_lib
 
-    _, setup = state_lib.setup_from_config(config, make_mesh(config.mesh.to_dict()))
+    setup = state_lib.setup_from_config(config, make_mesh(config.mesh.to_dict()), get_stage(config))
     params = setup.abstract["params"]
     out = {}
     for name, phase in setup.phases.items():
@@ -72,7 +73,7 @@ def test_tiny_training_on_8_devices(phantoms, tmp_path):
     workdir = str(tmp_path / "run")
     cfg = _config(phantoms, **{"mesh.data": 8, "mesh.fsdp": 1, "train.steps": 24, "train.log_every": 4,
                                "train.checkpoint_every": 12, "train.eval_every": 24, "train.preview_every": 24})
-    summary = train(cfg, workdir)
+    summary = train(cfg, workdir, get_stage(cfg))
     rows = _rows(workdir)
     first, last = rows[0]["generator/recon_loss"], rows[-1]["generator/recon_loss"]
     assert last < 0.7 * first, (first, last)
@@ -89,7 +90,7 @@ def test_tiny_training_on_8_devices(phantoms, tmp_path):
     cfg2 = _config(phantoms, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.steps": 26,
                                 "train.log_every": 4, "train.checkpoint_every": 12, "train.eval_every": -1,
                                 "train.preview_every": -1})
-    summary2 = train(cfg2, workdir)
+    summary2 = train(cfg2, workdir, get_stage(cfg2))
     assert summary2["start_step"] == 24 and summary2["final_step"] == 26  # generator steps only
     assert _rows(workdir)[-1]["step"] == 26
 
@@ -125,7 +126,7 @@ def test_warm_start_from_imported_generatect_checkpoint_with_vgg_weights(phantom
     config = _config(phantoms, **{"init_from": str(tmp_path / "imported"), "loss.vgg_weights": vgg_file,
                                   "train.steps": 4, "train.log_every": 4, "train.eval_every": -1,
                                   "train.preview_every": -1, "optim.generator.learning_rate": 0.0})
-    summary = train(config, workdir)
+    summary = train(config, workdir, get_stage(config))
     row = _rows(workdir)[-1]
     assert row["generator/perceptual_loss"] > 0
     # learning rate 0: the generator's weights are still the imported ones

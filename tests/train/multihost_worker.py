@@ -24,7 +24,7 @@ cfg = toy_config("two_phase", **{"train.steps": steps, "train.stop_after_steps":
 with cfg.unlocked():
     cfg.mesh.update({"data": 2, "fsdp": 4, "tensor": 1})
 log = []
-out = train(cfg, workdir, stage=RecordingToyStage(cfg, log))
+out = train(cfg, workdir, RecordingToyStage(cfg, log))
 kernel = out["state"]["params"]["mid"]["kernel"][...]
 info = {
     "process_index": jax.process_index(),

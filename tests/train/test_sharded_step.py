@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from ctgen.stages.toy import ToyStage
 from ctgen.train.loop import train
 
 from helpers import params_numpy, toy_config
@@ -18,7 +19,7 @@ def _run(tmp_path, name, mesh, devices):
                         "train.checkpoint_every": 1000, "train.batch_size": 16})
     with cfg.unlocked():
         cfg.mesh.update(mesh)
-    return train(cfg, str(tmp_path / name), devices=devices)
+    return train(cfg, str(tmp_path / name), ToyStage(cfg), devices=devices)
 
 
 @pytest.fixture(scope="module")
