@@ -162,3 +162,37 @@ def test_eval_command_on_real_ct_volumes(data_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "psnr:" in captured.out and "ssim:" in captured.out
+
+
+def test_eval_means_cover_the_whole_split(phantoms, tmp_path):
+    """3 validation volumes in eval batches of 2 (the second padded with an invalid row): `ctgen eval`'s
+    PSNR/SSIM/MSE are the means over the 3 volumes and codebook usage/perplexity come from the
+    histogram of all their tokens, as computed directly on the host."""
+    from ctgen.convert.ctvit_store import save_ctvit_dir
+    from ctgen.data.pipelines import volume_pipeline
+    from ctgen.eval.image_metrics import psnr, ssim
+    from ctgen.models.ctvit import CTViT, CTViTConfig
+    from ctgen.models.vq import codebook_metrics
+    from ctgen.train.evaluate import evaluate
+
+    cfg = CTViTConfig.tiny(use_vgg_and_gan=False, max_slices=17, remat=True)
+    model = CTViT(cfg, rngs=nnx.Rngs(3))
+    weights = str(tmp_path / "weights")
+    save_ctvit_dir(weights, cfg, nnx.state(model))
+    config = _config(phantoms, **{"model.use_vgg_and_gan": False, "train.phase_cycle": "('generator',)",
+                                  "mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 4, "data.eval_batch_size": 2,
+                                  "train.eval_batches": 0})
+    metrics = evaluate(config, weights, get_stage(config))
+
+    (batch,) = list(volume_pipeline(phantoms, "validation", global_batch_size=3, train=False, num_slices=9))
+    assert batch["valid"].all()
+    vol = batch["volume"]
+    out = model(vol, train=False)
+    recon = np.clip(np.asarray(out.recon_BxFxHxW), -1, 1)
+    bins = np.bincount(np.asarray(out.ids_BxTxhxw).ravel(), minlength=cfg.codebook_size).astype(np.float32)
+    want = {"psnr": np.mean(psnr(recon, vol)), "ssim": np.mean(ssim(recon, vol)),
+            "recon_mse": np.mean((np.asarray(out.recon_BxFxHxW) - vol) ** 2),
+            **{k: float(v) for k, v in codebook_metrics(bins).items()}}
+    assert set(metrics) == set(want)
+    for k, v in want.items():
+        assert metrics[k] == pytest.approx(float(v), rel=1e-4), k
