@@ -4,6 +4,7 @@
     ctgen train --config configs/ctvit.py:paper --workdir runs/ctvit --config.data.dir=data/ctgen_ct/<name>/1.0.0
     ctgen train --config configs/ctvit.py:demo  --workdir runs/ctvit_demo --config.data.dir=...
     ctgen train --config configs/ctvit.py:tiny  --workdir /tmp/ctvit_tiny --config.data.dir=...
+    ctgen train --config configs/ctvit.py:small,res=64,slices=17 --workdir runs/small --config.data.dir=...
 
 Variants:
   paper  GenerateCT exactly: CTViT(dim 512, codebook 8192, 128x128, patch 16, temporal patch 2,
@@ -13,7 +14,15 @@ Variants:
          penalty 10 every discriminator step, EMA codebook decay 0.8.
   demo   a narrower CT-ViT (dim 256, codebook 1024, depth 2+2, torchvision-size VGG16) on 17-slice
          windows, batch 2: learns visibly on one CPU host within hours.
+  small  tiny's layout at 64x64 widened to dim 128, codebook 512, 4 heads x 32, on 17-slice windows,
+         batch 4, 300 steps with eval/previews/checkpoints every 100: what `ctgen demo` trains.
   tiny   a 32x32 toy (dim 32, codebook 64, patch 8, depth 1+1, VGG/discriminator shrunk) for tests.
+Settings after the variant, comma-separated (0 or absent = the variant's value):
+  res=N     slice size N x N (model.image_size and the discriminator's)
+  slices=N  slices per training volume (data.num_slices; model.max_slices is raised to it if lower)
+  batch=N   global batch for training and eval (train.batch_size, data.eval_batch_size)
+  steps=N   train.steps
+  e.g. configs/ctvit.py:small,res=32,slices=5,steps=40
 Perceptual loss: set loss.vgg_weights to torchvision's vgg16 weights (`vgg16-397923af.pth`, any
 torchvision-layout VGG16 state_dict, .pth or .safetensors), or warm-start from an imported
 GenerateCT checkpoint (`ctgen import generatect-ctvit ctvit_pretrained.pt --out DIR`, then
@@ -31,26 +40,32 @@ Departures from GenerateCT, each a switch (the paper variant keeps GenerateCT's 
       the discriminator's gradients of the generator loss, which its optimizer never zeroes, so
       they accumulate over the three generator steps; ctgen clips the generator's own gradients.
 """
+import dataclasses
+
 import ml_collections
 
+from ctgen.configuration import parse_arg
 from ctgen.models.ctvit import CTViTConfig
 from ctgen.train.config import base_config
 from ctgen.train.optim import optimizer_config
 
 
 def get_config(arg: str = "paper"):
+    a = parse_arg(arg, variants=("paper", "demo", "small", "tiny"), res=0, slices=0, batch=0, steps=0)
     c = base_config()
     c.stage = "ctvit"
-    variant = arg or "paper"
+    variant = a.variant
     if variant == "paper":
         model = CTViTConfig.paper(max_slices=201, remat=True)
     elif variant == "demo":
         model = CTViTConfig.paper(dim=256, codebook_size=1024, spatial_depth=2, temporal_depth=2, max_slices=201,
                                   remat=True)
-    elif variant == "tiny":
-        model = CTViTConfig.tiny(max_slices=17, remat=True)
+    elif variant == "small":
+        model = CTViTConfig.tiny(dim=128, codebook_size=512, heads=4, dim_head=32, image_size=64, max_slices=17,
+                                 remat=True)
+        model = dataclasses.replace(model, discr=dataclasses.replace(model.discr, image_size=64))
     else:
-        raise ValueError(f"unknown ctvit variant {arg!r}; use paper, demo or tiny")
+        model = CTViTConfig.tiny(max_slices=17, remat=True)
     c.model = ml_collections.ConfigDict(model.to_dict())
 
     loss = c.loss = ml_collections.ConfigDict()
@@ -99,6 +114,14 @@ def get_config(arg: str = "paper"):
         t.checkpoint_every = 500
         t.eval_every = t.preview_every = 500
         t.eval_batches = 4
+    elif variant == "small":
+        d.num_slices = 17
+        d.eval_batch_size = t.batch_size = 4
+        t.steps = 300
+        t.log_every = 25
+        t.checkpoint_every = 100
+        t.eval_every = t.preview_every = 100
+        t.eval_batches = 0
     elif variant == "tiny":
         d.num_slices = 9
         d.eval_batch_size = 8
@@ -108,6 +131,18 @@ def get_config(arg: str = "paper"):
         t.checkpoint_every = 20
         t.eval_every = t.preview_every = 20
         t.eval_batches = 1
+    if variant in ("small", "tiny"):
         c.optim.generator.learning_rate = 2e-3
         c.optim.discriminator.learning_rate = 1e-4
+
+    # Keyword settings (0 = the variant's own value).
+    if a.res:
+        c.model.image_size = c.model.discr.image_size = a.res
+    if a.slices:
+        d.num_slices = a.slices
+        c.model.max_slices = max(c.model.max_slices, a.slices)
+    if a.batch:
+        t.batch_size = d.eval_batch_size = a.batch
+    if a.steps:
+        t.steps = a.steps
     return c

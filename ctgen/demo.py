@@ -30,20 +30,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_CT = os.path.join(REPO, "tests", "data", "real_ct")
 
 
+def demo_config_spec(args) -> str:
+    """The `small` CT-ViT variant (a 64x64 grid with 8x8 patches: 8x8 tokens per slice, as in the
+    paper's 128/16) at the demo's size and length."""
+    return (f"configs/ctvit.py:small,res={args.resolution},slices={args.slices},batch={args.batch_size},"
+            f"steps={args.steps}")
+
+
 def demo_overrides(args, data_dir: str) -> list[tuple[str, str]]:
-    """The tiny CT-ViT config scaled to a 64x64 grid with 8x8 patches (8x8 tokens per slice, as in
-    the paper's 128/16) and a few hundred steps."""
-    r = args.resolution
+    """What the variant cannot know: the prepared dataset and a mesh over this machine's devices."""
     mesh = demo_mesh(args.batch_size)
-    eval_batch = max(2, mesh["fsdp"])  # a multiple of the batch shards (fsdp)
-    return [
-        ("data.dir", data_dir), ("data.num_slices", str(args.slices)), ("data.eval_batch_size", str(eval_batch)),
-        ("model.image_size", str(r)), ("model.discr.image_size", str(r)), ("model.max_slices", str(args.slices)),
-        ("model.dim", "128"), ("model.codebook_size", "512"), ("model.heads", "4"), ("model.dim_head", "32"),
-        ("train.steps", str(args.steps)), ("train.batch_size", str(args.batch_size)),
-        ("train.log_every", "25"), ("train.checkpoint_every", "100"),
-        ("train.eval_every", "100"), ("train.preview_every", "100"), ("train.eval_batches", "0"),
-    ] + [(f"mesh.{axis}", str(size)) for axis, size in mesh.items()]
+    return [("data.dir", data_dir)] + [(f"mesh.{axis}", str(size)) for axis, size in mesh.items() if axis != "data"]
 
 
 def demo_mesh(batch_size: int) -> dict[str, int]:
@@ -78,20 +75,19 @@ def run(args) -> int:
                     data_out, validation_fraction=0.1, num_workers=args.num_workers)
     data_dir = summary["path"]
 
-    config_spec = os.path.join(REPO, "configs", "ctvit.py") + ":tiny"
+    spec = demo_config_spec(args)
     overrides = demo_overrides(args, data_dir)
-    config = load(config_spec, overrides)
-    run_dir = os.path.join(work, "ctvit")
-    cmd = "ctgen train --config configs/ctvit.py:tiny --workdir " + run_dir + " " + " ".join(
-        f"--config.{k}={v}" for k, v in overrides)
-    print(f"[2/4] training a CT-ViT for {args.steps} steps (equivalent: {cmd})")
+    config = load(os.path.join(REPO, spec), overrides)
     stage = get_stage(config)
-    result = train(config, run_dir, stage=stage)
+    run_dir = os.path.join(work, "ctvit")
+    cmd = f"ctgen train --config {spec} --workdir {run_dir} " + " ".join(f"--config.{k}={v}" for k, v in overrides)
+    print(f"[2/4] training a CT-ViT for {args.steps} steps (equivalent: {cmd})")
+    result = train(config, run_dir, stage)
     steps = result["final_step"]
 
     print("[3/4] evaluating reconstructions")
-    metrics = {"validation_phantoms": evaluate(config, run_dir, stage=stage,
-                                                   previews=os.path.join(work, "previews", "validation"))}
+    metrics = {"validation_phantoms": evaluate(config, run_dir, stage,
+                                               previews=os.path.join(work, "previews", "validation"))}
     real = sorted(glob.glob(os.path.join(REAL_CT, "*.nii.gz")))
     if real:
         from ctgen.convert.ctvit_store import load_ctvit

@@ -71,12 +71,23 @@ def _records(src, *, process_index: int, process_count: int, seed: int, train: b
 
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} is not in [0, {process_count})")
+    if train:
+        if len(src) < process_count:
+            raise UserError(f"{len(src)} records cannot be sharded over {process_count} processes")
+        ds = grain.MapDataset.source(src)[process_index::process_count]
+        return ds.shuffle(seed).repeat(None).map(_with_valid)
+    return eval_records(src, process_index=process_index, process_count=process_count, batch=batch)
+
+
+def eval_records(src, *, process_index: int, process_count: int, batch: int):
+    """MapDataset of (record, valid) for one pass over `src` (anything with len and indexing):
+    this host's records `process_index::process_count` in order, padded with repeats marked
+    invalid to a multiple of the host batch `batch`, so every host yields the same batches."""
+    import grain
+
     n = len(src)
     if n < process_count:
         raise UserError(f"{n} records cannot be sharded over {process_count} processes")
-    if train:
-        ds = grain.MapDataset.source(src)[process_index::process_count]
-        return ds.shuffle(seed).repeat(None).map(_with_valid)
     per_host = math.ceil(n / process_count)
     per_host = math.ceil(per_host / batch) * batch
     return grain.MapDataset.range(per_host).map(_EvalFetch(src, process_index, process_count))

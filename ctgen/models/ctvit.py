@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ctgen.config_dataclass import build_dataclass
 from ctgen.models.attention import ContinuousPositionBias, Transformer
 from ctgen.models.discriminator import Discriminator, DiscriminatorConfig
 from ctgen.models.layers import Dense, LayerNorm
@@ -78,21 +79,7 @@ class CTViTConfig:
     @classmethod
     def from_dict(cls, d: Any) -> "CTViTConfig":
         """Inverse of `to_dict`; also accepts a ConfigDict or a JSON round trip (lists for tuples)."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-
-        def build(klass, values):
-            values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-            names = {f.name for f in dataclasses.fields(klass)}
-            unknown = sorted(set(values) - names)
-            if unknown:
-                raise ValueError(f"unknown {klass.__name__} fields {unknown}; known: {sorted(names)}")
-            return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-        if "vgg" in d:
-            d["vgg"] = build(VGGConfig, d["vgg"])
-        if "discr" in d:
-            d["discr"] = build(DiscriminatorConfig, d["discr"])
-        return build(cls, d)
+        return build_dataclass(cls, d)
 
     @property
     def grid_hw(self) -> tuple[int, int]:

@@ -8,10 +8,19 @@ name mesh axes themselves, so one model runs unchanged on any mesh.
 Vocabulary (use these; add a name here before using a new one):
   batch, length, embed, mlp, heads, kv, vocab, joined_kv,
   conv_in, conv_out, conv_k (kernel taps), codebook, norm (1-D scales/biases), pos.
+
+Activations and input batches go through the same table. Input batches are split over the
+mesh axes of the `batch` rule (`batch_axes`, `logical_sharding`). Inside a jitted function,
+`constrain(x, ("batch", "length", "embed"))` pins an activation's sharding by logical names; it
+reads the mesh and rules from `activation_sharding(mesh, rules)`, which the code that traces the
+function enters *inside* the traced function (the train step, eval/preview, T5 encoding), so the
+constraint is fixed in the compiled program. Outside such a block `constrain` does nothing.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -138,6 +147,13 @@ def tree_shardings(tree, rules, mesh: Mesh):
     return state_shardings(tree, rules, mesh)
 
 
+def abstract_on_mesh(tree, rules, mesh: Mesh):
+    """`tree` (abstract or concrete; NNX variables or arrays) as ShapeDtypeStructs carrying their
+    shardings on `mesh`: the target to create or restore state straight into its shards."""
+    shardings = tree_shardings(tree, rules, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def rules_from_config(rules_cfg) -> tuple[tuple[str, Any], ...]:
     """Normalise a config's `sharding_rules` (list of [logical, mesh axes]) and validate names."""
     out = []
@@ -154,3 +170,50 @@ def rules_from_config(rules_cfg) -> tuple[tuple[str, Any], ...]:
                 raise UserError(f"sharding rule {item!r}: mesh axis {a!r} is not one of data/fsdp/tensor")
         out.append((logical, axes))
     return tuple(out)
+
+
+def logical_sharding(names: Sequence[str | None], shape: Sequence[int], rules, mesh: Mesh) -> NamedSharding:
+    """NamedSharding of an array (parameter, batch or activation) with logical `names` and `shape`."""
+    return NamedSharding(mesh, spec_for(names, shape, rules, mesh))
+
+
+def batch_axes(rules, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes input batches are split over: those of the first `batch` rule with an axis of
+    size > 1 (as `spec_for` picks for any batch size they divide), () if none."""
+    for logical, axes in rules:
+        axes = _as_tuple(axes)
+        if logical == "batch" and any(mesh.shape.get(a, 1) > 1 for a in axes):
+            return axes
+    return ()
+
+
+def describe_batch_axes(rules, mesh: Mesh) -> str:
+    """E.g. "data*fsdp=8": the batch axes and how many ways they split a batch (for messages)."""
+    axes = batch_axes(rules, mesh)
+    return f"{'*'.join(axes) or 'no mesh axis'}={int(np.prod([mesh.shape[a] for a in axes]))}"
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar("ctgen_activation_sharding",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules) -> Iterator[None]:
+    """Within this block (entered while a function is traced), `constrain` shards activations on
+    `mesh` by `rules`. mesh=None: `constrain` stays a no-op."""
+    token = _ACTIVE.set(None if mesh is None else (mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain activation `x` to the sharding its logical axis `names` get under the active
+    `activation_sharding` rules (a dimension the rules cannot split evenly stays replicated);
+    returns `x` unchanged when no `activation_sharding` block is active."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, logical_sharding(_check_names(names), x.shape, rules, mesh))

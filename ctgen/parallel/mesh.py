@@ -3,7 +3,8 @@
 - `data`: pure data parallelism (parameters replicated).
 - `fsdp`: data parallelism with parameters and optimizer state sharded (ZeRO-3 style).
 - `tensor`: model (tensor) parallelism inside layers.
-Batches are split over `data` x `fsdp`. Axes are `Auto` so XLA propagates shardings from the
+Batches are split over the mesh axes of the sharding rules' `batch` rule (by default `data` x
+`fsdp`; see `ctgen.parallel.axes`). Axes are `Auto` so XLA propagates shardings from the
 parameters' logical axes (see `ctgen.parallel.axes`).
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ctgen.errors import UserError
+from ctgen.parallel.axes import DEFAULT_RULES, batch_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 
 class MeshError(UserError):
@@ -63,29 +64,15 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) axis split over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_shards(mesh: Mesh | None, rules=None) -> int:
-    """How many ways the batch is split: over BATCH_AXES, or, given a rules table, over the mesh
-    axes it maps the logical `batch` axis to (1 without a mesh)."""
+def batch_shards(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+    """How many ways a batch is split: over the mesh axes of the rules' `batch` rule (1 without a mesh)."""
     if mesh is None:
         return 1
-    if rules is None:
-        axes = BATCH_AXES
-    else:
-        from ctgen.parallel.axes import spec_for
-
-        spec = spec_for(("batch",), (mesh.size,), rules, mesh)
-        axes = spec[0] if len(spec) else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    return int(np.prod([mesh.shape[a] for a in batch_axes(rules, mesh)]))
 
 
 def describe(mesh: Mesh) -> str:

@@ -30,7 +30,7 @@ from ctgen.eval.image_metrics import psnr, ssim
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.models.ctvit_losses import CTViTLossConfig, discriminator_loss, generator_loss
 from ctgen.models.vq import codebook_metrics
-from ctgen.train.stage import Phase
+from ctgen.train.stage import Phase, mean_metrics, valid_rows
 
 log = logging.getLogger(__name__)
 
@@ -130,23 +130,27 @@ class CTViTStage:
         return _Eval()
 
     # -- eval / previews --------------------------------------------------------------------------
-    def eval_step(self, model: CTViT, batch) -> dict[str, jax.Array]:
+    def frozen_models(self) -> dict:
+        return {}
+
+    def eval_step(self, model: CTViT, frozen, batch) -> dict[str, jax.Array]:
+        """Sums over the valid volumes of PSNR, SSIM and MSE, and the code histogram of their tokens."""
         vol = batch["volume"]
         out = model(vol, train=False)
-        valid = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones(vol.shape[:1])
-        n = jnp.maximum(jnp.sum(valid), 1.0)
-
-        def mean(v):
-            return jnp.sum(v * valid) / n
-
+        valid = valid_rows(batch, vol.shape[0])
         recon = jnp.clip(out.recon_BxFxHxW, -1.0, 1.0)
         mse = jnp.mean(jnp.square(out.recon_BxFxHxW - vol), axis=(1, 2, 3))
         weights = jnp.broadcast_to(valid.reshape(-1, 1, 1, 1), out.ids_BxTxhxw.shape).reshape(-1)
         bins = jax.ops.segment_sum(weights, out.ids_BxTxhxw.reshape(-1), num_segments=self.cfg.codebook_size)
-        usage = codebook_metrics(bins)
-        return {"psnr": mean(psnr(recon, vol)), "ssim": mean(ssim(recon, vol)), "recon_mse": mean(mse), **usage}
+        return {"psnr": jnp.sum(psnr(recon, vol) * valid), "ssim": jnp.sum(ssim(recon, vol) * valid),
+                "recon_mse": jnp.sum(mse * valid), "count": jnp.sum(valid), "code_counts": bins}
 
-    def preview_step(self, model: CTViT, batch) -> dict[str, jax.Array]:
+    def eval_metrics(self, totals) -> dict[str, float]:
+        """Means over the split's volumes; codebook usage/perplexity of the split's whole histogram."""
+        usage = codebook_metrics(jnp.asarray(totals["code_counts"], jnp.float32))
+        return {**mean_metrics(totals, skip=("code_counts",)), **{k: float(v) for k, v in usage.items()}}
+
+    def preview_step(self, model: CTViT, frozen, batch) -> dict[str, jax.Array]:
         vol = batch["volume"][:1]
         return {"input": vol, "recon": model.reconstruct(vol)}
 

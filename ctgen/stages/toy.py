@@ -9,6 +9,13 @@ Model: x -> Dense(in, hidden) -> GELU -> Dense(hidden, hidden) -> GELU -> Dense(
 A second head `aux` is trained by the optional phase "aux" (to test multi-phase cycles like
 the CT-ViT's generator/discriminator). `target_mean` is a non-trainable running mean of the
 targets, updated inside the loss (like a VQ codebook's EMA buffers).
+
+Eval: the mean squared error over the whole eval split (`data.num_eval` examples, the last batch
+padded with rows marked invalid). Frozen upstream model: with `teacher.weights` set (a weights
+directory or workdir of a toy model with the same `model` config), the loop restores that model
+once, sharded, and eval also reports `teacher_mse`, the mean squared distance between this
+model's and the teacher's predictions; previews include the teacher's predictions. This is the
+pattern a downstream stage follows for its frozen upstream model (`config.tokenizer.weights`).
 """
 from __future__ import annotations
 
@@ -21,8 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ctgen.config_dataclass import build_dataclass
+from ctgen.data.pipelines import eval_records
 from ctgen.parallel.axes import param, with_axes
-from ctgen.train.stage import Phase
+from ctgen.train import checkpoint as ckpt_lib
+from ctgen.train.stage import FrozenModel, Phase, mean_metrics, valid_rows
 
 
 class RunningStat(nnx.Variable):
@@ -82,13 +92,26 @@ def toy_dataset(cfg: ToyConfig, *, num_examples: int, seed: int) -> grain.MapDat
     return grain.MapDataset.range(num_examples).map(_Example(cfg, seed))
 
 
+def _with_valid_field(item):
+    ex, valid = item
+    return {**ex, "valid": np.bool_(valid)}
+
+
 class ToyStage:
     def __init__(self, config):
         self.config = config
-        self.cfg = ToyConfig(**config.model.to_dict())
+        self.cfg = build_dataclass(ToyConfig, config.model, where="config.model")
 
     def build_model(self, rngs: nnx.Rngs) -> ToyModel:
         return ToyModel(self.cfg, rngs=rngs)
+
+    def frozen_models(self) -> dict[str, FrozenModel]:
+        weights = self.config.teacher.weights
+        return {"teacher": FrozenModel(weights, self._load_teacher)} if weights else {}
+
+    def _load_teacher(self, weights: str, mesh, rules) -> ToyModel:
+        abstract = nnx.eval_shape(lambda: ToyModel(self.cfg, rngs=nnx.Rngs(0)))
+        return ckpt_lib.load_module(weights, abstract, mesh, rules)
 
     def phases(self):
         def main_loss(model: ToyModel, batch, rng):
@@ -122,17 +145,29 @@ class ToyStage:
             return None
         local = d.eval_batch_size // process_count
         ds = toy_dataset(self.cfg, num_examples=d.num_eval, seed=d.data_seed + 1)
-        return ds[process_index::process_count].batch(local, drop_remainder=True)
+        ds = eval_records(ds, process_index=process_index, process_count=process_count, batch=local)
+        return ds.map(_with_valid_field).batch(local)
 
-    def eval_step(self, model: ToyModel, batch):
-        return {"mse": jnp.mean((model(batch["x"]) - batch["y"]) ** 2)}
+    def eval_step(self, model: ToyModel, frozen, batch):
+        pred = model(batch["x"])
+        valid = valid_rows(batch, pred.shape[0])
+        out = {"mse": jnp.sum(jnp.mean((pred - batch["y"]) ** 2, axis=-1) * valid), "count": jnp.sum(valid)}
+        if "teacher" in frozen:
+            out["teacher_mse"] = jnp.sum(jnp.mean((pred - frozen["teacher"](batch["x"])) ** 2, axis=-1) * valid)
+        return out
 
-    def preview_step(self, model: ToyModel, batch):
-        return {"pred": model(batch["x"])}
+    def eval_metrics(self, totals):
+        return mean_metrics(totals)
+
+    def preview_step(self, model: ToyModel, frozen, batch):
+        out = {"pred": model(batch["x"])}
+        if "teacher" in frozen:
+            out["teacher"] = frozen["teacher"](batch["x"])
+        return out
 
     def write_preview(self, outputs, batch, out_dir: str, step: int) -> None:
         os.makedirs(out_dir, exist_ok=True)
-        np.savez(os.path.join(out_dir, "preview.npz"), pred=outputs["pred"], y=batch["y"])
+        np.savez(os.path.join(out_dir, "preview.npz"), y=batch["y"], **outputs)
 
 
 def make_stage(config) -> ToyStage:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ctgen.config_dataclass import build_dataclass
 from ctgen.errors import UserError
 
 # T5 v1.1 sizes (t5x `t5_1_1_*.gin`, Hugging Face `google/t5-v1_1-*` config.json).
@@ -82,11 +83,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown T5Config fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return build_dataclass(cls, d)
 
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike, **overrides: Any) -> "T5Config":

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from ctgen.errors import UserError
-from ctgen.parallel.axes import DEFAULT_RULES, spec_for, state_shardings
+from ctgen.parallel.axes import DEFAULT_RULES, activation_sharding, constrain, logical_sharding, state_shardings
 from ctgen.parallel.mesh import batch_shards
 from ctgen.text.t5 import T5Encoder
 from ctgen.text.tokenizer import T5Tokenizer
@@ -35,10 +35,6 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _sharding(mesh: Mesh, rules, names, shape) -> NamedSharding:
-    return NamedSharding(mesh, spec_for(names, shape, rules, mesh))
-
-
 def _hashable_rules(rules) -> tuple:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in (rules or DEFAULT_RULES))
 
@@ -46,13 +42,8 @@ def _hashable_rules(rules) -> tuple:
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
 def _encode_padded(graphdef, state, ids_BxL, mask_BxL, *, mesh, rules):
     model = nnx.merge(graphdef, state)
-
-    def shard(x, names):
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, _sharding(mesh, rules, names, x.shape))
-
-    x_BxLxD = model(ids_BxL, mask_BxL, shard=shard)
+    with activation_sharding(mesh, rules):
+        x_BxLxD = model(ids_BxL, mask_BxL, shard=constrain)
     return jnp.where(mask_BxL[:, :, None], x_BxLxD, 0.0)
 
 
@@ -98,7 +89,7 @@ def encode_ids(
     for start in range(0, padded_b, chunk):
         ids_c, mask_c = ids[start:start + chunk], mask[start:start + chunk]
         if mesh is not None:
-            s = _sharding(mesh, rules, ("batch", "length"), ids_c.shape)
+            s = logical_sharding(("batch", "length"), ids_c.shape, rules, mesh)
             ids_c = jax.make_array_from_callback(ids_c.shape, s, lambda i, a=ids_c: a[i])
             mask_c = jax.make_array_from_callback(mask_c.shape, s, lambda i, a=mask_c: a[i])
         outs.append(_encode_padded(graphdef, state, ids_c, mask_c, mesh=mesh, rules=rules if mesh else None))

@@ -179,6 +179,19 @@ def load_weights(path: str, abstract_params: Any, abstract_model_state: Any = No
     return out["params"], out["model_state"]
 
 
+def load_module(path: str, abstract_module: Any, mesh: Any, rules: Any) -> Any:
+    """An NNX module (parameters + non-trainable state) restored from a weights directory or a
+    workdir straight onto `mesh`, each variable sharded by its logical axes under `rules`.
+    `abstract_module` comes from `nnx.eval_shape`; raises FileNotFoundError naming `path`."""
+    from flax import nnx
+
+    from ctgen.parallel.axes import abstract_on_mesh
+
+    graphdef, params, rest = nnx.split(abstract_module, nnx.Param, ...)
+    params, rest = load_weights(path, abstract_on_mesh(params, rules, mesh), abstract_on_mesh(rest, rules, mesh))
+    return nnx.merge(graphdef, params, rest)
+
+
 def load_weights_and_ema(path: str, abstract_params: Any, abstract_model_state: Any,
                          abstract_ema: Any) -> tuple[Any, Any, Any]:
     """`load_weights` plus the EMA copies `{phase: params}` (`abstract_ema`, like the train

@@ -16,12 +16,12 @@ from ctgen.train import state as state_lib
 log = logging.getLogger(__name__)
 
 
-def load_for_inference(config: ml_collections.ConfigDict, weights: str, *, stage=None, devices=None):
-    """(stage, setup, state) with weights from a weights directory or a workdir's latest checkpoint
-    (its EMA parameters if the config evaluates with EMA), sharded over the config's mesh.
-    `state` has params (EMA merged in), model_state and no EMA; optimizer state is never read."""
+def load_for_inference(config: ml_collections.ConfigDict, weights: str, stage, *, devices=None):
+    """(setup, state) of `stage` with weights from a weights directory or a workdir's latest
+    checkpoint (its EMA parameters if the config evaluates with EMA), sharded over the config's
+    mesh. `state` has params (EMA merged in), model_state and no EMA; optimizer state is never read."""
     mesh = make_mesh(config.mesh.to_dict(), devices)
-    stage, setup = state_lib.setup_from_config(config, mesh, stage)
+    setup = state_lib.setup_from_config(config, mesh, stage)
     if not os.path.exists(weights):
         raise UserError(f"--weights {weights}: no such directory")
     abstract = setup.abstract
@@ -34,21 +34,24 @@ def load_for_inference(config: ml_collections.ConfigDict, weights: str, *, stage
     params = state_lib.eval_params({"params": params, "ema": ema or {}}, use_ema=True)
     state = {"params": params, "model_state": model_state, "ema": {}}
     log.info("loaded %s%s (%s)", weights, " with EMA parameters" if ema else "", describe(mesh))
-    return stage, setup, state
+    return setup, state
 
 
-def evaluate(config: ml_collections.ConfigDict, weights: str, *, previews: str | None = None,
-             stage=None, devices=None) -> dict[str, Any]:
-    from ctgen.train.loop import _evaluate, _preview
+def evaluate(config: ml_collections.ConfigDict, weights: str, stage, *, previews: str | None = None,
+             devices=None) -> dict[str, Any]:
+    """`stage`'s eval metrics on its eval split with `weights` (same reduction as the training
+    loop's eval); previews of the first eval batch go to `previews` if given."""
+    from ctgen.train.loop import evaluate_split, preview
 
-    stage, setup, state = load_for_inference(config, weights, stage=stage, devices=devices)
+    setup, state = load_for_inference(config, weights, stage, devices=devices)
     data = stage.eval_data(jax.process_index(), jax.process_count())
     if data is None:
         raise UserError(f"stage {config.stage!r} has no eval data with this config (check config.data)")
+    frozen = state_lib.restore_frozen(stage, setup.mesh, setup.rules)
     with jax.set_mesh(setup.mesh):
-        eval_fn = state_lib.make_apply_fn(setup, stage.eval_step, use_ema=False)
-        metrics = _evaluate(eval_fn, state, data, config.train.eval_batches, setup.mesh)
+        eval_fn = state_lib.make_apply_fn(setup, stage.eval_step, False, frozen)
+        metrics = evaluate_split(stage, eval_fn, state, frozen, data, config.train.eval_batches, setup)
         if previews:
-            preview_fn = state_lib.make_apply_fn(setup, stage.preview_step, use_ema=False)
-            _preview(stage, preview_fn, state, data, None, setup.mesh, previews, 0)
+            preview_fn = state_lib.make_apply_fn(setup, stage.preview_step, False, frozen)
+            preview(stage, preview_fn, state, frozen, data, None, setup, previews, 0)
     return metrics

@@ -1,7 +1,8 @@
-"""The one training loop every stage uses: `train(config, workdir)`.
+"""The one training loop every stage uses: `train(config, workdir, stage)`.
 
-Sections: mesh -> stage & optimizers -> sharded state (fresh, resumed, or warm-started) ->
-data -> jitted steps -> loop (log, eval, preview, checkpoint, preemption) -> final save.
+Sections: mesh -> optimizers -> sharded state (fresh, resumed, or warm-started) -> frozen
+upstream models -> data -> jitted steps -> loop (log, eval, preview, checkpoint, preemption) ->
+final save. The caller builds the stage (`ctgen.stages.get_stage(config)`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ctgen.errors import UserError
+from ctgen.parallel import axes as axes_lib
 from ctgen.parallel.mesh import batch_shards, describe, make_mesh
 from ctgen.train import checkpoint as ckpt_lib
 from ctgen.train import state as state_lib
@@ -84,15 +86,15 @@ class _StopSignal:
         return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
-def validate(config: ml_collections.ConfigDict, mesh) -> None:
+def validate(config: ml_collections.ConfigDict, mesh, rules) -> None:
     t = config.train
-    shards = batch_shards(mesh)
+    shards = batch_shards(mesh, rules)
     if t.batch_size % jax.process_count():
         raise UserError(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} processes")
     if t.batch_size % (shards * t.accum_steps):
         raise UserError(
-            f"train.batch_size={t.batch_size} must be divisible by data*fsdp={shards} times "
-            f"train.accum_steps={t.accum_steps} (each micro-batch is split over the batch axes)"
+            f"train.batch_size={t.batch_size} must be divisible by {axes_lib.describe_batch_axes(rules, mesh)} "
+            f"times train.accum_steps={t.accum_steps} (each micro-batch is split over the batch axes)"
         )
     if t.steps <= 0:
         raise UserError(f"train.steps must be positive, got {t.steps}")
@@ -126,31 +128,35 @@ def _write_config(config, workdir: str) -> None:
         json.dump(new, f, indent=2)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, devices=None) -> dict[str, Any]:
-    """Train `config.stage` in `workdir` (resuming if it has checkpoints). Returns a summary.
+def train(config: ml_collections.ConfigDict, workdir: str, stage, *, devices=None) -> dict[str, Any]:
+    """Train `stage` (a `ctgen.train.stage.Stage` built for `config`) in `workdir`, resuming if it
+    has checkpoints. Returns a summary.
 
-    stage: a Stage object to use instead of `config.stage` (tests, notebooks).
     devices: build the mesh over these devices instead of all of them.
     """
     # --- mesh -----------------------------------------------------------------------------------
     mesh = make_mesh(config.mesh.to_dict(), devices)
-    validate(config, mesh)
+    rules = axes_lib.rules_from_config(config.sharding_rules)
+    validate(config, mesh, rules)
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
     log.info("mesh %s, process %d/%d", describe(mesh), jax.process_index(), jax.process_count())
 
-    # --- stage, optimizers, sharded state ---------------------------------------------------------
-    stage, setup = state_lib.setup_from_config(config, mesh, stage)
+    # --- optimizers, sharded state layout ----------------------------------------------------------
+    setup = state_lib.setup_from_config(config, mesh, stage)
     t = config.train
 
-    # --- eval / preview functions, data (train steps are jitted per phase on first use) ----------
+    # --- eval / preview functions, frozen upstream models, data (train steps are jitted per phase
+    # on first use) --------------------------------------------------------------------------------
     steps: dict[str, Any] = {}
     eval_fn = preview_fn = None
     eval_data = stage.eval_data(jax.process_index(), jax.process_count()) if t.eval_every >= 0 else None
+    frozen = state_lib.restore_frozen(stage, mesh, setup.rules) if eval_data is not None or t.preview_every >= 0 \
+        else None
     if eval_data is not None:
-        eval_fn = state_lib.make_apply_fn(setup, stage.eval_step, t.eval_with_ema)
+        eval_fn = state_lib.make_apply_fn(setup, stage.eval_step, t.eval_with_ema, frozen)
     if t.preview_every >= 0:
-        preview_fn = state_lib.make_apply_fn(setup, stage.preview_step, t.eval_with_ema)
+        preview_fn = state_lib.make_apply_fn(setup, stage.preview_step, t.eval_with_ema, frozen)
 
     data_it = stage.train_data(jax.process_index(), jax.process_count(), config.seed)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_period=t.keep_period,
@@ -184,10 +190,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
                 local = state_lib.numeric_fields(host)
                 if phase not in steps:
                     fn = state_lib.make_train_step(setup, phase, t.accum_steps, len(setup.phases) > 1)
-                    steps[phase] = state_lib.jit_train_step(setup, fn, state_lib.batch_shardings_for(local, mesh))
+                    steps[phase] = state_lib.jit_train_step(setup, fn, state_lib.batch_shardings_for(local, setup))
                 if t.profile_steps and step == start + 2 and jax.process_index() == 0:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                state, metrics = steps[phase](state, state_lib.global_batch(local, mesh))
+                state, metrics = steps[phase](state, state_lib.global_batch(local, setup))
                 step += 1
                 if t.profile_steps and step == start + 2 + t.profile_steps and jax.process_index() == 0:
                     jax.block_until_ready(state["step"])
@@ -204,12 +210,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stage=None, device
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k.endswith("loss")}, refresh=False)
                     summary["train"] = values
                 if eval_fn is not None and _due(step, t.eval_every, t.steps):
-                    summary["eval"] = _evaluate(eval_fn, state, eval_data, t.eval_batches, mesh)
+                    summary["eval"] = evaluate_split(stage, eval_fn, state, frozen, eval_data, t.eval_batches, setup)
                     writer.write(step, summary["eval"], split="eval")
                     log.info("step %d eval: %s", step, _fmt(summary["eval"]))
                 if preview_fn is not None and _due(step, t.preview_every, t.steps):
-                    _preview(stage, preview_fn, state, eval_data, last_batch, mesh,
-                             os.path.join(workdir, "previews", f"step_{step:08d}"), step)
+                    preview(stage, preview_fn, state, frozen, eval_data, last_batch, setup,
+                            os.path.join(workdir, "previews", f"step_{step:08d}"), step)
                 if _due(step, t.checkpoint_every, end):
                     ckpt.save(step, state, ckpt_lib.iterator_state(data_it))
                 if stop.stop_requested(step, end):
@@ -257,21 +263,30 @@ def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.5g}" for k, v in values.items())
 
 
-def _evaluate(eval_fn, state, eval_data, max_batches: int, mesh) -> dict[str, float]:
-    rows = []  # per-batch scalar metrics, left on device until all batches are dispatched
+def evaluate_split(stage, eval_fn, state, frozen, eval_data, max_batches: int, setup) -> dict[str, float]:
+    """The stage's metrics over the eval split (its first `max_batches` batches if > 0): the
+    per-batch sums of `eval_step` added up (in float64 on the host), then `stage.eval_metrics`.
+    Every process computes the same global totals."""
+    rows = []  # per-batch sums, left on device until all batches are dispatched
     for i, host in enumerate(eval_data):
         if max_batches and i >= max_batches:
             break
         local = state_lib.numeric_fields(host)
-        rows.append(eval_fn(state, state_lib.global_batch(local, mesh)))
+        rows.append(eval_fn(state, frozen.states, state_lib.global_batch(local, setup)))
     if not rows:
         raise RuntimeError("the eval split yielded no batches (is it smaller than one eval batch?)")
-    return _average(to_python(rows))
+    rows = jax.device_get(rows)
+    totals = {k: np.sum([np.asarray(r[k], np.float64) for r in rows], axis=0) for k in rows[0]}
+    if "count" not in totals or totals["count"] <= 0:
+        raise RuntimeError("the eval split had no valid rows (eval_step must return a positive 'count')")
+    return stage.eval_metrics(totals)
 
 
-def _preview(stage, preview_fn, state, eval_data, last_batch, mesh, out_dir: str, step: int) -> None:
+def preview(stage, preview_fn, state, frozen, eval_data, last_batch, setup, out_dir: str, step: int) -> None:
+    """Run `preview_fn` on the first eval batch (else the last training batch) on EVERY process,
+    since it may call sharded models; process 0 alone writes the files."""
     host = next(iter(eval_data)) if eval_data is not None else last_batch
-    outputs = preview_fn(state, state_lib.global_batch(state_lib.numeric_fields(host), mesh))
+    outputs = preview_fn(state, frozen.states, state_lib.global_batch(state_lib.numeric_fields(host), setup))
     outputs = jax.tree.map(np.asarray, jax.device_get(outputs))
     if jax.process_index() == 0:
         stage.write_preview(outputs, host, out_dir, step)

@@ -10,23 +10,32 @@ The train state is a plain dict PyTree (what Orbax saves):
   phase_updates {phase: int32 updates taken by that phase}
 NNX variables keep their logical-axis metadata inside the PyTree, so optimizer moments and EMA
 copies shard exactly like the parameters they mirror.
+
+Frozen upstream models (`Stage.frozen_models`) are not part of the train state: `restore_frozen`
+restores them once onto the mesh, and the eval/preview functions take their states as jit
+arguments next to the train state, so they are neither checkpointed nor baked into the program.
+Batches are split over the mesh axes of the rules' `batch` rule, and every traced step runs inside
+`axes.activation_sharding(mesh, rules)` so `axes.constrain` in models follows the same table.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from ctgen.errors import UserError
 from ctgen.parallel import axes as axes_lib
-from ctgen.parallel.mesh import BATCH_AXES, batch_sharding, batch_shards, replicated
+from ctgen.parallel.mesh import batch_shards, replicated
 from ctgen.train.optim import ema_update, make_optimizer
 from ctgen.train.stage import Phase
+
+log = logging.getLogger(__name__)
 
 TrainState = dict
 
@@ -42,26 +51,24 @@ class Setup:
     abstract: TrainState  # ShapeDtypeStructs with shardings
     shardings: TrainState
     mesh: Mesh
+    rules: tuple  # the logical-axis rules table (parameters, batches, activations)
 
 
 def _split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
-def setup_from_config(config, mesh: Mesh, stage=None) -> tuple[Any, Setup]:
-    """(stage, Setup) for `config` on `mesh`: the stage (`config.stage` unless given), one
-    optimizer per phase in `train.phase_cycle` from `config.optim`, the sharding rules table.
-    Used by training, `ctgen eval` and tools, so they all build the same state layout."""
-    from ctgen.stages import get_stage
-
-    stage = stage or get_stage(config)
+def setup_from_config(config, mesh: Mesh, stage) -> Setup:
+    """The Setup of `stage` for `config` on `mesh`: one optimizer per phase in `train.phase_cycle`
+    from `config.optim`, the sharding rules table. Used by training, `ctgen eval` and tools, so
+    they all build the same state layout."""
     names = list(dict.fromkeys(config.train.phase_cycle))
     for name in names:
         if name not in config.optim:
             raise UserError(f"phase {name!r} has no optimizer config: set config.optim.{name}")
     optimizers = {n: make_optimizer(config.optim[n], config.train.steps) for n in names}
     rules = axes_lib.rules_from_config(config.sharding_rules)
-    return stage, build_setup(stage, config, mesh, rules, optimizers)
+    return build_setup(stage, config, mesh, rules, optimizers)
 
 
 def build_setup(stage, config, mesh: Mesh, rules, optimizers: dict[str, optax.GradientTransformation]) -> Setup:
@@ -79,10 +86,8 @@ def build_setup(stage, config, mesh: Mesh, rules, optimizers: dict[str, optax.Gr
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: stage.build_model(nnx.Rngs(0))))
     abstract_values = jax.eval_shape(init)
     shardings = axes_lib.tree_shardings(abstract_values, rules, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_values, shardings
-    )
-    return Setup(graphdef, phases, optimizers, ema_cfg, abstract, shardings, mesh)
+    abstract = axes_lib.abstract_on_mesh(abstract_values, rules, mesh)
+    return Setup(graphdef, phases, optimizers, ema_cfg, abstract, shardings, mesh, tuple(rules))
 
 
 def make_init_fn(stage, seed: int, phases: dict[str, Phase], optimizers, ema_cfg) -> Callable[[], TrainState]:
@@ -127,15 +132,14 @@ def eval_params(state: TrainState, use_ema: bool):
     return params
 
 
-def _microbatches(batch, k: int, mesh: Mesh):
+def _microbatches(batch, k: int):
     """(B, ...) -> (k, B/k, ...) taking every k-th example, so each micro-batch stays evenly
     sharded over the batch axes without moving data between devices."""
 
     def split(x):
         x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
         x = jnp.swapaxes(x, 0, 1)
-        spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return axes_lib.constrain(x, (None, "batch", *([None] * (x.ndim - 2))))
 
     return jax.tree.map(split, batch)
 
@@ -143,7 +147,7 @@ def _microbatches(batch, k: int, mesh: Mesh):
 def make_train_step(setup: Setup, phase_name: str, accum_steps: int, prefix_metrics: bool):
     phase = setup.phases[phase_name]
     optimizer = setup.optimizers[phase_name]
-    graphdef, mesh = setup.graphdef, setup.mesh
+    graphdef, mesh, rules = setup.graphdef, setup.mesh, setup.rules
     ema = setup.ema_cfg.get(phase_name)
 
     def loss_of(trainable, frozen, model_state, batch, rng):
@@ -156,12 +160,16 @@ def make_train_step(setup: Setup, phase_name: str, accum_steps: int, prefix_metr
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        with axes_lib.activation_sharding(mesh, rules):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state["rng"], state["step"])
         trainable, frozen = nnx.split_state(state["params"], phase.trains, ...)
         if accum_steps == 1:
             (loss, (metrics, model_state)), grads = grad_fn(trainable, frozen, state["model_state"], batch, rng)
         else:
-            micro = _microbatches(batch, accum_steps, mesh)
+            micro = _microbatches(batch, accum_steps)
 
             def body(carry, xs):
                 g_acc, ms = carry
@@ -207,15 +215,43 @@ def jit_train_step(setup: Setup, step_fn, batch_shardings):
     )
 
 
-def make_apply_fn(setup: Setup, fn: Callable, use_ema: bool):
-    """jit `fn(model, batch)` (eval or preview) over the mesh; outputs replicated."""
-    graphdef = setup.graphdef
+@dataclasses.dataclass
+class Frozen:
+    """Restored frozen upstream models, split for jit: static graphdefs, array states (arguments)."""
 
-    def apply(state, batch):
-        model = nnx.merge(graphdef, eval_params(state, use_ema), state["model_state"], copy=True)
-        return fn(model, batch)
+    graphdefs: dict[str, Any]
+    states: dict[str, Any]
 
-    return jax.jit(apply, out_shardings=replicated(setup.mesh))
+    def merge(self, states) -> dict[str, nnx.Module]:
+        return {name: nnx.merge(g, states[name]) for name, g in self.graphdefs.items()}
+
+
+def restore_frozen(stage, mesh: Mesh, rules) -> Frozen:
+    """Restore each of `stage.frozen_models()` once onto `mesh`, sharded by its logical axes.
+    A frozen model `NAME` is configured as `config.NAME` (weights in `config.NAME.weights`), which
+    the error for a missing or unreadable weights path names."""
+    graphdefs, states = {}, {}
+    for name, frozen in stage.frozen_models().items():
+        try:
+            module = frozen.load(frozen.weights, mesh, rules)
+        except FileNotFoundError as e:
+            raise UserError(f"frozen model {name!r} (config.{name}.weights={frozen.weights}): {e}") from None
+        graphdefs[name], states[name] = nnx.split(module)
+        log.info("frozen model %r from %s", name, frozen.weights)
+    return Frozen(graphdefs, states)
+
+
+def make_apply_fn(setup: Setup, fn: Callable, use_ema: bool, frozen: Frozen):
+    """jit `fn(model, frozen_models, batch)` (eval or preview) over the mesh; outputs replicated.
+    The jitted function takes `(train_state, frozen.states, batch)`."""
+    graphdef, mesh, rules = setup.graphdef, setup.mesh, setup.rules
+
+    def apply(state, frozen_states, batch):
+        with axes_lib.activation_sharding(mesh, rules):
+            model = nnx.merge(graphdef, eval_params(state, use_ema), state["model_state"], copy=True)
+            return fn(model, frozen.merge(frozen_states), batch)
+
+    return jax.jit(apply, out_shardings=replicated(mesh))
 
 
 def numeric_fields(batch) -> dict:
@@ -223,23 +259,28 @@ def numeric_fields(batch) -> dict:
     return {k: v for k, v in batch.items() if getattr(v, "dtype", None) is not None and v.dtype.kind in "biuf"}
 
 
-def global_batch(local: dict, mesh: Mesh) -> dict:
-    """Assemble each process's local rows into global arrays sharded over data x fsdp."""
-    shards = batch_shards(mesh)
-    out = {}
-    for k, v in local.items():
-        rows = v.shape[0] * jax.process_count()
-        if rows % shards:
-            raise UserError(
-                f"a batch of {rows} examples (field {k!r}) cannot be split over data*fsdp={shards} devices; "
-                "make the batch size (train.batch_size, or the stage's eval batch size such as "
-                "data.eval_batch_size) a multiple of it")
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-    return out
+def batch_sharding(setup: Setup, name: str, local_shape: tuple[int, ...]) -> NamedSharding:
+    """Sharding of a global batch field whose host-local part has `local_shape`: the leading axis
+    over the `batch` rule's mesh axes, the rest replicated. Fails if the rows do not split evenly."""
+    rows = local_shape[0] * jax.process_count()
+    shards = batch_shards(setup.mesh, setup.rules)
+    if rows % shards:
+        raise UserError(
+            f"a batch of {rows} examples (field {name!r}) cannot be split over "
+            f"{axes_lib.describe_batch_axes(setup.rules, setup.mesh)} devices; make the batch size "
+            "(train.batch_size, or the stage's eval batch size such as data.eval_batch_size) a multiple of it")
+    names = ("batch", *([None] * (len(local_shape) - 1)))
+    return axes_lib.logical_sharding(names, (rows, *local_shape[1:]), setup.rules, setup.mesh)
 
 
-def batch_shardings_for(local: dict, mesh: Mesh) -> dict:
-    return {k: batch_sharding(mesh, v.ndim) for k, v in local.items()}
+def global_batch(local: dict, setup: Setup) -> dict:
+    """Assemble each process's local rows into global arrays split over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(setup, k, v.shape), v)
+            for k, v in local.items()}
+
+
+def batch_shardings_for(local: dict, setup: Setup) -> dict:
+    return {k: batch_sharding(setup, k, v.shape) for k, v in local.items()}
 
 
 def param_count(state: TrainState) -> int:

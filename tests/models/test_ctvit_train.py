@@ -13,6 +13,7 @@ from ctgen.data.features import DatasetConfig
 from ctgen.data.preprocess import GridConfig
 from ctgen.data.sources import PhantomSource
 from ctgen.data.writer import build
+from ctgen.stages import get_stage
 from ctgen.train.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +45,7 @@ def _trained_paths(config) -> dict[str, set[str]]:
     from ctgen.parallel.mesh import make_mesh
     from ctgen.train import state as state_lib
 
-    _, setup = state_lib.setup_from_config(config, make_mesh(config.mesh.to_dict()))
+    setup = state_lib.setup_from_config(config, make_mesh(config.mesh.to_dict()), get_stage(config))
     params = setup.abstract["params"]
     out = {}
     for name, phase in setup.phases.items():
@@ -72,7 +73,7 @@ def test_tiny_training_on_8_devices(phantoms, tmp_path):
     workdir = str(tmp_path / "run")
     cfg = _config(phantoms, **{"mesh.data": 8, "mesh.fsdp": 1, "train.steps": 24, "train.log_every": 4,
                                "train.checkpoint_every": 12, "train.eval_every": 24, "train.preview_every": 24})
-    summary = train(cfg, workdir)
+    summary = train(cfg, workdir, get_stage(cfg))
     rows = _rows(workdir)
     first, last = rows[0]["generator/recon_loss"], rows[-1]["generator/recon_loss"]
     assert last < 0.7 * first, (first, last)
@@ -89,7 +90,7 @@ def test_tiny_training_on_8_devices(phantoms, tmp_path):
     cfg2 = _config(phantoms, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.steps": 26,
                                 "train.log_every": 4, "train.checkpoint_every": 12, "train.eval_every": -1,
                                 "train.preview_every": -1})
-    summary2 = train(cfg2, workdir)
+    summary2 = train(cfg2, workdir, get_stage(cfg2))
     assert summary2["start_step"] == 24 and summary2["final_step"] == 26  # generator steps only
     assert _rows(workdir)[-1]["step"] == 26
 
@@ -125,7 +126,7 @@ def test_warm_start_from_imported_generatect_checkpoint_with_vgg_weights(phantom
     config = _config(phantoms, **{"init_from": str(tmp_path / "imported"), "loss.vgg_weights": vgg_file,
                                   "train.steps": 4, "train.log_every": 4, "train.eval_every": -1,
                                   "train.preview_every": -1, "optim.generator.learning_rate": 0.0})
-    summary = train(config, workdir)
+    summary = train(config, workdir, get_stage(config))
     row = _rows(workdir)[-1]
     assert row["generator/perceptual_loss"] > 0
     # learning rate 0: the generator's weights are still the imported ones
@@ -161,3 +162,37 @@ def test_eval_command_on_real_ct_volumes(data_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "psnr:" in captured.out and "ssim:" in captured.out
+
+
+def test_eval_means_cover_the_whole_split(phantoms, tmp_path):
+    """3 validation volumes in eval batches of 2 (the second padded with an invalid row): `ctgen eval`'s
+    PSNR/SSIM/MSE are the means over the 3 volumes and codebook usage/perplexity come from the
+    histogram of all their tokens, as computed directly on the host."""
+    from ctgen.convert.ctvit_store import save_ctvit_dir
+    from ctgen.data.pipelines import volume_pipeline
+    from ctgen.eval.image_metrics import psnr, ssim
+    from ctgen.models.ctvit import CTViT, CTViTConfig
+    from ctgen.models.vq import codebook_metrics
+    from ctgen.train.evaluate import evaluate
+
+    cfg = CTViTConfig.tiny(use_vgg_and_gan=False, max_slices=17, remat=True)
+    model = CTViT(cfg, rngs=nnx.Rngs(3))
+    weights = str(tmp_path / "weights")
+    save_ctvit_dir(weights, cfg, nnx.state(model))
+    config = _config(phantoms, **{"model.use_vgg_and_gan": False, "train.phase_cycle": "('generator',)",
+                                  "mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 4, "data.eval_batch_size": 2,
+                                  "train.eval_batches": 0})
+    metrics = evaluate(config, weights, get_stage(config))
+
+    (batch,) = list(volume_pipeline(phantoms, "validation", global_batch_size=3, train=False, num_slices=9))
+    assert batch["valid"].all()
+    vol = batch["volume"]
+    out = model(vol, train=False)
+    recon = np.clip(np.asarray(out.recon_BxFxHxW), -1, 1)
+    bins = np.bincount(np.asarray(out.ids_BxTxhxw).ravel(), minlength=cfg.codebook_size).astype(np.float32)
+    want = {"psnr": np.mean(psnr(recon, vol)), "ssim": np.mean(ssim(recon, vol)),
+            "recon_mse": np.mean((np.asarray(out.recon_BxFxHxW) - vol) ** 2),
+            **{k: float(v) for k, v in codebook_metrics(bins).items()}}
+    assert set(metrics) == set(want)
+    for k, v in want.items():
+        assert metrics[k] == pytest.approx(float(v), rel=1e-4), k

@@ -68,3 +68,32 @@ def test_rules_from_config_validates():
         ("embed", "fsdp"), ("mlp", ("tensor",)), ("kv", None))
     with pytest.raises(UserError, match="not one of data/fsdp/tensor"):
         axes.rules_from_config([["embed", "model"]])
+
+
+def test_constrain_follows_the_active_rules():
+    import jax.numpy as jnp
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    x = jnp.ones((8, 4, 6))
+    assert axes.constrain(x, ("batch", "length", "mlp")) is x  # no activation_sharding block: no-op
+
+    def run(rules):
+        def f(x):
+            with axes.activation_sharding(mesh, rules):
+                return axes.constrain(x * 2, ("batch", "length", "mlp"))
+
+        return jax.jit(f)(x).sharding.spec
+
+    assert run(axes.DEFAULT_RULES) == P(("data", "fsdp"), None, "tensor")
+    assert run((("batch", "data"), ("mlp", "tensor"))) == P("data", None, "tensor")
+    assert run(()) == P()  # no rules: replicated
+
+
+def test_batch_axes_come_from_the_batch_rule():
+    from ctgen.parallel.mesh import batch_shards
+
+    mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    assert axes.batch_axes(axes.DEFAULT_RULES, mesh) == ("data", "fsdp")
+    assert axes.describe_batch_axes(axes.DEFAULT_RULES, mesh) == "data*fsdp=8"
+    assert axes.batch_axes([("batch", "data")], mesh) == ("data",) and batch_shards(mesh, [("batch", "data")]) == 2
+    assert axes.describe_batch_axes([("embed", "fsdp")], mesh) == "no mesh axis=1"

@@ -61,3 +61,25 @@ def assert_params_equal(a, b, atol=0.0):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+def save_toy_weights(path: str, cfg) -> None:
+    """A weights directory holding a freshly initialised toy model of `cfg` (seeded by `cfg.seed`)."""
+    from ctgen.parallel.mesh import make_mesh
+    from ctgen.train import checkpoint as ckpt_lib
+    from ctgen.train import state as state_lib
+
+    stage = ToyStage(cfg)
+    setup = state_lib.setup_from_config(cfg, make_mesh(cfg.mesh.to_dict()), stage)
+    state = state_lib.create_state(stage, cfg, setup)
+    ckpt_lib.save_weights(path, state["params"], state["model_state"])
+
+
+def toy_predictions(cfg, params, model_state, x: np.ndarray) -> np.ndarray:
+    """A toy model of `cfg` with the given state applied to `x`, computed on the host."""
+    from ctgen.stages.toy import ToyModel
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: ToyModel(ToyStage(cfg).cfg, rngs=nnx.Rngs(0))))
+    host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), (params, model_state))
+    model = nnx.merge(graphdef, *host)
+    return np.asarray(model(x))

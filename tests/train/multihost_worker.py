@@ -1,7 +1,10 @@
-"""One process of the two-process test: `python multihost_worker.py WORKDIR LOG.json steps stop_after`.
+"""One process of the two-process test:
+`python multihost_worker.py WORKDIR LOG.json steps stop_after TEACHER_WEIGHTS`.
 
 jax.distributed is initialised from CTGEN_* environment variables, as `ctgen train
---distributed` does; the process records which examples it read."""
+--distributed` does; the process records which examples it read. The toy stage's frozen teacher
+is restored over both processes' devices and used by eval and by previews, which run on every
+process (process 0 writes them)."""
 import json
 import os
 import sys
@@ -18,13 +21,15 @@ from ctgen.train.loop import train  # noqa: E402
 
 from helpers import RecordingToyStage, toy_config  # noqa: E402
 
-workdir, log_path, steps, stop_after = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+workdir, log_path, teacher = sys.argv[1], sys.argv[2], sys.argv[5]
+steps, stop_after = int(sys.argv[3]), int(sys.argv[4])
 cfg = toy_config("two_phase", **{"train.steps": steps, "train.stop_after_steps": stop_after,
-                                 "train.checkpoint_every": 4, "train.batch_size": 16, "train.eval_every": 4})
+                                 "train.checkpoint_every": 4, "train.batch_size": 16, "train.eval_every": 4,
+                                 "train.preview_every": 4, "teacher.weights": teacher})
 with cfg.unlocked():
     cfg.mesh.update({"data": 2, "fsdp": 4, "tensor": 1})
 log = []
-out = train(cfg, workdir, stage=RecordingToyStage(cfg, log))
+out = train(cfg, workdir, RecordingToyStage(cfg, log))
 kernel = out["state"]["params"]["mid"]["kernel"][...]
 info = {
     "process_index": jax.process_index(),

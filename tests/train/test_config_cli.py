@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from ctgen.cli import main
-from ctgen.configuration import ConfigError, load, split_overrides
+from ctgen.configuration import ConfigError, load, parse_arg, split_overrides
+from ctgen.stages.toy import ToyStage
 
 from helpers import REPO, TOY
+
+CTVIT = f"{REPO}/configs/ctvit.py"
 
 
 def test_overrides_are_typed():
@@ -41,8 +44,39 @@ def test_bad_overrides_fail_clearly(key, value, msg):
 def test_bad_config_file_and_variant():
     with pytest.raises(ConfigError, match="no such file"):
         load("configs/nope.py:tiny")
-    with pytest.raises(ValueError, match="unknown toy variant"):
+    with pytest.raises(ConfigError, match=r"unknown variant 'bogus' \(known variants: tiny; keys: two_phase=False"):
         load(f"{TOY}:bogus")
+
+
+def test_parse_arg_variant_and_typed_keys():
+    a = parse_arg("tiny,res=64,scale=0.5,name=x,flag", variants=("paper", "tiny"), res=0, scale=1.0, name="",
+                  flag=False)
+    assert (a.variant, a.res, a.scale, a.name, a.flag) == ("tiny", 64, 0.5, "x", True)
+    assert parse_arg("", variants=("paper", "tiny"), res=0).variant == "paper"  # the first is the default
+    for arg, msg in [("tiny,rez=3", r"unknown key 'rez' \(known variants: paper, tiny; keys: res=0\)"),
+                     ("papr", r"unknown variant 'papr' \(known variants: paper, tiny"),
+                     ("tiny,res=big", "res='big': expected an integer"),
+                     ("tiny,res", "res needs a value, e.g. res=0"),
+                     ("tiny,paper", "variants tiny, paper exclude each other")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_arg(arg, variants=("paper", "tiny"), res=0)
+
+
+def test_ctvit_variant_keys_set_their_fields():
+    c = load(f"{CTVIT}:small,res=32,slices=5,batch=2,steps=4")
+    assert (c.model.image_size, c.model.discr.image_size, c.data.num_slices, c.model.max_slices) == (32, 32, 5, 17)
+    assert (c.train.batch_size, c.data.eval_batch_size, c.train.steps) == (2, 2, 4)
+    small = load(f"{CTVIT}:small")
+    assert (small.model.image_size, small.model.dim, small.data.num_slices, small.train.steps) == (64, 128, 17, 300)
+    assert load(f"{CTVIT}:paper,slices=241").model.max_slices == 241
+
+
+def test_unknown_config_variant_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["train", "--config", f"{CTVIT}:papr", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("ctgen: error: --config") and "unknown variant 'papr'" in err
+    assert "known variants: paper, demo, small, tiny" in err
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
@@ -116,7 +150,8 @@ def test_eval_command_on_workdir_and_weights(tmp_path, capsys):
 
     from helpers import toy_config
 
-    out = train(toy_config(**{"train.steps": 20, "train.eval_every": -1}), str(tmp_path / "run"))
+    cfg = toy_config(**{"train.steps": 20, "train.eval_every": -1})
+    out = train(cfg, str(tmp_path / "run"), ToyStage(cfg))
     st = out["state"]
     ckpt_lib.save_weights(str(tmp_path / "w"), st["params"], st["model_state"])
     results = []
@@ -150,14 +185,16 @@ def test_eval_reads_params_and_ema_only(tmp_path):
     from helpers import assert_params_equal, params_numpy, toy_config
 
     run = str(tmp_path / "run")
-    out = train(toy_config("ema", **{"train.steps": 20, "train.eval_every": 0}), run)
+    ema_cfg = toy_config("ema", **{"train.steps": 20, "train.eval_every": 0})
+    out = train(ema_cfg, run, ToyStage(ema_cfg))
     other_optimizer = {"optim.main.name": "adam", "optim.main.grad_clip_norm": 0.0}  # no clipping state
     cfg = toy_config("ema", **other_optimizer)
-    _, _, state = load_for_inference(cfg, run)
+    _, state = load_for_inference(cfg, run, ToyStage(cfg))
     with_ema = params_numpy({"params": state_lib.eval_params(out["state"], use_ema=True)})
     live = params_numpy(out["state"])
     assert not np.array_equal(with_ema["mid/kernel"], live["mid/kernel"])
     assert_params_equal(params_numpy(state), with_ema)
-    assert evaluate(cfg, run) == pytest.approx(out["eval"], rel=1e-5)  # not the loop's compiled eval
-    _, _, state = load_for_inference(toy_config("ema", **other_optimizer, **{"train.eval_with_ema": False}), run)
+    assert evaluate(cfg, run, ToyStage(cfg)) == pytest.approx(out["eval"], rel=1e-5)  # not the loop's compiled eval
+    live_cfg = toy_config("ema", **other_optimizer, **{"train.eval_with_ema": False})
+    _, state = load_for_inference(live_cfg, run, ToyStage(live_cfg))
     assert_params_equal(params_numpy(state), live)

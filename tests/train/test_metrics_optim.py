@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctgen.stages.toy import ToyStage
 from ctgen.train import tensorboard as tb
 from ctgen.train.loop import train
 from ctgen.train.metrics import MetricWriter, read_jsonl
@@ -52,10 +53,11 @@ def test_ema_update_copy_then_decay():
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     common = {"train.steps": 3, "train.eval_every": -1, "train.batch_size": 16}
-    full = train(toy_config(**common), str(tmp_path / "full"))
+    full_cfg = toy_config(**common)
+    full = train(full_cfg, str(tmp_path / "full"), ToyStage(full_cfg))
     batches = []
     cfg = toy_config(**common, **{"train.accum_steps": 2})
-    acc = train(cfg, str(tmp_path / "acc"), stage=RecordingToyStage(cfg, batches))
+    acc = train(cfg, str(tmp_path / "acc"), RecordingToyStage(cfg, batches))
     a, b = params_numpy(full["state"]), params_numpy(acc["state"])
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-4, err_msg=k)
@@ -79,8 +81,8 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
 
 
 def test_loop_writes_metrics_eval_and_learns(tmp_path):
-    out = train(toy_config(**{"train.steps": 60, "train.log_every": 20, "train.eval_every": 30,
-                              "train.preview_every": 30}), str(tmp_path))
+    cfg = toy_config(**{"train.steps": 60, "train.log_every": 20, "train.eval_every": 30, "train.preview_every": 30})
+    out = train(cfg, str(tmp_path), ToyStage(cfg))
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     train_rows = [r for r in rows if r["split"] == "train"]
     eval_rows = [r for r in rows if r["split"] == "eval"]

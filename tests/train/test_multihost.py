@@ -5,9 +5,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, save_toy_weights, toy_config
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
@@ -18,7 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, tag, steps, stop_after, tmp_path):
+def _launch(workdir, tag, steps, stop_after, tmp_path, teacher):
     port = _free_port()
     procs, logs = [], []
     for pid in range(2):
@@ -27,7 +28,7 @@ def _launch(workdir, tag, steps, stop_after, tmp_path):
                "CTGEN_NUM_PROCESSES": "2", "CTGEN_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu"}
         log = tmp_path / f"{tag}_{pid}.json"
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(workdir), str(log), str(steps), str(stop_after)],
+        procs.append(subprocess.Popen([sys.executable, WORKER, str(workdir), str(log), str(steps), str(stop_after), teacher],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -38,9 +39,11 @@ def _launch(workdir, tag, steps, stop_after, tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
-    straight = _launch(tmp_path / "straight", "straight", 8, 0, tmp_path)
-    first = _launch(tmp_path / "resumed", "first", 8, 4, tmp_path)
-    second = _launch(tmp_path / "resumed", "second", 8, 0, tmp_path)
+    teacher = str(tmp_path / "teacher")
+    save_toy_weights(teacher, toy_config(**{"seed": 5}))
+    straight = _launch(tmp_path / "straight", "straight", 8, 0, tmp_path, teacher)
+    first = _launch(tmp_path / "resumed", "first", 8, 4, tmp_path, teacher)
+    second = _launch(tmp_path / "resumed", "second", 8, 0, tmp_path, teacher)
 
     for info in straight + first + second:
         assert info["process_count"] == 2 and info["devices"] == 8 and info["local_devices"] == 4
@@ -57,3 +60,9 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     for s, f, r in zip(straight, first, second):
         assert f["batches"] + r["batches"] == s["batches"]
     assert second[0]["eval"] == pytest.approx(straight[0]["eval"], rel=1e-6)
+    # The frozen teacher (sharded over both processes) entered eval and the previews, which both
+    # processes ran (a sharded jitted call that only process 0 made would hang) and process 0 wrote.
+    assert a["eval"] == b["eval"] and a["eval"]["teacher_mse"] > 0
+    for step in (4, 8):
+        preview = np.load(tmp_path / "straight" / "previews" / f"step_{step:08d}" / "preview.npz")
+        assert preview["teacher"].shape == preview["pred"].shape == (16, 8)

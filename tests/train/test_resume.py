@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ctgen.errors import UserError
+from ctgen.stages.toy import ToyStage
 from ctgen.train import checkpoint as ckpt_lib
 from ctgen.train.loop import train
 
@@ -24,7 +25,7 @@ def _cfg(**kw):
 def straight(tmp_path_factory):
     log = []
     cfg = _cfg()
-    out = train(cfg, str(tmp_path_factory.mktemp("straight")), stage=RecordingToyStage(cfg, log))
+    out = train(cfg, str(tmp_path_factory.mktemp("straight")), RecordingToyStage(cfg, log))
     return out, log
 
 
@@ -32,12 +33,12 @@ def test_stop_and_resume_is_identical(tmp_path, straight):
     ref, ref_log = straight
     log = []
     cfg = _cfg(**{"train.stop_after_steps": N})
-    first = train(cfg, str(tmp_path), stage=RecordingToyStage(cfg, log))
+    first = train(cfg, str(tmp_path), RecordingToyStage(cfg, log))
     assert first["final_step"] == N
     assert ckpt_lib.Checkpointer(str(tmp_path)).latest_step() == N
     # A fresh process would rebuild everything from the workdir: so do we.
     cfg2 = _cfg()
-    second = train(cfg2, str(tmp_path), stage=RecordingToyStage(cfg2, log))
+    second = train(cfg2, str(tmp_path), RecordingToyStage(cfg2, log))
     assert second["start_step"] == N and second["final_step"] == 2 * N
     assert log == ref_log, "a resumed run must see exactly the batches of an uninterrupted one"
     assert_params_equal(params_numpy(second["state"]), params_numpy(ref["state"]))
@@ -55,13 +56,13 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path, mesh, ndev):
     cfg = _cfg(**{"train.steps": 4, "train.checkpoint_every": 4})
     with cfg.unlocked():
         cfg.mesh.update({"data": 1, "fsdp": 8, "tensor": 1})
-    saved = train(cfg, str(tmp_path))
+    saved = train(cfg, str(tmp_path), ToyStage(cfg))
     want = params_numpy(saved["state"])
     # Continue the same workdir on another mesh: it must resume, not restart.
     cfg2 = _cfg(**{"train.steps": 5, "train.checkpoint_every": 100})
     with cfg2.unlocked():
         cfg2.mesh.update(mesh)
-    resumed = train(cfg2, str(tmp_path), devices=jax.devices()[:ndev])
+    resumed = train(cfg2, str(tmp_path), ToyStage(cfg2), devices=jax.devices()[:ndev])
     assert resumed["start_step"] == 4
     kernel = resumed["state"]["params"]["mid"]["kernel"][...]
     assert len(kernel.sharding.device_set) == ndev
@@ -69,7 +70,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path, mesh, ndev):
     from ctgen.parallel.mesh import make_mesh
     from ctgen.train import state as state_lib
     m = make_mesh(mesh, jax.devices()[:ndev])
-    _, setup = state_lib.setup_from_config(cfg2, m)
+    setup = state_lib.setup_from_config(cfg2, m, ToyStage(cfg2))
     ck = ckpt_lib.Checkpointer(str(tmp_path))
     state, data = ck.restore(4, setup.abstract)
     ck.close()
@@ -80,14 +81,14 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path, mesh, ndev):
 
 def test_init_from_warm_starts_params_only(tmp_path):
     cfg = _cfg(**{"train.steps": 3})
-    src = train(cfg, str(tmp_path / "src"))
+    src = train(cfg, str(tmp_path / "src"), ToyStage(cfg))
     cfg2 = _cfg(**{"train.steps": 1, "init_from": str(tmp_path / "src")})  # "ema" variant: EMA kept
     with cfg2.unlocked():
         cfg2.optim.main.learning_rate = 0.0  # keep params as loaded
         cfg2.optim.main.weight_decay = 0.0
         cfg2.train.phase_cycle = ("main",)
         cfg2.model.momentum = 1.0  # keep the running mean as loaded too
-    dst = train(cfg2, str(tmp_path / "dst"))
+    dst = train(cfg2, str(tmp_path / "dst"), ToyStage(cfg2))
     assert dst["start_step"] == 0  # a fresh run: step/optimizer not taken over
     assert int(dst["state"]["opt"]["main"][1][0].count) == 1
     assert_params_equal(params_numpy(dst["state"]), params_numpy(src["state"]))
@@ -103,7 +104,7 @@ def test_init_from_warm_starts_params_only(tmp_path):
 
 def test_weights_directory_roundtrip(tmp_path):
     cfg = _cfg(**{"train.steps": 2})
-    out = train(cfg, str(tmp_path / "run"))
+    out = train(cfg, str(tmp_path / "run"), ToyStage(cfg))
     st = out["state"]
     ckpt_lib.save_weights(str(tmp_path / "w"), st["params"], st["model_state"], info={"stage": "toy"})
     assert ckpt_lib.weights_info(str(tmp_path / "w"))["stage"] == "toy"
@@ -121,16 +122,17 @@ def test_weights_directory_roundtrip(tmp_path):
 
 def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
     cfg = _cfg(**{"train.steps": 3, "train.checkpoint_every": 0})
-    train(cfg, str(tmp_path / "zero"))
+    train(cfg, str(tmp_path / "zero"), ToyStage(cfg))
     ck = ckpt_lib.Checkpointer(str(tmp_path / "zero"))
     assert ck.all_steps() == [3]
     ck.close()
     with pytest.raises(UserError, match="train.checkpoint_every must be >= 0"):
-        train(_cfg(**{"train.steps": 3, "train.checkpoint_every": -1}), str(tmp_path / "negative"))
+        negative = _cfg(**{"train.steps": 3, "train.checkpoint_every": -1})
+        train(negative, str(tmp_path / "negative"), ToyStage(negative))
 
 
 def test_retention_keeps_the_newest(tmp_path):
     cfg = _cfg(**{"train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 2})
-    train(cfg, str(tmp_path))
+    train(cfg, str(tmp_path), ToyStage(cfg))
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [6, 8]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]
