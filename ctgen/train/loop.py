@@ -246,7 +246,7 @@ def _initial_state(stage, config, setup, ckpt, data_it):
         return state
     state = state_lib.create_state(stage, config, setup)
     if config.init_from:
-        log.info("warm-starting parameters from %s", config.init_from)
+        log.info("warm-starting parameters and non-trainable state from %s", config.init_from)
         state["params"], state["model_state"] = ckpt_lib.load_weights(
             config.init_from, setup.abstract["params"], setup.abstract["model_state"])
         for name in state["ema"]:  # EMA copies start from the loaded weights, not the random init
