@@ -20,7 +20,7 @@ from ctgen.text import (
     save_text_encoder,
 )
 from ctgen.text.load import detect_format
-from ctgen.train.checkpoint import WEIGHTS_MARKER
+from ctgen.weights import WEIGHTS_MARKER
 
 PROMPTS = ["64 years old male: Emphysema.", "23 years old female: Pleural effusion."]
 
@@ -81,12 +81,12 @@ def test_orbax_round_trip_and_errors(tmp_path):
     # A description that does not match the stored parameters names them.
     meta_path = os.path.join(out, WEIGHTS_MARKER)
     meta = json.load(open(meta_path))
-    assert meta["stage"] == "text" and os.path.isfile(os.path.join(out, "spiece.model"))
-    meta["t5_config"]["d_ff"] = 96
+    assert meta["model"] == "t5_encoder" and os.path.isfile(os.path.join(out, "spiece.model"))
+    meta["model_config"]["d_ff"] = 96
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match=r"encoder/layers_0/mlp/wi_0/kernel: \(64, 128\) vs \(64, 96\)"):
         load_text_encoder(out)
-    meta["stage"] = "ctvit"
+    meta["model"] = "ctvit"
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match="ctgen_weights.json does not describe a ctgen text encoder"):
         load_text_encoder(out)
