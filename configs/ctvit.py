@@ -34,6 +34,7 @@ Departures from GenerateCT, each a switch (the paper variant keeps GenerateCT's 
 import ml_collections
 
 from ctgen.models.ctvit import CTViTConfig
+from ctgen.models.ctvit_losses import LossNetworksConfig, model_config_dict
 from ctgen.train.config import base_config
 from ctgen.train.optim import optimizer_config
 
@@ -42,16 +43,18 @@ def get_config(arg: str = "paper"):
     c = base_config()
     c.stage = "ctvit"
     variant = arg or "paper"
+    nets = LossNetworksConfig()
     if variant == "paper":
         model = CTViTConfig.paper(max_slices=201, remat=True)
     elif variant == "demo":
         model = CTViTConfig.paper(dim=256, codebook_size=1024, spatial_depth=2, temporal_depth=2, max_slices=201,
                                   remat=True)
     elif variant == "tiny":
-        model = CTViTConfig.tiny(max_slices=17, remat=True)
+        model, nets = CTViTConfig.tiny(max_slices=17, remat=True), LossNetworksConfig.tiny()
     else:
         raise ValueError(f"unknown ctvit variant {arg!r}; use paper, demo or tiny")
-    c.model = ml_collections.ConfigDict(model.to_dict())
+    # GenerateCT's flat CTViT arguments: the autoencoder's, use_vgg_and_gan, vgg.*, discr.*
+    c.model = ml_collections.ConfigDict(model_config_dict(model, nets))
 
     loss = c.loss = ml_collections.ConfigDict()
     loss.perceptual = True  # needs VGG16 weights (loss.vgg_weights or init_from); off otherwise

@@ -181,12 +181,12 @@ def load_model(path: str, build: Callable[[nnx.Rngs], nnx.Module], *, at: str | 
 
 
 # --- restoring ----------------------------------------------------------------------------------------
-def _pure(tree: Any) -> Any:
+def to_pure(tree: Any) -> Any:
     """Nested dicts of leaves: NNX variables become their values."""
     if isinstance(tree, nnx.Variable):
         return tree.get_value()
     if isinstance(tree, Mapping):
-        return {k: _pure(v) for k, v in tree.items()}
+        return {k: to_pure(v) for k, v in tree.items()}
     return tree
 
 
@@ -287,7 +287,7 @@ def _restore(path: str, target: dict) -> dict:
     """Restore `target`'s items ({"params", "model_state", optionally "ema"}) from a weights
     directory or, partially, from the train state of a workdir's latest checkpoint."""
     path = os.path.abspath(path)
-    pure = {k: _pure(v) for k, v in target.items()}
+    pure = {k: to_pure(v) for k, v in target.items()}
     if weights_info(path) is not None:
         source = os.path.join(path, "weights")
         with ocp.PyTreeCheckpointer() as ckptr:
