@@ -51,7 +51,17 @@ FORMAT = "ctgen-weights-v1"
 _LEGACY_CONFIG_KEYS = (("ctvit_config", "ctvit"), ("t5_config", "t5_encoder"))
 
 
-# --- flat paths -------------------------------------------------------------------------------------
+# --- pure trees and flat paths ------------------------------------------------------------------------
+def to_pure(tree: Any) -> Any:
+    """`tree` (nnx.State, nested dicts, or dicts holding States) as nested dicts of leaves: NNX
+    variables become their values."""
+    if isinstance(tree, nnx.Variable):
+        return tree.get_value()
+    if isinstance(tree, Mapping):
+        return {k: to_pure(v) for k, v in tree.items()}
+    return tree
+
+
 def flatten_state(tree: Mapping, sep: str = "/") -> dict[str, Any]:
     """Flatten a nested dict (e.g. `nnx.State.to_pure_dict()`) into '/'-joined paths."""
     flat: dict[str, Any] = {}
@@ -181,15 +191,6 @@ def load_model(path: str, build: Callable[[nnx.Rngs], nnx.Module], *, at: str | 
 
 
 # --- restoring ----------------------------------------------------------------------------------------
-def to_pure(tree: Any) -> Any:
-    """Nested dicts of leaves: NNX variables become their values."""
-    if isinstance(tree, nnx.Variable):
-        return tree.get_value()
-    if isinstance(tree, Mapping):
-        return {k: to_pure(v) for k, v in tree.items()}
-    return tree
-
-
 def _refill(template: Any, values: Any) -> Any:
     """`values` (pure nested dicts) in the container types of `template`."""
     if isinstance(template, nnx.State):
@@ -278,7 +279,9 @@ def _plan(source: str, target: dict, stored: Mapping) -> tuple[dict, dict]:
         for title, items in (("missing", missing), ("shape mismatches (stored vs expected)", mismatched)):
             if items:
                 lines.append(f"{title} ({len(items)}):")
-                lines += [f"  {i}" for i in items[:20]] + ([f"  ... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines += [f"  {i}" for i in items[:20]]
+                if len(items) > 20:
+                    lines.append(f"  ... and {len(items) - 20} more")
         raise UserError("\n".join(lines))
     return item, arranged
 
