@@ -188,7 +188,7 @@ def to_generatect(model_or_state: Any, cfg: CTViTConfig, nets: LossNetworksConfi
     return out
 
 
-def configs_of(model: nnx.Module) -> tuple[CTViTConfig, LossNetworksConfig | None]:
+def _configs_of(model: nnx.Module) -> tuple[CTViTConfig, LossNetworksConfig | None]:
     """The architecture of a CTViT, or of a module holding `ctvit` (and `vgg`, `discr`) as the
     CT-ViT stage's model does."""
     if isinstance(model, CTViT):
@@ -206,7 +206,7 @@ def export_ctvit(model_or_state: Any, path: str, cfg: CTViTConfig | None = None,
     if cfg is None:
         if not isinstance(model_or_state, nnx.Module):
             raise ValueError("export_ctvit needs `cfg` (and `nets`) when given a state rather than a module")
-        cfg, nets = configs_of(model_or_state)
+        cfg, nets = _configs_of(model_or_state)
     sd = to_generatect(model_or_state, cfg, nets)
     write_state_dict(sd, path)
     return len(sd)
