@@ -63,7 +63,7 @@ def to_pure(tree: Any) -> Any:
 
 
 def flatten_state(tree: Mapping, sep: str = "/") -> dict[str, Any]:
-    """Flatten a nested dict (e.g. `nnx.State.to_pure_dict()`) into '/'-joined paths."""
+    """Flatten a nested dict (e.g. `nnx.to_pure_dict(state)`) into '/'-joined paths."""
     flat: dict[str, Any] = {}
 
     def walk(prefix, node):

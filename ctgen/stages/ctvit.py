@@ -182,7 +182,7 @@ def _assign_from_host(module: nnx.Module, arrays: dict[str, np.ndarray]) -> None
     """Set a module's parameters to host arrays without baking them into the jitted init as
     constants (a host callback supplies them)."""
     state = nnx.state(module, nnx.Param)
-    paths = sorted(flatten_state(state.to_pure_dict()))
+    paths = sorted(flatten_state(nnx.to_pure_dict(state)))
     missing = sorted(set(paths) - set(arrays))
     if missing:
         raise UserError(f"VGG16 weights lack {missing[:5]}")
