@@ -92,6 +92,21 @@ def test_orbax_round_trip_and_errors(tmp_path):
         load_text_encoder(out)
 
 
+def test_text_encoder_dir_with_an_old_marker_still_loads(tmp_path):
+    """Directories written before markers named `model`/`model_config` (they recorded
+    `stage: text` and `t5_config`) load as before."""
+    model, tok, cfg = load_text_encoder("builtin")
+    out = save_text_encoder(model, tok, str(tmp_path / "enc"))
+    with open(os.path.join(out, WEIGHTS_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"format": "ctgen-weights-v1", "written": "2025-01-01T00:00:00", "stage": "text",
+                   "t5_config": cfg.to_dict()}, f)
+    assert load_text_config(out) == cfg
+    loaded, _, _ = load_text_encoder(out)
+    a, _ = encode_text(model, tok, PROMPTS)
+    b, _ = encode_text(loaded, tok, PROMPTS)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_orbax_format_restores_onto_a_mesh(tmp_path):
     model, tok, _ = load_text_encoder("builtin")
     out = save_text_encoder(model, tok, str(tmp_path / "enc"))
