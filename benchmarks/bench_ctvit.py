@@ -50,25 +50,30 @@ def run_ctgen(args) -> dict:
     import optax
     from flax import nnx
 
-    from ctgen.models.ctvit import CTViT, CTViTConfig
-    from ctgen.models.ctvit_losses import discriminator_loss, generator_loss
+    from ctgen.models.ctvit import CTViTConfig
+    from ctgen.models.ctvit_losses import LossNetworksConfig, discriminator_loss, generator_loss
+    from ctgen.stages.ctvit import CTViTTrainer
 
     remat = args.remat if args.remat is not None else args.workload != "infer"
-    cfg = CTViTConfig.paper(max_slices=max(args.slices, 201), remat=remat, dtype=args.dtype,
-                            use_vgg_and_gan=args.workload != "infer")
-    graphdef, params, rest = nnx.split(CTViT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    cfg = CTViTConfig.paper(max_slices=max(args.slices, 201), remat=remat, dtype=args.dtype)
+    nets = LossNetworksConfig() if args.workload != "infer" else None
+    graphdef, params, rest = nnx.split(CTViTTrainer(cfg, nets, rngs=nnx.Rngs(0)), nnx.Param, ...)
     vol = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (args.batch, args.slices, 128, 128)).astype(np.float32))
     if args.workload == "infer":
         @jax.jit
         def fn(params, rest, vol):
-            m = nnx.merge(graphdef, params, rest)
+            m = nnx.merge(graphdef, params, rest).ctvit
             ids = m.encode(vol)
             return ids, m.decode(ids)
 
         def call():
             return fn(params, rest, vol)
     else:
-        loss_fn = generator_loss if args.workload == "gen" else discriminator_loss
+        def loss_fn(m, batch, rng):
+            if args.workload == "gen":
+                return generator_loss(m.ctvit, m.vgg, m.discr, batch, rng)
+            return discriminator_loss(m.ctvit, m.discr, batch, rng)
+
         discr = nnx.PathContains("discr")
         trains = nnx.All(nnx.Param, discr if args.workload == "discr" else nnx.Not(discr))
         trainable, frozen = nnx.split_state(params, trains, ...)
@@ -116,10 +121,11 @@ def run_reference(args) -> dict:
     import torch
 
     from ctgen.models.ctvit import CTViTConfig
+    from ctgen.models.ctvit_losses import LossNetworksConfig
 
     torch.set_num_threads(args.threads)
-    cfg = CTViTConfig.paper(use_vgg_and_gan=args.workload != "infer")
-    model = rt.build_reference(cfg, seed=0)
+    cfg = CTViTConfig.paper()
+    model = rt.build_reference(cfg, LossNetworksConfig() if args.workload != "infer" else None, seed=0)
     video = torch.rand(args.batch, 1, args.slices, 128, 128) * 2 - 1
     if args.workload == "infer":
         model.eval()

@@ -46,6 +46,7 @@ import ml_collections
 
 from ctgen.configuration import parse_arg
 from ctgen.models.ctvit import CTViTConfig
+from ctgen.models.ctvit_losses import LossNetworksConfig, model_config_dict
 from ctgen.train.config import base_config
 from ctgen.train.optim import optimizer_config
 
@@ -55,6 +56,7 @@ def get_config(arg: str = "paper"):
     c = base_config()
     c.stage = "ctvit"
     variant = a.variant
+    nets = LossNetworksConfig()
     if variant == "paper":
         model = CTViTConfig.paper(max_slices=201, remat=True)
     elif variant == "demo":
@@ -63,10 +65,12 @@ def get_config(arg: str = "paper"):
     elif variant == "small":
         model = CTViTConfig.tiny(dim=128, codebook_size=512, heads=4, dim_head=32, image_size=64, max_slices=17,
                                  remat=True)
-        model = dataclasses.replace(model, discr=dataclasses.replace(model.discr, image_size=64))
+        tiny = LossNetworksConfig.tiny()
+        nets = dataclasses.replace(tiny, discr=dataclasses.replace(tiny.discr, image_size=64))
     else:
-        model = CTViTConfig.tiny(max_slices=17, remat=True)
-    c.model = ml_collections.ConfigDict(model.to_dict())
+        model, nets = CTViTConfig.tiny(max_slices=17, remat=True), LossNetworksConfig.tiny()
+    # GenerateCT's flat CTViT arguments: the autoencoder's, use_vgg_and_gan, vgg.*, discr.*
+    c.model = ml_collections.ConfigDict(model_config_dict(model, nets))
 
     loss = c.loss = ml_collections.ConfigDict()
     loss.perceptual = True  # needs VGG16 weights (loss.vgg_weights or init_from); off otherwise

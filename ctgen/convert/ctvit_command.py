@@ -9,7 +9,8 @@
 by import, or a GenerateCT/ctgen weights file. The import writes a ctgen weights directory
 (parameters + VQ codebook, architecture recorded in its marker file): use it as
 `--config.init_from=DIR` (with a 379-key checkpoint this also brings the VGG16, which turns the
-perceptual loss on, and the discriminator) or as `ctgen eval --weights DIR`.
+perceptual loss on, and the discriminator), as `ctgen eval --weights DIR`, or as the tokenizer
+of later stages (which read only the autoencoder from it).
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ def export_workdir(workdir: str, out: str) -> int:
     from ctgen.convert.ctvit import export_ctvit
     from ctgen.convert.ctvit_store import load_ctvit_state
 
-    cfg, state = load_ctvit_state(workdir)
-    n = export_ctvit(state, out, cfg)
+    cfg, nets, states = load_ctvit_state(workdir)
+    n = export_ctvit(states, out, cfg, nets)
     log.info("wrote %s: %d GenerateCT CTViT keys (%s)", out, n,
-             "with vgg.* and discr.*" if cfg.use_vgg_and_gan else "without vgg/discr: CTViT(use_vgg_and_gan=False)")
+             "with vgg.* and discr.*" if nets else "without vgg/discr: CTViT(use_vgg_and_gan=False)")
     return n
 
 
@@ -41,12 +42,13 @@ def import_to_dir(path: str, out: str, *, image_size: int | None = None, max_sli
     if image_size:
         overrides["image_size"] = image_size
     result = import_generatect_ctvit(path, **overrides)
-    save_ctvit_dir(out, result.config, result.state, info={"source": path})
+    loss_nets = {k: v for k, v in result.states.items() if k != "ctvit"}
+    save_ctvit_dir(out, result.config, result.state, nets=result.nets, loss_nets=loss_nets, info={"source": path})
     c = result.config
     lines = [f"imported {path} -> {out}", result.report.describe(),
              f"architecture: dim {c.dim}, codebook {c.codebook_size}, {c.image_size}x{c.image_size}, "
              f"patch {c.patch_size}x{c.temporal_patch_size}, depth {c.spatial_depth}+{c.temporal_depth}, "
-             f"{c.heads} heads x {c.dim_head}, vgg/discriminator: {'yes' if c.use_vgg_and_gan else 'no'}"]
+             f"{c.heads} heads x {c.dim_head}, vgg/discriminator: {'yes' if result.nets else 'no'}"]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 

@@ -1,34 +1,53 @@
-"""Where CT-ViT weights live, and loading a ready-to-run `CTViT` from any of them.
+"""Where CT-ViT weights live, and loading them: the tokenizer alone, or everything.
 
 - a GenerateCT file: `ctvit_pretrained.pt`, `transformer_pretrained.pt` (its `ctvit.*` block), or
   a ctgen export (`.pt` / `.safetensors`);
-- a ctgen weights directory (`ctgen.train.checkpoint.save_weights`: params + VQ codebook), as
-  written by `ctgen import generatect-ctvit`; its marker file records the architecture, and it
+- a ctgen weights directory (model "ctvit"), as written by `ctgen import generatect-ctvit`: it
   works as `--config.init_from` and as `ctgen eval --weights`;
 - a training workdir of the `ctvit` stage (config.json + its latest checkpoint).
+
+Directories hold the CT-ViT stage's layout: `{"ctvit": autoencoder, "vgg": ..., "discr": ...}`
+(loss networks only if they were imported or trained). Directories and workdirs written before
+the autoencoder was split from its loss networks keep it at the root; `ctgen.weights` reads both
+(see its "sub-model stored at the root"). Loading the tokenizer (`load_ctvit`) reads only the
+autoencoder, restored straight onto a mesh if given: the VGG16 and the discriminator are never
+allocated.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from flax import nnx
+from jax.sharding import Mesh
 
 from ctgen.convert.ctvit import abstract_ctvit, import_generatect_ctvit
 from ctgen.errors import UserError
 from ctgen.models.ctvit import CTViT, CTViTConfig
-from ctgen.train import checkpoint as ckpt_lib
+from ctgen.models.ctvit_losses import LossNetworksConfig, model_config_dict, split_model_config
+from ctgen.weights import load_model, load_weights, save_weights, weights_info
+
+MODEL = "ctvit"  # the `model` a weights directory records for a CT-ViT
 
 
-def save_ctvit_dir(path: str, cfg: CTViTConfig, state: nnx.State, *, info: dict | None = None) -> None:
-    """Write a weights directory (params + VQ buffers) that records the CT-ViT architecture."""
-    params, model_state = nnx.split_state(state, nnx.Param, ...)
-    ckpt_lib.save_weights(path, params, model_state,
-                          info={"stage": "ctvit", "ctvit_config": cfg.to_dict(), **(info or {})})
+def save_ctvit_dir(path: str, cfg: CTViTConfig, state: nnx.State, *, nets: LossNetworksConfig | None = None,
+                   loss_nets: dict[str, nnx.State] | None = None, info: dict | None = None) -> None:
+    """Write a weights directory of the autoencoder `state` (params + VQ buffers) and, with
+    `nets`, the loss networks' states `loss_nets` ({"vgg": ..., "discr": ...})."""
+    if (nets is None) != (not loss_nets):
+        raise ValueError("pass the loss networks' sizes (nets) and their states (loss_nets) together")
+    params, model_state = {}, {}
+    for name, s in {"ctvit": state, **(loss_nets or {})}.items():
+        p, rest = nnx.split_state(s, nnx.Param, ...)
+        params[name] = p
+        if rest:
+            model_state[name] = rest
+    save_weights(path, params, model_state, model=MODEL, model_config=model_config_dict(cfg, nets), info=info)
 
 
-def workdir_config(workdir: str) -> CTViTConfig:
-    """The CT-ViT architecture of a `ctvit` training workdir (from its config.json)."""
+def workdir_config(workdir: str) -> tuple[CTViTConfig, LossNetworksConfig | None]:
+    """The architecture of a `ctvit` training workdir (from its config.json)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise UserError(f"{workdir}: no config.json (not a ctgen training workdir)")
@@ -36,39 +55,41 @@ def workdir_config(workdir: str) -> CTViTConfig:
         config = json.load(f)
     if config.get("stage") != "ctvit":
         raise UserError(f"{workdir} is a {config.get('stage')!r} workdir, not a CT-ViT one")
-    return CTViTConfig.from_dict(config["model"])
+    return split_model_config(config["model"])
 
 
-def _load(path: str, cfg: CTViTConfig | None) -> tuple[CTViTConfig, nnx.GraphDef, nnx.State]:
-    if os.path.isfile(path):
-        result = import_generatect_ctvit(path, cfg)
-        return result.config, result.graphdef, result.state
+def stored_config(path: str) -> tuple[CTViTConfig, LossNetworksConfig | None]:
+    """The architecture recorded by a weights directory or a training workdir."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such file or directory")
-    info = ckpt_lib.weights_info(path)
-    if cfg is None:
-        if info is not None:
-            if "ctvit_config" not in info:
-                raise UserError(f"{path}: weights directory of stage {info.get('stage')!r}, not a CT-ViT")
-            cfg = CTViTConfig.from_dict(info["ctvit_config"])
-        else:
-            cfg = workdir_config(path)
-    graphdef, abstract_state = abstract_ctvit(cfg)
-    params, model_state = nnx.split_state(abstract_state, nnx.Param, ...)
-    try:
-        params, model_state = ckpt_lib.load_weights(path, params, model_state)
-    except FileNotFoundError as err:
-        raise UserError(str(err)) from None
-    return cfg, graphdef, nnx.merge_state(params, model_state)
+    info = weights_info(path)
+    if info is None:
+        return workdir_config(path)
+    if info["model"] != MODEL:
+        raise UserError(f"{path}: weights directory of model {info['model']!r}, not a CT-ViT")
+    return split_model_config(info["model_config"])
 
 
-def load_ctvit_state(path: str, cfg: CTViTConfig | None = None) -> tuple[CTViTConfig, nnx.State]:
-    """(architecture, full state) from a GenerateCT/ctgen file, a weights directory or a workdir."""
-    cfg, _, state = _load(path, cfg)
-    return cfg, state
+def load_ctvit(path: str, cfg: CTViTConfig | None = None, *, mesh: Mesh | None = None, rules=None) -> CTViT:
+    """The tokenizer: a ready `CTViT` from any of the locations in this module's docstring,
+    sharded over `mesh` by its logical axes (`rules`, default rules) if given. Reads only the
+    autoencoder: never allocates the VGG16 or the discriminator."""
+    if os.path.isfile(path):
+        return import_generatect_ctvit(path, cfg, loss_networks=False, mesh=mesh, rules=rules).model()
+    cfg = cfg or stored_config(path)[0]
+    return load_model(path, lambda rngs: CTViT(cfg, rngs=rngs), at="ctvit", mesh=mesh, rules=rules)
 
 
-def load_ctvit(path: str, cfg: CTViTConfig | None = None) -> CTViT:
-    """A ready `CTViT` module from any of the locations in this module's docstring."""
-    _, graphdef, state = _load(path, cfg)
-    return nnx.merge(graphdef, state)
+def load_ctvit_state(path: str) -> tuple[CTViTConfig, LossNetworksConfig | None, dict[str, Any]]:
+    """(architecture, loss networks' sizes, {"ctvit": state, "vgg": ..., "discr": ...}): everything
+    a location holds, e.g. to export it."""
+    if os.path.isfile(path):
+        result = import_generatect_ctvit(path)
+        return result.config, result.nets, result.states
+    cfg, nets = stored_config(path)
+    _, abstract = abstract_ctvit(cfg, nets)
+    split = {name: nnx.split_state(s, nnx.Param, ...) for name, s in abstract.items()}
+    params, model_state = load_weights(path, {k: p for k, (p, _) in split.items()},
+                                       {k: rest for k, (_, rest) in split.items() if rest})
+    return cfg, nets, {k: nnx.merge_state(params[k], model_state[k]) if k in model_state else params[k]
+                       for k in params}

@@ -147,30 +147,3 @@ def compare_shapes(got: Mapping[str, tuple], expected: Mapping[str, tuple], repo
             report.mismatched.append((key, tuple(got[key]), tuple(shape)))
     report.unexpected.extend(key for key in got if key not in expected)
     return report
-
-
-def flatten_state(tree, sep: str = "/") -> dict[str, np.ndarray]:
-    """Flatten a nested dict (e.g. `nnx.State.to_pure_dict()`) into '/'-joined paths."""
-    flat: dict[str, np.ndarray] = {}
-
-    def walk(prefix, node):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(f"{prefix}{sep}{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = node
-
-    walk("", tree)
-    return flat
-
-
-def unflatten_state(flat: Mapping[str, np.ndarray], sep: str = "/") -> dict:
-    """Inverse of `flatten_state`; integer-looking components become int keys (NNX lists)."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        parts = [int(p) if p.isdigit() else p for p in path.split(sep)]
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return tree

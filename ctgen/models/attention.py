@@ -29,19 +29,24 @@ class Attention(nnx.Module):
 
     x_BxNxD may have any number of leading batch axes (..., N, D). `bias_HxNxM` is added to the
     logits of the non-null keys. `mask_BxM` (True = attend) masks context keys.
+    cross: attend to a `context` (width `dim_context`, default `dim`) normalised by its own
+      `context_norm`; otherwise self-attention, which takes no context.
     """
 
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, dim_context: int | None = None,
-                 num_null_kv: int = 0, scale: float = 8.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, cross: bool = False,
+                 dim_context: int | None = None, num_null_kv: int = 0, scale: float = 8.0, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if dim_context is not None and not cross:
+            raise ValueError(f"dim_context={dim_context} is for cross-attention: pass cross=True")
         inner = heads * dim_head
         dim_context = dim_context or dim
         self.heads, self.dim_head, self.scale = heads, dim_head, scale
         self.num_null_kv = num_null_kv
-        self.cross = dim_context != dim or num_null_kv > 0
+        self.cross = cross
         self.norm = ScaleNorm(dim)
-        # Only cross-attention normalises its context; self-attention's context_norm is unused in
-        # GenerateCT, so it is not a ctgen parameter (conversion writes its constant value).
-        self.context_norm = ScaleNorm(dim_context) if self.cross else None
+        # Self-attention's context_norm is unused in GenerateCT, so it is not a ctgen parameter
+        # (conversion writes its constant value).
+        self.context_norm = ScaleNorm(dim_context) if cross else None
         self.null_kv = (nnx.Param(with_axes(jax.nn.initializers.normal(1.0), "heads", None, "kv")(
             rngs.params(), (heads, 2 * num_null_kv, dim_head))) if num_null_kv else None)
         self.to_q = Dense(dim, inner, axes=("embed", "joined_kv"), use_bias=False, dtype=dtype, rngs=rngs)
@@ -54,6 +59,9 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, *, context: jax.Array | None = None, bias_HxNxM: jax.Array | None = None,
                  mask_BxM: jax.Array | None = None) -> jax.Array:
         h, dh = self.heads, self.dim_head
+        if (context is not None) != self.cross:
+            raise ValueError("cross-attention needs a context" if self.cross else
+                             "self-attention takes no context (build the layer with cross=True)")
         if context is not None:
             context = self.context_norm(context)
         kv_input = x if context is None else context  # self-attention: k/v from the raw input
@@ -122,7 +130,7 @@ class TransformerBlock(nnx.Module):
                  dim_context: int | None, cross_num_null_kv: int, dtype, rngs: nnx.Rngs):
         self.peg = PEG(dim, causal=peg_causal, rngs=rngs) if peg else None
         self.attn = Attention(dim, heads=heads, dim_head=dim_head, dtype=dtype, rngs=rngs)
-        self.cross_attn = (Attention(dim, heads=heads, dim_head=dim_head, dim_context=dim_context,
+        self.cross_attn = (Attention(dim, heads=heads, dim_head=dim_head, cross=True, dim_context=dim_context,
                                      num_null_kv=cross_num_null_kv, dtype=dtype, rngs=rngs)
                            if dim_context else None)
         self.ff = GEGLUFeedForward(dim, ff_mult, dtype=dtype, rngs=rngs)

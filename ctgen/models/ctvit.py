@@ -5,9 +5,11 @@ T = 1 + k, h = H/p, w = W/p: slice 0 alone as p x p patches, the remaining slice
 tubelets (reshape + dense, never a strided convolution). Encoder: spatial transformer over each
 slice's h*w tokens with a 2-D continuous position bias, then temporal transformer over T per
 (h, w). A cosine-similarity EMA codebook quantises every token. Decoder: temporal, then spatial
-transformer, then linear heads back to patches. Parameter-for-parameter equivalent to
-GenerateCT's `CTViT` (see `ctgen.convert.ctvit` for the name map), including the VGG16 and the
-discriminator used by its losses (`ctgen.models.ctvit_losses`).
+transformer, then linear heads back to patches. Parameter-for-parameter equivalent to the
+autoencoder of GenerateCT's `CTViT` (see `ctgen.convert.ctvit` for the name map). GenerateCT's
+class also owns the VGG16 and the discriminator its losses use; in ctgen those are separate
+modules (`ctgen.models.ctvit_losses`) that the CT-ViT training stage holds beside this one, so
+loading the tokenizer for later stages or generation never allocates them.
 """
 from __future__ import annotations
 
@@ -20,15 +22,14 @@ from flax import nnx
 
 from ctgen.config_dataclass import build_dataclass
 from ctgen.models.attention import ContinuousPositionBias, Transformer
-from ctgen.models.discriminator import Discriminator, DiscriminatorConfig
 from ctgen.models.layers import Dense, LayerNorm
-from ctgen.models.vgg import VGG16, VGGConfig
 from ctgen.models.vq import VectorQuantizer
 
 
 @dataclasses.dataclass(frozen=True)
 class CTViTConfig:
-    """Architecture of a CT-ViT. `paper()` is GenerateCT's; `tiny()` trains in seconds on a CPU.
+    """Architecture of a CT-ViT autoencoder. `paper()` is GenerateCT's; `tiny()` trains in seconds
+    on a CPU. (The loss networks' sizes are `ctgen.models.ctvit_losses.LossNetworksConfig`.)
 
     max_slices: the longest volume the model accepts (1 + k*temporal_patch_size); nothing in the
       weights depends on it, it guards inputs.
@@ -51,9 +52,6 @@ class CTViTConfig:
     heads: int = 8
     ff_mult: float = 4.0
     max_slices: int = 201
-    use_vgg_and_gan: bool = True
-    vgg: VGGConfig = VGGConfig()
-    discr: DiscriminatorConfig = DiscriminatorConfig()
     vq_decay: float = 0.8
     commitment_weight: float = 1.0
     remat: bool = False
@@ -68,8 +66,7 @@ class CTViTConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> "CTViTConfig":
         base = cls(dim=32, codebook_size=64, image_size=32, patch_size=8, spatial_depth=1, temporal_depth=1,
-                   dim_head=8, heads=2, max_slices=17, vgg=VGGConfig(widths=(4, 8, 8, 16, 16), fc_dim=32),
-                   discr=DiscriminatorConfig(base_dim=2, image_size=32, attn_heads=2, attn_dim_head=8, max_dim=32))
+                   dim_head=8, heads=2, max_slices=17)
         return dataclasses.replace(base, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,8 +150,6 @@ class CTViT(nnx.Module):
         self.dec_temporal = transformer(cfg.temporal_depth)
         self.first_to_pixels = Dense(d, p * p, axes=("embed", None), dtype=dtype, rngs=rngs)
         self.rest_to_pixels = Dense(d, pt * p * p, axes=("embed", None), dtype=dtype, rngs=rngs)
-        self.vgg = VGG16(cfg.vgg, dtype=dtype, rngs=rngs) if cfg.use_vgg_and_gan else None
-        self.discr = Discriminator(cfg.discr, dtype=dtype, rngs=rngs) if cfg.use_vgg_and_gan else None
 
     # -- patches ---------------------------------------------------------------------------------
     def to_tokens(self, volume_BxFxHxW: jax.Array) -> jax.Array:

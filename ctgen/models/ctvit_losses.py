@@ -1,4 +1,8 @@
-"""CT-ViT training losses (GenerateCT's), as pure functions `loss(model, batch, rng) -> (loss, metrics)`.
+"""CT-ViT training losses (GenerateCT's) and the networks they use beside the autoencoder.
+
+The losses are pure functions of the modules they need, `(ctvit, [vgg,] discr, batch, rng)`,
+returning `(loss, metrics)`. GenerateCT's `CTViT` owns its VGG16 and discriminator; here they
+are separate modules (`LossNetworksConfig`) that the CT-ViT stage holds beside the autoencoder.
 
 Generator (GenerateCT `CTViT.forward(video)`):
   recon  = MSE(volume, reconstruction) over the whole volume
@@ -19,12 +23,52 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ctgen.models.ctvit import CTViT
-from ctgen.models.vgg import VGG16
+from ctgen.config_dataclass import build_dataclass
+from ctgen.models.ctvit import CTViT, CTViTConfig
+from ctgen.models.discriminator import Discriminator, DiscriminatorConfig
+from ctgen.models.vgg import VGG16, VGGConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LossNetworksConfig:
+    """Sizes of the VGG16 (perceptual loss) and the discriminator (GAN) a CT-ViT trains with.
+    GenerateCT's `CTViT(use_vgg_and_gan=True)` builds both; `paper` sizes are the defaults."""
+
+    vgg: VGGConfig = VGGConfig()
+    discr: DiscriminatorConfig = DiscriminatorConfig()
+
+    @classmethod
+    def tiny(cls) -> "LossNetworksConfig":
+        """Shrunk networks for `CTViTConfig.tiny()` (32x32 slices)."""
+        return cls(vgg=VGGConfig(widths=(4, 8, 8, 16, 16), fc_dim=32),
+                   discr=DiscriminatorConfig(base_dim=2, image_size=32, attn_heads=2, attn_dim_head=8, max_dim=32))
+
+
+def split_model_config(d: Any) -> tuple[CTViTConfig, LossNetworksConfig | None]:
+    """GenerateCT's flat `CTViT` arguments (the CT-ViT stage's `config.model` section, a CT-ViT
+    weights directory's `model_config`) split into the autoencoder's config and its loss
+    networks' (None when `use_vgg_and_gan` is off)."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    use_vgg_and_gan = d.pop("use_vgg_and_gan", True)
+    vgg, discr = d.pop("vgg", {}), d.pop("discr", {})
+    nets = None
+    if use_vgg_and_gan:
+        nets = LossNetworksConfig(build_dataclass(VGGConfig, vgg, where="vgg"), build_dataclass(DiscriminatorConfig, discr, where="discr"))
+    return CTViTConfig.from_dict(d), nets
+
+
+def model_config_dict(cfg: CTViTConfig, nets: LossNetworksConfig | None) -> dict[str, Any]:
+    """Inverse of `split_model_config`: one flat, JSON-able dict."""
+    out = {**cfg.to_dict(), "use_vgg_and_gan": nets is not None}
+    if nets is not None:
+        out.update(vgg=dataclasses.asdict(nets.vgg), discr=dataclasses.asdict(nets.discr))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,22 +106,22 @@ def pick_slices(volume_BxFxHxW: jax.Array, idx_B: jax.Array) -> jax.Array:
     return picked[:, 0, :, :, None]
 
 
-def _slice_from_head(model: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array, kernel: jax.Array) -> jax.Array:
+def _slice_from_head(ctvit: CTViT, feats_BxTxhxwxD: jax.Array, idx_B: jax.Array, kernel: jax.Array) -> jax.Array:
     """Pixels of slice idx_B[b] computed from decoder features with the rest-slices head `kernel`.
 
     Only the token row that holds each slice is projected, so gradients w.r.t. `kernel` are cheap.
     """
-    cfg = model.cfg
+    cfg = ctvit.cfg
     b, _, h, w, _ = feats_BxTxhxwxD.shape
     p, pt = cfg.patch_size, cfg.temporal_patch_size
     row = jnp.where(idx_B == 0, 0, (idx_B - 1) // pt + 1)
     sub = jnp.where(idx_B == 0, 0, (idx_B - 1) % pt)
     tokens = jnp.take_along_axis(feats_BxTxhxwxD, row.reshape(-1, 1, 1, 1, 1), axis=1)[:, 0]
-    rest = model.rest_to_pixels(tokens, kernel).astype(jnp.float32)
+    rest = ctvit.rest_to_pixels(tokens, kernel).astype(jnp.float32)
     rest = rest.reshape(b, h, w, pt, p, p)
     rest = jnp.take_along_axis(rest, sub.reshape(-1, 1, 1, 1, 1, 1), axis=3)[:, :, :, 0]
     rest = rest.transpose(0, 1, 3, 2, 4).reshape(b, h * p, w * p)
-    first = model.first_to_pixels(feats_BxTxhxwxD[:, 0]).astype(jnp.float32)
+    first = ctvit.first_to_pixels(feats_BxTxhxwxD[:, 0]).astype(jnp.float32)
     first = first.reshape(b, h, w, p, p).transpose(0, 1, 3, 2, 4).reshape(b, h * p, w * p)
     return jnp.where((idx_B == 0).reshape(-1, 1, 1), first, rest)[..., None]
 
@@ -107,17 +151,19 @@ def _surrogate(value: jax.Array, grads, inputs) -> jax.Array:
     return sg(value) + sum(jax.tree.leaves(terms))
 
 
-def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConfig = CTViTLossConfig(), *,
+def generator_loss(ctvit: CTViT, vgg: VGG16 | None, discr: Discriminator | None, batch: dict, rng: jax.Array,
+                   cfg: CTViTLossConfig = CTViTLossConfig(), *,
                    slice_idx: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GenerateCT's CT-ViT generator loss; `batch["volume"]` is (B, F, H, W) in [-1, 1]."""
+    """GenerateCT's CT-ViT generator loss; `batch["volume"]` is (B, F, H, W) in [-1, 1]. Without
+    a `vgg` (`discr`) the perceptual (GAN) term is off."""
     volume = batch["volume"].astype(jnp.float32)
-    out = model(volume, train=True)
+    out = ctvit(volume, train=True)
     recon = out.recon_BxFxHxW
     recon_loss = jnp.mean(jnp.square(volume - recon))
     loss = recon_loss + out.commit_loss
     metrics = {"recon_loss": recon_loss, "commit_loss": out.commit_loss, **out.metrics}
-    use_perc = cfg.perceptual and model.vgg is not None
-    use_gan = cfg.gan and model.discr is not None
+    use_perc = cfg.perceptual and vgg is not None
+    use_gan = cfg.gan and discr is not None
     if not (use_perc or use_gan):
         return loss, metrics
     k_idx, k_drop = jax.random.split(rng)
@@ -127,7 +173,7 @@ def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConf
     drop = k_drop if cfg.vgg_dropout else None
     c_perc = c_gan = None
     if use_perc:
-        vgg_def, vgg_params, vgg_rest = nnx.split(model.vgg, nnx.Param, ...)
+        vgg_def, vgg_params, vgg_rest = nnx.split(vgg, nnx.Param, ...)
 
         def perc_of(fake_slice, params):
             return perceptual_loss(nnx.merge(vgg_def, params, vgg_rest), real, fake_slice, drop)
@@ -142,18 +188,18 @@ def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConf
             loss = loss + _surrogate(perc, (c_perc,), (fake,))
         metrics["perceptual_loss"] = perc
     if use_gan:
-        gan, vjp = jax.vjp(lambda s: -jnp.mean(model.discr(s)), fake)
+        gan, vjp = jax.vjp(lambda s: -jnp.mean(discr(s)), fake)
         (c_gan,) = vjp(jnp.ones_like(gan))
         # Adaptive weight: gradient norms w.r.t. the rest-slices pixel head, from the slice cotangents.
         feats = jax.lax.stop_gradient(out.features_BxTxhxwxD)
-        kernel = jax.lax.stop_gradient(model.rest_to_pixels.kernel[...])
-        _, head_vjp = jax.vjp(lambda k: _slice_from_head(model, feats, idx, k), kernel)
+        kernel = jax.lax.stop_gradient(ctvit.rest_to_pixels.kernel[...])
+        _, head_vjp = jax.vjp(lambda k: _slice_from_head(ctvit, feats, idx, k), kernel)
         g_gan = jnp.linalg.norm(head_vjp(jax.lax.stop_gradient(c_gan))[0])
         if use_perc and cfg.adaptive_weight_ref == "perceptual":
             g_ref = jnp.linalg.norm(head_vjp(jax.lax.stop_gradient(c_perc))[0])
         else:  # recon loss over the whole volume through the same head
             def recon_of(k):
-                return jnp.mean(jnp.square(volume - model.to_pixels(feats, rest_kernel=k)))
+                return jnp.mean(jnp.square(volume - ctvit.to_pixels(feats, rest_kernel=k)))
 
             g_ref = jnp.linalg.norm(jax.grad(recon_of)(kernel))
         weight = jax.lax.stop_gradient(jnp.minimum(g_ref / (g_gan + 1e-8), cfg.adaptive_weight_max))
@@ -162,21 +208,20 @@ def generator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConf
     return loss, metrics
 
 
-def discriminator_loss(model: CTViT, batch: dict, rng: jax.Array, cfg: CTViTLossConfig = CTViTLossConfig(), *,
+def discriminator_loss(ctvit: CTViT, discr: Discriminator, batch: dict, rng: jax.Array,
+                       cfg: CTViTLossConfig = CTViTLossConfig(), *,
                        slice_idx: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Hinge discriminator loss + gradient penalty on the real slice (GenerateCT, every step)."""
-    if model.discr is None:
-        raise ValueError("this CT-ViT has no discriminator (built with use_vgg_and_gan=False)")
     volume = batch["volume"].astype(jnp.float32)
-    out = model(volume, train=cfg.update_codebook_in_discr_step)
+    out = ctvit(volume, train=cfg.update_codebook_in_discr_step)
     b, f = volume.shape[:2]
     idx = random_slice_indices(rng, b, f) if slice_idx is None else slice_idx
     real = pick_slices(volume, idx)
     fake = jax.lax.stop_gradient(pick_slices(out.recon_BxFxHxW, idx))
-    d_fake = model.discr(fake)
+    d_fake = discr(fake)
 
     def d_real_sum(x):
-        logits = model.discr(x)
+        logits = discr(x)
         return jnp.sum(logits), logits
 
     grad_real, d_real = jax.grad(d_real_sum, has_aux=True)(real)

@@ -1,5 +1,9 @@
 """The CT-ViT stage of the shared training loop: GenerateCT's VQ autoencoder with its GAN.
 
+The model the loop trains is a `CTViTTrainer`: the autoencoder (`ctvit`) beside the networks its
+losses use (`vgg`, `discr`). `config.model` keeps GenerateCT's flat `CTViT` arguments
+(`dim`, ..., `use_vgg_and_gan`, `vgg.*`, `discr.*`); the stage splits them.
+
 Phases (config.train.phase_cycle, GenerateCT: generator x3, discriminator):
   generator      recon + perceptual + commitment + adaptive-weight GAN loss; trains every
                  parameter but the discriminator's (and the VGG's only if the perceptual loss is on
@@ -28,9 +32,13 @@ from ctgen.data.pipelines import LoaderOptions, volume_pipeline
 from ctgen.errors import UserError
 from ctgen.eval.image_metrics import psnr, ssim
 from ctgen.models.ctvit import CTViT, CTViTConfig
-from ctgen.models.ctvit_losses import CTViTLossConfig, discriminator_loss, generator_loss
+from ctgen.models.ctvit_losses import (CTViTLossConfig, LossNetworksConfig, discriminator_loss, generator_loss,
+                                       split_model_config)
+from ctgen.models.discriminator import Discriminator
+from ctgen.models.vgg import VGG16
 from ctgen.models.vq import codebook_metrics
 from ctgen.train.stage import Phase, mean_metrics, valid_rows
+from ctgen.weights import flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +48,26 @@ def loss_config(config) -> CTViTLossConfig:
     return CTViTLossConfig(**{k: v for k, v in config.loss.to_dict().items() if k in names})
 
 
+class CTViTTrainer(nnx.Module):
+    """What the CT-ViT stage trains: the autoencoder `ctvit` and the networks its losses use,
+    `vgg` and `discr` (None without `use_vgg_and_gan`). Its state tree {"ctvit", "vgg", "discr"}
+    is the layout of CT-ViT weights directories (`ctgen.convert.ctvit_store`)."""
+
+    def __init__(self, cfg: CTViTConfig, nets: LossNetworksConfig | None, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.ctvit = CTViT(cfg, rngs=rngs)
+        self.vgg = VGG16(nets.vgg, dtype=dtype, rngs=rngs) if nets else None
+        self.discr = Discriminator(nets.discr, dtype=dtype, rngs=rngs) if nets else None
+
+
 class CTViTStage:
     def __init__(self, config):
         self.config = config
-        self.cfg = CTViTConfig.from_dict(config.model)
+        self.cfg, self.nets = split_model_config(config.model)
         lc = loss_config(config)
         self.vgg_weights = config.loss.vgg_weights
         self.init_from = config.init_from
-        has_vgg = self.cfg.use_vgg_and_gan
+        has_vgg = self.nets is not None
         if lc.perceptual and has_vgg and not (self.vgg_weights or self.init_from):
             log.warning("perceptual loss OFF: no VGG16 weights (set loss.vgg_weights to a torchvision "
                         "vgg16 .pth/.safetensors, or init_from to an imported GenerateCT checkpoint)")
@@ -59,13 +79,13 @@ class CTViTStage:
             lc = dataclasses.replace(lc, adaptive_weight_ref="recon")
         self.loss_cfg = lc
         self._vgg_arrays = None
-        if self.vgg_weights:
-            self._vgg_arrays = load_torchvision_vgg16(self.vgg_weights, self.cfg.vgg)
+        if self.vgg_weights and has_vgg:
+            self._vgg_arrays = load_torchvision_vgg16(self.vgg_weights, self.nets.vgg)
 
     # -- model ------------------------------------------------------------------------------------
-    def build_model(self, rngs: nnx.Rngs) -> CTViT:
-        model = CTViT(self.cfg, rngs=rngs)
-        if self._vgg_arrays is not None and model.vgg is not None:
+    def build_model(self, rngs: nnx.Rngs) -> CTViTTrainer:
+        model = CTViTTrainer(self.cfg, self.nets, rngs=rngs)
+        if self._vgg_arrays is not None:
             _assign_from_host(model.vgg, self._vgg_arrays)
         return model
 
@@ -77,14 +97,14 @@ class CTViTStage:
         train_vgg = lc.perceptual and lc.vgg_trainable
         frozen = discr if train_vgg else nnx.Any(discr, nnx.PathContains("vgg"))
 
-        def gen(model, batch, rng):
-            return generator_loss(model, batch, rng, lc)
+        def gen(model: CTViTTrainer, batch, rng):
+            return generator_loss(model.ctvit, model.vgg, model.discr, batch, rng, lc)
 
-        def dis(model, batch, rng):
-            return discriminator_loss(model, batch, rng, lc)
+        def dis(model: CTViTTrainer, batch, rng):
+            return discriminator_loss(model.ctvit, model.discr, batch, rng, lc)
 
         phases = [Phase("generator", gen, trains=nnx.All(nnx.Param, nnx.Not(frozen)))]
-        if self.cfg.use_vgg_and_gan:
+        if self.nets is not None:
             phases.append(Phase("discriminator", dis, trains=nnx.All(nnx.Param, discr),
                                 update_state=lc.update_codebook_in_discr_step))
         return phases
@@ -133,10 +153,10 @@ class CTViTStage:
     def frozen_models(self) -> dict:
         return {}
 
-    def eval_step(self, model: CTViT, frozen, batch) -> dict[str, jax.Array]:
+    def eval_step(self, model: CTViTTrainer, frozen, batch) -> dict[str, jax.Array]:
         """Sums over the valid volumes of PSNR, SSIM and MSE, and the code histogram of their tokens."""
         vol = batch["volume"]
-        out = model(vol, train=False)
+        out = model.ctvit(vol, train=False)
         valid = valid_rows(batch, vol.shape[0])
         recon = jnp.clip(out.recon_BxFxHxW, -1.0, 1.0)
         mse = jnp.mean(jnp.square(out.recon_BxFxHxW - vol), axis=(1, 2, 3))
@@ -150,9 +170,9 @@ class CTViTStage:
         usage = codebook_metrics(jnp.asarray(totals["code_counts"], jnp.float32))
         return {**mean_metrics(totals, skip=("code_counts",)), **{k: float(v) for k, v in usage.items()}}
 
-    def preview_step(self, model: CTViT, frozen, batch) -> dict[str, jax.Array]:
+    def preview_step(self, model: CTViTTrainer, frozen, batch) -> dict[str, jax.Array]:
         vol = batch["volume"][:1]
-        return {"input": vol, "recon": model.reconstruct(vol)}
+        return {"input": vol, "recon": model.ctvit.reconstruct(vol)}
 
     def write_preview(self, outputs, batch, out_dir: str, step: int) -> None:
         from ctgen.io.preview import write_three_planes
@@ -165,10 +185,8 @@ class CTViTStage:
 def _assign_from_host(module: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
     """Set a module's parameters to host arrays without baking them into the jitted init as
     constants (a host callback supplies them)."""
-    from ctgen.convert.namemap import flatten_state, unflatten_state
-
     state = nnx.state(module, nnx.Param)
-    paths = sorted(flatten_state(state.to_pure_dict()))
+    paths = sorted(flatten_state(nnx.to_pure_dict(state)))
     missing = sorted(set(paths) - set(arrays))
     if missing:
         raise UserError(f"VGG16 weights lack {missing[:5]}")

@@ -31,7 +31,7 @@ from flax import nnx
 from ctgen.config_dataclass import build_dataclass
 from ctgen.data.pipelines import eval_records
 from ctgen.parallel.axes import param, with_axes
-from ctgen.train import checkpoint as ckpt_lib
+from ctgen.weights import load_model
 from ctgen.train.stage import FrozenModel, Phase, mean_metrics, valid_rows
 
 
@@ -110,8 +110,7 @@ class ToyStage:
         return {"teacher": FrozenModel(weights, self._load_teacher)} if weights else {}
 
     def _load_teacher(self, weights: str, mesh, rules) -> ToyModel:
-        abstract = nnx.eval_shape(lambda: ToyModel(self.cfg, rngs=nnx.Rngs(0)))
-        return ckpt_lib.load_module(weights, abstract, mesh, rules)
+        return load_model(weights, lambda rngs: ToyModel(self.cfg, rngs=rngs), mesh=mesh, rules=rules)
 
     def phases(self):
         def main_loss(model: ToyModel, batch, rng):

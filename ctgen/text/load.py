@@ -5,8 +5,10 @@
     load_text_encoder("/models/t5_1_1_base")           # T5X: checkpoint_<step>/checkpoint + zarr arrays
     load_text_encoder("/runs/t5_ctgen")                # ctgen weights dir (save_text_encoder) + spiece.model
 
-Every path ends in the same place: a flat `{ctgen path: array}` checked against the model's
-expected names and shapes (missing, unexpected and mis-shaped tensors are all reported together).
+Hugging Face and T5X weights end in a flat `{ctgen path: array}` checked against the model's
+expected names and shapes (missing, unexpected and mis-shaped tensors are all reported together);
+a ctgen directory is restored by `ctgen.weights` (names and shapes checked against what it stores).
+Every path can place the weights straight onto a mesh.
 """
 from __future__ import annotations
 
@@ -16,20 +18,19 @@ import re
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 from flax import nnx
 
-from ctgen.errors import UserError
 from ctgen.convert import t5 as t5_maps
-from ctgen.convert.namemap import compare_shapes, flatten_state, unflatten_state
+from ctgen.errors import UserError
 from ctgen.text import hf_files, t5x_format
 from ctgen.text.config import T5Config
 from ctgen.text.t5 import T5Encoder, abstract_encoder
 from ctgen.text.tokenizer import T5Tokenizer
-from ctgen.train.checkpoint import WEIGHTS_MARKER, load_weights, save_weights, weights_info
+from ctgen.weights import (WEIGHTS_MARKER, abstract_model, flatten_state, load_model, place, save_weights,
+                           unflatten_state, weights_info)
 
 BUILTIN = "builtin"
-STAGE = "text"  # the `stage` a ctgen weights directory records for a text encoder
+MODEL = "t5_encoder"  # the `model` a ctgen weights directory records for a text encoder
 _LAYER = re.compile(r"target/encoder/layers_(\d+)/")
 
 
@@ -90,9 +91,9 @@ def _t5x_config(flat: Mapping[str, Any], source: str) -> T5Config:
 def _read_ctgen_meta(directory: str) -> T5Config:
     info = weights_info(directory)
     try:
-        if info.get("stage") != STAGE:
-            raise UserError(f"it holds weights of stage {info.get('stage')!r}, not a text encoder")
-        return T5Config.from_dict(info["t5_config"])
+        if info["model"] != MODEL:
+            raise UserError(f"it holds weights of model {info['model']!r}, not a text encoder")
+        return T5Config.from_dict(info["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{os.path.join(directory, WEIGHTS_MARKER)} does not describe a ctgen text encoder: "
                         f"{e}") from None
@@ -109,48 +110,14 @@ def load_text_config(path: str) -> T5Config:
     return _t5x_config(t5x_format.read_t5x_checkpoint(msgpack), msgpack)
 
 
-def _check_shapes(shapes: Mapping[str, tuple], expected: Mapping[str, tuple], source: str) -> None:
-    report = compare_shapes(shapes, expected)
-    if not report.ok:
-        raise UserError(f"cannot load T5 encoder weights from {source}:\n{report.describe()}")
-
-
-def _abstract_params(cfg: T5Config, mesh=None, rules=None) -> tuple[nnx.GraphDef, nnx.State, dict]:
-    """(graphdef, state, pure-dict of ShapeDtypeStructs carrying the target shardings)."""
-    from ctgen.parallel.axes import DEFAULT_RULES, state_shardings
-
-    graphdef, state = nnx.split(abstract_encoder(cfg))
-    if mesh is not None:
-        shardings = nnx.to_pure_dict(state_shardings(state, rules or DEFAULT_RULES, mesh))
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(state))
-    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, jax.numpy.dtype(cfg.param_dtype), sharding=s),
-                            nnx.to_pure_dict(state), shardings)
-    return graphdef, state, abstract
-
-
-def _load_ctgen(directory: str, cfg: T5Config, *, mesh=None, rules=None) -> T5Encoder:
-    """A ctgen weights directory, checked by name and shape first, restored straight onto the mesh."""
-    import orbax.checkpoint as ocp
-
-    weights_dir = os.path.join(directory, "weights")
-    with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.metadata(weights_dir).item_metadata.tree.get("params", {})
-    _check_shapes({k: tuple(v.shape) for k, v in flatten_state(tree).items()}, _expected_shapes(cfg), weights_dir)
-    graphdef, state, abstract = _abstract_params(cfg, mesh, rules)
-    params, _ = load_weights(directory, abstract)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+def _build(cfg: T5Config):
+    return lambda rngs: T5Encoder(cfg, rngs=rngs)
 
 
 def model_from_params(cfg: T5Config, flat: Mapping[str, Any], *, mesh=None, rules=None) -> T5Encoder:
     """Build the encoder from a flat `{ctgen path: array}` dict (no random init), optionally sharded."""
-    graphdef, state, abstract = _abstract_params(cfg, mesh, rules)
-    dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
-    params = unflatten_state({k: np.asarray(v).astype(dtype, copy=False) for k, v in flat.items()})
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda v, a: jax.device_put(v, a.sharding), params, abstract))
-    return nnx.merge(graphdef, state)
+    graphdef, abstract = abstract_model(_build(cfg), mesh=mesh, rules=rules)
+    return nnx.merge(graphdef, place(abstract, unflatten_state(flat)))
 
 
 def load_text_encoder(
@@ -180,8 +147,8 @@ def load_text_encoder(
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{tokenizer.source} has {tokenizer.vocab_size} pieces but the encoder in {directory} "
                          f"embeds only {cfg.vocab_size} ids: tokenizer and weights do not belong together")
-    if kind == "ctgen":
-        return _load_ctgen(directory, cfg, mesh=mesh, rules=rules), tokenizer, cfg
+    if kind == "ctgen":  # checked by name and shape, restored straight onto the mesh
+        return load_model(directory, _build(cfg), mesh=mesh, rules=rules), tokenizer, cfg
     expected = _expected_shapes(cfg)
     if kind == "hf":
         tensors, source = hf_files.read_hf_weights(directory)
@@ -192,14 +159,14 @@ def load_text_encoder(
 
 
 def save_text_encoder(model: T5Encoder, tokenizer: T5Tokenizer, out_dir: str) -> str:
-    """Write ctgen's own format: a ctgen weights directory (`ctgen.train.checkpoint.save_weights`,
-    recording the T5 config) plus `spiece.model`. Loading restores straight onto a mesh."""
+    """Write ctgen's own format: a ctgen weights directory (`ctgen.weights.save_weights`, recording
+    the T5 config) plus `spiece.model`. Loading restores straight onto a mesh."""
     out_dir = os.path.abspath(os.fspath(out_dir))
     if weights_info(out_dir) is not None or os.path.exists(os.path.join(out_dir, "weights")):
         raise FileExistsError(f"{out_dir} already holds weights; choose a new directory")
     os.makedirs(out_dir, exist_ok=True)
-    save_weights(out_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                 info={"stage": STAGE, "t5_config": model.config.to_dict()})
+    save_weights(out_dir, nnx.to_pure_dict(nnx.state(model, nnx.Param)), model=MODEL,
+                 model_config=model.config.to_dict())
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
             f.write(tokenizer.serialized_model())

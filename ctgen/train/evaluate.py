@@ -7,10 +7,12 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 
+from ctgen import weights as weights_lib
 from ctgen.errors import UserError
+from ctgen.parallel import axes as axes_lib
 from ctgen.parallel.mesh import describe, make_mesh
-from ctgen.train import checkpoint as ckpt_lib
 from ctgen.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -18,19 +20,24 @@ log = logging.getLogger(__name__)
 
 def load_for_inference(config: ml_collections.ConfigDict, weights: str, stage, *, devices=None):
     """(setup, state) of `stage` with weights from a weights directory or a workdir's latest
-    checkpoint (its EMA parameters if the config evaluates with EMA), sharded over the config's
-    mesh. `state` has params (EMA merged in), model_state and no EMA; optimizer state is never read."""
+    checkpoint (its EMA parameters if the config evaluates with EMA), read straight onto the
+    config's mesh. `state` has params (EMA merged in), model_state and no EMA; `setup` has no
+    optimizers (the shapes come from the stage's abstract model; optimizer state is never read)."""
     mesh = make_mesh(config.mesh.to_dict(), devices)
-    setup = state_lib.setup_from_config(config, mesh, stage)
     if not os.path.exists(weights):
         raise UserError(f"--weights {weights}: no such directory")
-    abstract = setup.abstract
-    try:
-        params, model_state, ema = ckpt_lib.load_weights_and_ema(
-            weights, abstract["params"], abstract["model_state"],
-            abstract["ema"] if config.train.eval_with_ema else None)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
+    rules = axes_lib.rules_from_config(config.sharding_rules)
+    graphdef, abstract = weights_lib.abstract_model(stage.build_model, mesh=mesh, rules=rules)
+    params, model_state = nnx.split_state(abstract, nnx.Param, ...)
+    phases = {p.name: p for p in stage.phases()}
+    ema_phases = [n for n in dict.fromkeys(config.train.phase_cycle)
+                  if n in phases and n in config.optim and config.optim[n].ema_decay > 0]
+    abstract_ema = {n: nnx.filter_state(params, phases[n].trains) for n in ema_phases}
+    abstract_state = {"params": params, "model_state": model_state, "ema": {}}
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    setup = state_lib.Setup(graphdef, phases, {}, {}, abstract_state, shardings, mesh, rules)
+    params, model_state, ema = weights_lib.load_weights_and_ema(
+        weights, params, model_state, abstract_ema if config.train.eval_with_ema else None)
     params = state_lib.eval_params({"params": params, "ema": ema or {}}, use_ema=True)
     state = {"params": params, "model_state": model_state, "ema": {}}
     log.info("loaded %s%s (%s)", weights, " with EMA parameters" if ema else "", describe(mesh))

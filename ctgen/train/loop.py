@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ctgen import weights as weights_lib
 from ctgen.errors import UserError
 from ctgen.parallel import axes as axes_lib
 from ctgen.parallel.mesh import batch_shards, describe, make_mesh
@@ -247,7 +248,7 @@ def _initial_state(stage, config, setup, ckpt, data_it):
     state = state_lib.create_state(stage, config, setup)
     if config.init_from:
         log.info("warm-starting parameters and non-trainable state from %s", config.init_from)
-        state["params"], state["model_state"] = ckpt_lib.load_weights(
+        state["params"], state["model_state"] = weights_lib.load_weights(
             config.init_from, setup.abstract["params"], setup.abstract["model_state"])
         for name in state["ema"]:  # EMA copies start from the loaded weights, not the random init
             state["ema"][name] = state_lib.init_ema(state["params"], setup.phases[name])

@@ -42,7 +42,8 @@ TrainState = dict
 
 @dataclasses.dataclass
 class Setup:
-    """Everything derived once from (stage, config, mesh): used by the loop and by tools."""
+    """Everything derived once from (stage, config, mesh): used by the loop and by tools
+    (`ctgen eval` builds one without optimizers, see `ctgen.train.evaluate`)."""
 
     graphdef: Any
     phases: dict[str, Phase]

@@ -20,11 +20,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import generatect_runtime as rt  # noqa: E402
 
 from ctgen.convert import ctvit as cv  # noqa: E402
-from ctgen.convert.namemap import flatten_state  # noqa: E402
-from ctgen.models.ctvit import CTViT, CTViTConfig  # noqa: E402
-from ctgen.models.ctvit_losses import CTViTLossConfig, discriminator_loss, generator_loss  # noqa: E402
+from ctgen.models.ctvit import CTViTConfig  # noqa: E402
+from ctgen.models.ctvit_losses import (CTViTLossConfig, LossNetworksConfig, discriminator_loss,  # noqa: E402
+                                       generator_loss)
 from ctgen.models.discriminator import DiscriminatorConfig  # noqa: E402
 from ctgen.models.vgg import VGGConfig  # noqa: E402
+from ctgen.stages.ctvit import CTViTTrainer  # noqa: E402
+from ctgen.weights import flatten_state  # noqa: E402
 
 pytestmark = [pytest.mark.parity, pytest.mark.skipif(rt.skip_reason() is not None, reason=str(rt.skip_reason()))]
 
@@ -32,8 +34,10 @@ SLICES = (1, 3, 17, 33)
 TOL = 1e-4
 # GenerateCT hard-codes its discriminator for 128x128 slices, so the small loss-parity model keeps 128.
 SMALL = CTViTConfig(dim=64, codebook_size=256, image_size=128, patch_size=16, spatial_depth=1, temporal_depth=2,
-                    dim_head=16, heads=4, max_slices=33, vgg=VGGConfig(widths=(8, 16, 16, 32, 32), fc_dim=64),
-                    discr=DiscriminatorConfig(base_dim=4, image_size=128))
+                    dim_head=16, heads=4, max_slices=33)
+SMALL_NETS = LossNetworksConfig(vgg=VGGConfig(widths=(8, 16, 16, 32, 32), fc_dim=64),
+                                discr=DiscriminatorConfig(base_dim=4, image_size=128))
+PAPER_NETS = LossNetworksConfig()
 
 
 def _perturb_reference(ref, seed: int):
@@ -49,12 +53,13 @@ def _perturb_reference(ref, seed: int):
         cs.copy_(torch.rand(cs.shape, generator=g))
 
 
-def _perturb_ours(model: CTViT, seed: int) -> None:
+def _perturb_ours(model: CTViTTrainer, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param) and var.ndim == 1:
             var[...] = var[...] + jnp.asarray(0.1 * rng.standard_normal(var.shape), jnp.float32)
-    model.vq.cluster_size[...] = jnp.asarray(rng.uniform(size=model.vq.cluster_size.shape), jnp.float32)
+    cluster_size = model.ctvit.vq.cluster_size
+    cluster_size[...] = jnp.asarray(rng.uniform(size=cluster_size.shape), jnp.float32)
 
 
 def _volume(f: int, batch: int = 2, size: int = 128, seed: int = 0) -> np.ndarray:
@@ -73,11 +78,11 @@ def _reference_eval(ref, vol: np.ndarray):
 @pytest.fixture(scope="module")
 def paper_from_reference():
     cfg = CTViTConfig.paper(max_slices=33)
-    ref = rt.build_reference(cfg, seed=0)
+    ref = rt.build_reference(cfg, PAPER_NETS, seed=0)
     _perturb_reference(ref, 1)
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     assert len(sd) == 379
-    result = cv.from_generatect(sd, cfg, source="reference state_dict")
+    result = cv.from_generatect(sd, cfg, PAPER_NETS, source="reference state_dict")
     assert result.report.ok and not result.notes
     return ref, result.model()
 
@@ -85,13 +90,13 @@ def paper_from_reference():
 @pytest.fixture(scope="module")
 def paper_to_reference(tmp_path_factory):
     cfg = CTViTConfig.paper(max_slices=33)
-    model = CTViT(cfg, rngs=nnx.Rngs(7))
+    model = CTViTTrainer(cfg, PAPER_NETS, rngs=nnx.Rngs(7))
     _perturb_ours(model, 8)
     path = str(tmp_path_factory.mktemp("export") / "ctvit_from_ctgen.pt")
     assert cv.export_ctvit(model, path) == 379
-    ref = rt.build_reference(cfg, seed=3)
+    ref = rt.build_reference(cfg, PAPER_NETS, seed=3)
     ref.load(path)  # GenerateCT's own loader: load_state_dict(strict=True)
-    return ref, model
+    return ref, model.ctvit
 
 
 _encode = nnx.jit(lambda m, v: m.encode(v))
@@ -159,11 +164,11 @@ def _reference_slice_choice(ref_mod, logits):
     return proxy
 
 
-def _grads_as_generatect(cfg, grads_state, model) -> dict[str, np.ndarray]:
+def _grads_as_generatect(cfg, nets, grads_state, model) -> dict[str, np.ndarray]:
     """Gradients (an nnx.State of Params) in GenerateCT's key space."""
     full = {k: np.zeros_like(np.asarray(v)) for k, v in flatten_state(nnx.state(model).to_pure_dict()).items()}
     full.update({k: np.asarray(v) for k, v in flatten_state(grads_state.to_pure_dict()).items()})
-    return cv.to_generatect(full, cfg)
+    return cv.to_generatect(full, cfg, nets)
 
 
 def _global_rel(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -176,8 +181,8 @@ def test_losses_and_gradients(f):
     the EMA codebook update, and the discriminator loss with gradient penalty and its gradients."""
     mod = rt.load()
     torch = mod.torch
-    cfg = SMALL
-    ref = rt.build_reference(cfg, seed=11)
+    cfg, nets = SMALL, SMALL_NETS
+    ref = rt.build_reference(cfg, nets, seed=11)
     _perturb_reference(ref, 12)
     with torch.no_grad():  # a small random VGG's features vanish; scale them up so the perceptual
         for m in ref.vgg.modules():  # loss (and the adaptive weight) are well above float32 noise
@@ -199,19 +204,22 @@ def test_losses_and_gradients(f):
         g_ref = {k: p.grad.numpy().copy() for k, p in ref.named_parameters() if p.grad is not None}
         buffers_ref = {k: v.numpy().copy() for k, v in ref.state_dict().items() if k.startswith("vq.")}
 
-        model = cv.from_generatect(sd0, cfg).model()
+        imported = cv.from_generatect(sd0, cfg, nets)
+        model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: CTViTTrainer(cfg, nets, rngs=nnx.Rngs(0)))),
+                          nnx.State(imported.states))
         lcfg = CTViTLossConfig(vgg_dropout=False)
         gen_trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("discr")))
 
         def gen(m):
-            return generator_loss(m, {"volume": jnp.asarray(vol)}, jax.random.key(0), lcfg, slice_idx=jnp.asarray(idx))
+            return generator_loss(m.ctvit, m.vgg, m.discr, {"volume": jnp.asarray(vol)}, jax.random.key(0), lcfg,
+                                  slice_idx=jnp.asarray(idx))
 
         (loss, metrics), grads = nnx.value_and_grad(gen, argnums=nnx.DiffState(0, gen_trainable), has_aux=True)(model)
         print(f"\n[parity losses] slices={f} generator loss ctgen={float(loss):.6f} GenerateCT={float(loss_ref.detach()):.6f} "
               f"(perceptual {float(metrics['perceptual_loss']):.4g}, adaptive_weight {float(metrics['adaptive_weight']):.4g}, "
               f"gan {float(metrics['gan_loss']):.4g})")
         np.testing.assert_allclose(float(loss), float(loss_ref.detach()), rtol=1e-4)
-        ours_g = _grads_as_generatect(cfg, grads, model)
+        ours_g = _grads_as_generatect(cfg, nets, grads, model)
         worst, worst_key = 0.0, ""
         for key, g in g_ref.items():
             if key.startswith("discr.") or g.size == 0:
@@ -228,7 +236,7 @@ def test_losses_and_gradients(f):
         # tensor can deviate at the 1e-2 level while the whole gradient agrees to < 1e-3 (typically
         # 1e-6); tests/models/test_ctvit_losses.py checks the gradient equals plain autodiff exactly.
         assert worst < 5e-2 and glob < 1e-3
-        exported = cv.to_generatect(model, cfg)
+        exported = cv.to_generatect(model, cfg, nets)
         for key, value in buffers_ref.items():
             np.testing.assert_allclose(exported[key], value, atol=1e-5, err_msg=key)
 
@@ -245,7 +253,7 @@ def test_losses_and_gradients(f):
         discr_only = nnx.All(nnx.Param, nnx.PathContains("discr"))
 
         def disc(m):
-            return discriminator_loss(m, {"volume": jnp.asarray(vol)}, jax.random.key(0), lcfg,
+            return discriminator_loss(m.ctvit, m.discr, {"volume": jnp.asarray(vol)}, jax.random.key(0), lcfg,
                                       slice_idx=jnp.asarray(idx))
 
         (d_loss, d_metrics), d_grads = nnx.value_and_grad(disc, argnums=nnx.DiffState(0, discr_only),
@@ -253,7 +261,7 @@ def test_losses_and_gradients(f):
         print(f"[parity losses] discriminator loss ctgen={float(d_loss):.6f} GenerateCT={float(d_loss_ref.detach()):.6f} "
               f"(gp={float(d_metrics['grad_penalty']):.4g})")
         np.testing.assert_allclose(float(d_loss), float(d_loss_ref.detach()), rtol=1e-4)
-        ours_gd = _grads_as_generatect(cfg, d_grads, model)
+        ours_gd = _grads_as_generatect(cfg, nets, d_grads, model)
         rels = {k: float(np.abs(ours_gd[f"discr.{k}"] - g).max() / max(np.abs(g).max(), 1e-6))
                 for k, g in gd_ref.items() if g.size}
         worst_key = max(rels, key=rels.get)
@@ -274,7 +282,7 @@ def test_losses_and_gradients(f):
 
 # --- the hermetic golden fixture ---------------------------------------------------------------
 GOLDEN = os.path.join(os.path.dirname(rt.__file__), "generatect_ctvit_tiny_golden.npz")
-GOLDEN_CFG = CTViTConfig.tiny(use_vgg_and_gan=False, temporal_depth=2, max_slices=9)
+GOLDEN_CFG = CTViTConfig.tiny(temporal_depth=2, max_slices=9)
 GOLDEN_SLICES = (1, 3, 9)
 
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from ctgen.convert.namemap import ConversionError, Rule, convert, flatten_state, transpose, unflatten_state
+from ctgen.convert.namemap import ConversionError, Rule, convert, transpose
+from ctgen.weights import flatten_state, unflatten_state
 
 RULES = [
     Rule("layers/{i}/attn/to_q/kernel", "layers.{i}.1.to_q.weight", transpose, transpose),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ctgen.models.attention import Attention, ContinuousPositionBias, relative_positions
+from ctgen.models.attention import Attention, ContinuousPositionBias, Transformer, relative_positions
 from ctgen.models.discriminator import Discriminator, DiscriminatorConfig, space_to_depth_2x2
 from ctgen.models.layers import GEGLUFeedForward, depthwise_conv3d, layer_norm
 from ctgen.models.vgg import VGG16, VGGConfig, adaptive_avg_pool_matrix, max_pool_2x2
@@ -45,8 +45,10 @@ def test_geglu_inner_width():
     assert ff.w_in.kernel.shape == (512, 2730) and ff.w_out.kernel.shape == (1365, 512)
 
 
-def _attention_numpy(attn: Attention, x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """Straightforward numpy rendering of GenerateCT's self-attention (k/v from the raw input)."""
+def _attention_numpy(attn: Attention, x: np.ndarray, bias: np.ndarray | None,
+                     context: np.ndarray | None = None) -> np.ndarray:
+    """Straightforward numpy rendering of GenerateCT's attention: k/v from the raw input
+    (self-attention) or from the normalised context (cross-attention, no null key/values)."""
     h, dh = attn.heads, attn.dim_head
 
     def ln(v, g):
@@ -56,7 +58,8 @@ def _attention_numpy(attn: Attention, x: np.ndarray, bias: np.ndarray | None) ->
         return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
     q = ln(x, np.asarray(attn.norm.scale[...])) @ np.asarray(attn.to_q.kernel[...])
-    kv = x @ np.asarray(attn.to_kv.kernel[...])
+    kv_input = x if context is None else ln(context, np.asarray(attn.context_norm.scale[...]))
+    kv = kv_input @ np.asarray(attn.to_kv.kernel[...])
     k, v = kv[..., : h * dh], kv[..., h * dh:]
     split = lambda t: t.reshape(*t.shape[:-1], h, dh).swapaxes(-2, -3)  # noqa: E731
     q, k, v = split(q), split(k), split(v)
@@ -82,8 +85,29 @@ def test_self_attention_matches_numpy_rendering():
     np.testing.assert_allclose(np.asarray(ours), _attention_numpy(attn, x, bias), atol=1e-5)
 
 
+def test_cross_attention_to_a_context_of_the_model_width():
+    """Cross-attention is explicit: a context as wide as the model and no null key/values (a
+    combination that used to crash: the layer inferred self-attention and had no context norm)."""
+    attn = Attention(16, heads=2, dim_head=4, cross=True, rngs=nnx.Rngs(0))
+    attn.context_norm.scale[...] = jnp.linspace(0.5, 1.5, 16)
+    attn.k_scale[...] = jnp.linspace(2.0, 0.5, 4)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 5, 16)).astype(np.float32)
+    ctx = rng.normal(size=(3, 7, 16)).astype(np.float32)
+    ours = attn(jnp.asarray(x), context=jnp.asarray(ctx))
+    np.testing.assert_allclose(np.asarray(ours), _attention_numpy(attn, x, None, ctx), atol=1e-5)
+    with pytest.raises(ValueError, match="needs a context"):
+        attn(jnp.asarray(x))
+    with pytest.raises(ValueError, match="takes no context"):
+        Attention(16, heads=2, dim_head=4, rngs=nnx.Rngs(0))(jnp.asarray(x), context=jnp.asarray(ctx))
+    with pytest.raises(ValueError, match="cross=True"):
+        Attention(16, dim_context=8, rngs=nnx.Rngs(0))
+    tr = Transformer(16, depth=1, heads=2, dim_head=4, dim_context=16, cross_num_null_kv=0, rngs=nnx.Rngs(1))
+    assert tr(jnp.asarray(x), (3, 1, 5, 1), context=jnp.asarray(ctx)).shape == x.shape
+
+
 def test_cross_attention_with_null_kv_and_mask():
-    attn = Attention(8, heads=2, dim_head=4, dim_context=6, num_null_kv=2, rngs=nnx.Rngs(0))
+    attn = Attention(8, heads=2, dim_head=4, cross=True, dim_context=6, num_null_kv=2, rngs=nnx.Rngs(0))
     assert attn.null_kv.shape == (2, 4, 4)
     x = jax.random.normal(jax.random.key(0), (2, 3, 8))
     ctx = jax.random.normal(jax.random.key(1), (2, 5, 6))

@@ -5,16 +5,26 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ctgen.models.ctvit import CTViT, CTViTConfig
-from ctgen.models.ctvit_losses import (CTViTLossConfig, discriminator_loss, generator_loss, perceptual_loss,
-                                       pick_slices)
+from ctgen.models.ctvit import CTViTConfig
+from ctgen.models.ctvit_losses import (CTViTLossConfig, LossNetworksConfig, discriminator_loss, generator_loss,
+                                       perceptual_loss, pick_slices)
+from ctgen.stages.ctvit import CTViTTrainer
 
 CFG = CTViTConfig.tiny(max_slices=9)
 GEN = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("discr")))
 
 
+def _gen(m, batch, rng, cfg=CTViTLossConfig(), **kw):
+    return generator_loss(m.ctvit, m.vgg, m.discr, batch, rng, cfg, **kw)
+
+
+def _dis(m, batch, rng, cfg=CTViTLossConfig(), **kw):
+    return discriminator_loss(m.ctvit, m.discr, batch, rng, cfg, **kw)
+
+
 def _model_and_batch():
-    model = CTViT(CFG, rngs=nnx.Rngs(0))
+    """The CT-ViT stage's model (autoencoder, VGG16, discriminator) and a batch."""
+    model = CTViTTrainer(CFG, LossNetworksConfig.tiny(), rngs=nnx.Rngs(0))
     for conv in model.vgg.convs:  # a tiny random VGG's features vanish; keep them well above float noise
         conv.kernel[...] = conv.kernel[...] * 2.0
     vol = jax.random.uniform(jax.random.key(1), (2, 5, 32, 32), minval=-1, maxval=1)
@@ -24,7 +34,7 @@ def _model_and_batch():
 def _naive_generator_loss(model, batch, idx, weight):
     """The loss written plainly (autodiff through VGG and discriminator), with a given weight."""
     vol = batch["volume"]
-    out = model(vol, train=True)
+    out = model.ctvit(vol, train=True)
     recon = out.recon_BxFxHxW
     real, fake = pick_slices(vol, idx), pick_slices(recon, idx)
     perc = perceptual_loss(model.vgg, real, fake, None)
@@ -40,7 +50,7 @@ def test_generator_gradients_equal_plain_autodiff(vgg_trainable):
     graphdef, state = nnx.split(model)
 
     def ours(m):
-        return generator_loss(m, batch, jax.random.key(0), cfg, slice_idx=idx)
+        return _gen(m, batch, jax.random.key(0), cfg, slice_idx=idx)
 
     (loss, metrics), g1 = nnx.jit(nnx.value_and_grad(ours, argnums=nnx.DiffState(0, GEN), has_aux=True))(
         nnx.merge(graphdef, state, copy=True))
@@ -62,15 +72,15 @@ def test_adaptive_weight_is_ratio_of_head_gradient_norms():
     idx = jnp.array([2, 4], jnp.int32)
     cfg = CTViTLossConfig(vgg_dropout=False)
     graphdef, state = nnx.split(model)  # before the loss moves the EMA codebook
-    _, metrics = generator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0), cfg, slice_idx=idx)
+    _, metrics = _gen(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0), cfg, slice_idx=idx)
 
     def head_grad(loss_of_fake):
         def f(kernel):
             m = nnx.merge(graphdef, state, copy=True)
-            m.rest_to_pixels.kernel[...] = kernel
-            out = m(batch["volume"], train=True)
+            m.ctvit.rest_to_pixels.kernel[...] = kernel
+            out = m.ctvit(batch["volume"], train=True)
             return loss_of_fake(m, pick_slices(batch["volume"], idx), pick_slices(out.recon_BxFxHxW, idx))
-        return jnp.linalg.norm(jax.grad(f)(model.rest_to_pixels.kernel[...]))
+        return jnp.linalg.norm(jax.grad(f)(model.ctvit.rest_to_pixels.kernel[...]))
 
     g_perc = head_grad(lambda m, r, f: perceptual_loss(m.vgg, r, f, None))
     g_gan = head_grad(lambda m, r, f: -jnp.mean(m.discr(f)))
@@ -80,25 +90,25 @@ def test_adaptive_weight_is_ratio_of_head_gradient_norms():
 def test_slice_zero_gives_zero_adaptive_weight():
     """Slice 0 comes from the first-slice head, so the rest-slices head gets no gradient (GenerateCT)."""
     model, batch = _model_and_batch()
-    _, metrics = generator_loss(model, batch, jax.random.key(0), CTViTLossConfig(vgg_dropout=False),
-                                slice_idx=jnp.zeros(2, jnp.int32))
+    _, metrics = _gen(model, batch, jax.random.key(0), CTViTLossConfig(vgg_dropout=False),
+                      slice_idx=jnp.zeros(2, jnp.int32))
     assert float(metrics["adaptive_weight"]) == 0.0
 
 
 def test_discriminator_loss_terms():
     model, batch = _model_and_batch()
     graphdef, state = nnx.split(model)  # the loss moves the EMA codebook: each use gets a copy
-    loss, m = discriminator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0))
+    loss, m = _dis(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0))
     hinge = float(jnp.mean(jax.nn.relu(1 + m["d_fake"]) + jax.nn.relu(1 - m["d_real"])))
     assert float(m["discr_hinge"]) == pytest.approx(hinge, rel=0.05)  # d_* are batch means
     assert float(m["grad_penalty"]) > 0
 
     # the same loss written independently from the discriminator's logits on a fixed slice
     idx = jnp.array([3, 0], jnp.int32)
-    loss, m = discriminator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0), slice_idx=idx)
+    loss, m = _dis(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(0), slice_idx=idx)
     ref = nnx.merge(graphdef, state, copy=True)
     vol = batch["volume"]
-    real, fake = pick_slices(vol, idx), pick_slices(ref(vol, train=True).recon_BxFxHxW, idx)
+    real, fake = pick_slices(vol, idx), pick_slices(ref.ctvit(vol, train=True).recon_BxFxHxW, idx)
     d_real, d_fake = np.asarray(ref.discr(real)), np.asarray(ref.discr(fake))
     assert d_real.shape == d_fake.shape == (2,)
     hinge = np.mean(np.maximum(0, 1 + d_fake) + np.maximum(0, 1 - d_real))
@@ -113,16 +123,16 @@ def test_recon_reference_for_adaptive_weight_without_perceptual():
     model, batch = _model_and_batch()
     idx = jnp.array([1, 2], jnp.int32)
     graphdef, state = nnx.split(model)  # the loss moves the EMA codebook: it gets a copy
-    _, m = generator_loss(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(3),
-                          CTViTLossConfig(perceptual=False, adaptive_weight_ref="recon"), slice_idx=idx)
+    _, m = _gen(nnx.merge(graphdef, state, copy=True), batch, jax.random.key(3),
+                CTViTLossConfig(perceptual=False, adaptive_weight_ref="recon"), slice_idx=idx)
     assert "perceptual_loss" not in m and float(m["adaptive_weight"]) > 0
 
     def head_grad_norm(loss_of_recon):  # plain autodiff w.r.t. the rest-slices head only
         def f(kernel):
             mod = nnx.merge(graphdef, state, copy=True)
-            mod.rest_to_pixels.kernel[...] = kernel
-            return loss_of_recon(mod, mod(batch["volume"], train=True).recon_BxFxHxW)
-        return jnp.linalg.norm(jax.grad(f)(model.rest_to_pixels.kernel[...]))
+            mod.ctvit.rest_to_pixels.kernel[...] = kernel
+            return loss_of_recon(mod, mod.ctvit(batch["volume"], train=True).recon_BxFxHxW)
+        return jnp.linalg.norm(jax.grad(f)(model.ctvit.rest_to_pixels.kernel[...]))
 
     g_recon = head_grad_norm(lambda mod, rec: jnp.mean(jnp.square(batch["volume"] - rec)))
     g_gan = head_grad_norm(lambda mod, rec: -jnp.mean(mod.discr(pick_slices(rec, idx))))

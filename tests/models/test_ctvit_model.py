@@ -9,7 +9,7 @@ from jax.extend.core import jaxprs_in_params
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.parallel.axes import logical_names
 
-CFG = CTViTConfig.tiny(use_vgg_and_gan=False, max_slices=9)
+CFG = CTViTConfig.tiny(max_slices=9)
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +70,21 @@ def test_decode_rejects_wrong_grid(model):
 
 
 def test_paper_structure_and_axes():
+    from ctgen.models.ctvit_losses import LossNetworksConfig
+    from ctgen.stages.ctvit import CTViTTrainer
+
     cfg = CTViTConfig.paper()
-    abstract = nnx.eval_shape(lambda: CTViT(cfg, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    abstract = nnx.eval_shape(lambda: CTViTTrainer(cfg, LossNetworksConfig(), rngs=nnx.Rngs(0)))
+
+    def count(module):
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
     # GenerateCT: 198,202,953 parameters, minus its 16+1 zero-size null_kv and 17 unused
-    # context_norm gammas (512 each) that ctgen does not keep as parameters.
-    assert n == 198_202_953 - 17 * 512
-    vgg = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract.vgg, nnx.Param)))
-    assert vgg == 134_260_544
+    # context_norm gammas (512 each) that ctgen does not keep as parameters; of these the
+    # autoencoder alone has 43,260,168 (16 of the unused gammas), the VGG16 134,260,544.
+    assert count(abstract) == 198_202_953 - 17 * 512
+    assert count(abstract.ctvit) == 43_260_168 - 16 * 512
+    assert count(abstract.vgg) == 134_260_544
     for path, var in nnx.iter_graph(abstract):
         if isinstance(var, nnx.Variable):
             names = logical_names(var)
@@ -86,9 +92,9 @@ def test_paper_structure_and_axes():
 
 
 def test_bfloat16_compute_is_close():
-    cfg32 = CTViTConfig.tiny(use_vgg_and_gan=False)
+    cfg32 = CTViTConfig.tiny()
     m32 = CTViT(cfg32, rngs=nnx.Rngs(0))
-    m16 = CTViT(CTViTConfig.tiny(use_vgg_and_gan=False, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    m16 = CTViT(CTViTConfig.tiny(dtype="bfloat16"), rngs=nnx.Rngs(0))
     vol = _vol(1, 3, seed=4)
     z32 = m32.encode_tokens(m32.to_tokens(vol))
     z16 = m16.encode_tokens(m16.to_tokens(vol))
@@ -120,7 +126,7 @@ def test_remat_gives_same_outputs_and_gradients():
 
     results = []
     for remat in (False, True):
-        m = CTViT(CTViTConfig.tiny(use_vgg_and_gan=False, spatial_depth=2, temporal_depth=2, remat=remat),
+        m = CTViT(CTViTConfig.tiny(spatial_depth=2, temporal_depth=2, remat=remat),
                   rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(m)
         jaxpr = jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s))[0])(state)

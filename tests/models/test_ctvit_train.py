@@ -82,7 +82,7 @@ def test_tiny_training_on_8_devices(phantoms, tmp_path):
     assert np.isfinite(ev["psnr"]) and 0 < ev["ssim"] <= 1 and ev["codebook_usage"] > 0
     assert os.path.exists(os.path.join(workdir, "previews", "step_00000024", "ctvit_recon.png"))
     # the EMA codebook moved and is identical on every device of the data-parallel mesh
-    embed = summary["state"]["model_state"]["vq"]["embed"][...]
+    embed = summary["state"]["model_state"]["ctvit"]["vq"]["embed"][...]
     copies = [np.asarray(s.data) for s in embed.addressable_shards]
     assert len(copies) == 8 and all(np.array_equal(c, copies[0]) for c in copies)
 
@@ -104,7 +104,7 @@ def test_tiny_training_on_8_devices(phantoms, tmp_path):
     back = import_generatect_ctvit(out, max_slices=17, remat=True)
     final = summary2["state"]
     np.testing.assert_array_equal(np.asarray(back.state["vq"]["embed"][...]),
-                                  np.asarray(jax.device_get(final["model_state"]["vq"]["embed"][...])))
+                                  np.asarray(jax.device_get(final["model_state"]["ctvit"]["vq"]["embed"][...])))
 
 
 def test_warm_start_from_imported_generatect_checkpoint_with_vgg_weights(phantoms, tmp_path):
@@ -112,15 +112,18 @@ def test_warm_start_from_imported_generatect_checkpoint_with_vgg_weights(phantom
     torchvision-layout file: the perceptual loss is on and the run starts from the import."""
     from ctgen.convert import ctvit as cv
     from ctgen.convert.ctvit_command import import_to_dir
-    from ctgen.models.ctvit import CTViT, CTViTConfig
+    from ctgen.convert.torch_files import write_state_dict
+    from ctgen.models.ctvit import CTViTConfig
+    from ctgen.models.ctvit_losses import LossNetworksConfig
+    from ctgen.stages.ctvit import CTViTTrainer
 
     cfg = CTViTConfig.tiny(max_slices=17, remat=True)
-    source = CTViT(cfg, rngs=nnx.Rngs(11))
+    source = CTViTTrainer(cfg, LossNetworksConfig.tiny(), rngs=nnx.Rngs(11))
     pt = str(tmp_path / "pretrained.safetensors")
     cv.export_ctvit(source, pt)
     import_to_dir(pt, str(tmp_path / "imported"), max_slices=17)
     vgg_file = str(tmp_path / "vgg16.safetensors")
-    cv.save_state_dict(cv.vgg_to_torchvision(source.vgg), vgg_file)
+    write_state_dict(cv.vgg_to_torchvision(source.vgg), vgg_file)
 
     workdir = str(tmp_path / "run")
     config = _config(phantoms, **{"init_from": str(tmp_path / "imported"), "loss.vgg_weights": vgg_file,
@@ -130,8 +133,8 @@ def test_warm_start_from_imported_generatect_checkpoint_with_vgg_weights(phantom
     row = _rows(workdir)[-1]
     assert row["generator/perceptual_loss"] > 0
     # learning rate 0: the generator's weights are still the imported ones
-    np.testing.assert_allclose(np.asarray(summary["state"]["params"]["rest_to_pixels"]["kernel"][...]),
-                               np.asarray(source.rest_to_pixels.kernel[...]), atol=0)
+    np.testing.assert_allclose(np.asarray(summary["state"]["params"]["ctvit"]["rest_to_pixels"]["kernel"][...]),
+                               np.asarray(source.ctvit.rest_to_pixels.kernel[...]), atol=0)
 
 
 def test_eval_command_on_real_ct_volumes(data_dir, tmp_path, capsys):
@@ -141,7 +144,7 @@ def test_eval_command_on_real_ct_volumes(data_dir, tmp_path, capsys):
     from ctgen.eval.ctvit_eval import evaluate_files
     from ctgen.models.ctvit import CTViT, CTViTConfig
 
-    cfg = CTViTConfig.tiny(use_vgg_and_gan=False, max_slices=17, remat=True)
+    cfg = CTViTConfig.tiny(max_slices=17, remat=True)
     model = CTViT(cfg, rngs=nnx.Rngs(0))
     weights = str(tmp_path / "weights")
     save_ctvit_dir(weights, cfg, nnx.state(model))

@@ -124,15 +124,16 @@ def load() -> types.SimpleNamespace:
                                  make_vgg16=make_torch_vgg16)
 
 
-def build_reference(cfg, seed: int = 0):
-    """GenerateCT `CTViT` with the architecture of a ctgen `CTViTConfig` (CPU, random weights)."""
+def build_reference(cfg, nets=None, seed: int = 0):
+    """GenerateCT `CTViT` with the architecture of a ctgen `CTViTConfig` and, if given, the loss
+    networks of a `LossNetworksConfig` (`use_vgg_and_gan`), on the CPU with random weights."""
     ref = load()
     ref.torch.manual_seed(seed)
     kwargs = dict(dim=cfg.dim, codebook_size=cfg.codebook_size, image_size=cfg.image_size, patch_size=cfg.patch_size,
                   temporal_patch_size=cfg.temporal_patch_size, spatial_depth=cfg.spatial_depth,
                   temporal_depth=cfg.temporal_depth, dim_head=cfg.dim_head, heads=cfg.heads,
-                  use_vgg_and_gan=cfg.use_vgg_and_gan)
-    if cfg.use_vgg_and_gan:
-        kwargs.update(vgg=make_torch_vgg16(cfg.vgg.widths, cfg.vgg.fc_dim), discr_base_dim=cfg.discr.base_dim)
+                  use_vgg_and_gan=nets is not None)
+    if nets is not None:
+        kwargs.update(vgg=make_torch_vgg16(nets.vgg.widths, nets.vgg.fc_dim), discr_base_dim=nets.discr.base_dim)
     model = ref.CTViT(**kwargs)
     return model

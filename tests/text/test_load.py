@@ -20,7 +20,7 @@ from ctgen.text import (
     save_text_encoder,
 )
 from ctgen.text.load import detect_format
-from ctgen.train.checkpoint import WEIGHTS_MARKER
+from ctgen.weights import WEIGHTS_MARKER
 
 PROMPTS = ["64 years old male: Emphysema.", "23 years old female: Pleural effusion."]
 
@@ -81,15 +81,30 @@ def test_orbax_round_trip_and_errors(tmp_path):
     # A description that does not match the stored parameters names them.
     meta_path = os.path.join(out, WEIGHTS_MARKER)
     meta = json.load(open(meta_path))
-    assert meta["stage"] == "text" and os.path.isfile(os.path.join(out, "spiece.model"))
-    meta["t5_config"]["d_ff"] = 96
+    assert meta["model"] == "t5_encoder" and os.path.isfile(os.path.join(out, "spiece.model"))
+    meta["model_config"]["d_ff"] = 96
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match=r"encoder/layers_0/mlp/wi_0/kernel: \(64, 128\) vs \(64, 96\)"):
         load_text_encoder(out)
-    meta["stage"] = "ctvit"
+    meta["model"] = "ctvit"
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(UserError, match="ctgen_weights.json does not describe a ctgen text encoder"):
         load_text_encoder(out)
+
+
+def test_text_encoder_dir_with_an_old_marker_still_loads(tmp_path):
+    """Directories written before markers named `model`/`model_config` (they recorded
+    `stage: text` and `t5_config`) load as before."""
+    model, tok, cfg = load_text_encoder("builtin")
+    out = save_text_encoder(model, tok, str(tmp_path / "enc"))
+    with open(os.path.join(out, WEIGHTS_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"format": "ctgen-weights-v1", "written": "2025-01-01T00:00:00", "stage": "text",
+                   "t5_config": cfg.to_dict()}, f)
+    assert load_text_config(out) == cfg
+    loaded, _, _ = load_text_encoder(out)
+    a, _ = encode_text(model, tok, PROMPTS)
+    b, _ = encode_text(loaded, tok, PROMPTS)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_orbax_format_restores_onto_a_mesh(tmp_path):

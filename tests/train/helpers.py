@@ -52,7 +52,7 @@ class RecordingToyStage(ToyStage):
 
 
 def params_numpy(state) -> dict[str, np.ndarray]:
-    from ctgen.convert.namemap import flatten_state
+    from ctgen.weights import flatten_state
 
     return {k: np.asarray(jax.device_get(v)) for k, v in flatten_state(nnx.to_pure_dict(state["params"])).items()}
 

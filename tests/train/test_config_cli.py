@@ -145,15 +145,16 @@ def test_help_imports_no_heavy_library():
 def test_eval_command_on_workdir_and_weights(tmp_path, capsys):
     import json
 
-    from ctgen.train import checkpoint as ckpt_lib
     from ctgen.train.loop import train
+    from ctgen.weights import save_weights
 
     from helpers import toy_config
 
-    cfg = toy_config(**{"train.steps": 20, "train.eval_every": -1})
-    out = train(cfg, str(tmp_path / "run"), ToyStage(cfg))
+    config = toy_config(**{"train.steps": 20, "train.eval_every": -1})
+    out = train(config, str(tmp_path / "run"), ToyStage(config))
     st = out["state"]
-    ckpt_lib.save_weights(str(tmp_path / "w"), st["params"], st["model_state"])
+    save_weights(str(tmp_path / "w"), st["params"], st["model_state"], model="toy",
+                 model_config=config.model.to_dict())
     results = []
     for src in ("run", "w"):
         rc = main(["eval", "--config", f"{TOY}:tiny", "--weights", str(tmp_path / src),

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from ctgen import weights as weights_lib
 from ctgen.errors import UserError
 from ctgen.stages.toy import ToyStage
 from ctgen.train import checkpoint as ckpt_lib
@@ -106,18 +107,19 @@ def test_weights_directory_roundtrip(tmp_path):
     cfg = _cfg(**{"train.steps": 2})
     out = train(cfg, str(tmp_path / "run"), ToyStage(cfg))
     st = out["state"]
-    ckpt_lib.save_weights(str(tmp_path / "w"), st["params"], st["model_state"], info={"stage": "toy"})
-    assert ckpt_lib.weights_info(str(tmp_path / "w"))["stage"] == "toy"
+    weights_lib.save_weights(str(tmp_path / "w"), st["params"], st["model_state"], model="toy",
+                             model_config=cfg.model.to_dict())
+    assert weights_lib.weights_info(str(tmp_path / "w"))["model"] == "toy"
     abstract = lambda tree: jax.tree.map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
     for source in ("w", "run"):  # a weights directory, or a workdir's latest checkpoint
-        params, model_state = ckpt_lib.load_weights(str(tmp_path / source), abstract(st["params"]),
+        params, model_state = weights_lib.load_weights(str(tmp_path / source), abstract(st["params"]),
                                                     abstract(st["model_state"]))
         assert_params_equal(params_numpy({"params": params}), params_numpy(st))
         np.testing.assert_array_equal(jax.device_get(model_state["target_mean"][...]),
                                       jax.device_get(st["model_state"]["target_mean"][...]))
-    with pytest.raises(FileNotFoundError, match="neither a ctgen weights directory"):
-        ckpt_lib.load_weights(str(tmp_path / "nothing"), abstract(st["params"]))
+    with pytest.raises(UserError, match="neither a ctgen weights directory"):
+        weights_lib.load_weights(str(tmp_path / "nothing"), abstract(st["params"]))
 
 
 def test_checkpoint_every_zero_saves_only_at_the_end(tmp_path):
