@@ -235,7 +235,7 @@ def restore_frozen(stage, mesh: Mesh, rules) -> Frozen:
     for name, frozen in stage.frozen_models().items():
         try:
             module = frozen.load(frozen.weights, mesh, rules)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, UserError) as e:
             raise UserError(f"frozen model {name!r} (config.{name}.weights={frozen.weights}): {e}") from None
         graphdefs[name], states[name] = nnx.split(module)
         log.info("frozen model %r from %s", name, frozen.weights)

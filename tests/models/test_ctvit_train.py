@@ -178,7 +178,7 @@ def test_eval_means_cover_the_whole_split(phantoms, tmp_path):
     from ctgen.models.vq import codebook_metrics
     from ctgen.train.evaluate import evaluate
 
-    cfg = CTViTConfig.tiny(use_vgg_and_gan=False, max_slices=17, remat=True)
+    cfg = CTViTConfig.tiny(max_slices=17, remat=True)
     model = CTViT(cfg, rngs=nnx.Rngs(3))
     weights = str(tmp_path / "weights")
     save_ctvit_dir(weights, cfg, nnx.state(model))

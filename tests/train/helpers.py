@@ -66,13 +66,13 @@ def assert_params_equal(a, b, atol=0.0):
 def save_toy_weights(path: str, cfg) -> None:
     """A weights directory holding a freshly initialised toy model of `cfg` (seeded by `cfg.seed`)."""
     from ctgen.parallel.mesh import make_mesh
-    from ctgen.train import checkpoint as ckpt_lib
     from ctgen.train import state as state_lib
+    from ctgen.weights import save_weights
 
     stage = ToyStage(cfg)
     setup = state_lib.setup_from_config(cfg, make_mesh(cfg.mesh.to_dict()), stage)
     state = state_lib.create_state(stage, cfg, setup)
-    ckpt_lib.save_weights(path, state["params"], state["model_state"])
+    save_weights(path, state["params"], state["model_state"], model="toy", model_config=cfg.model.to_dict())
 
 
 def toy_predictions(cfg, params, model_state, x: np.ndarray) -> np.ndarray:

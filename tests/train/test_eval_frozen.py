@@ -9,10 +9,10 @@ import pytest
 from ctgen.cli import main
 from ctgen.errors import UserError
 from ctgen.stages.toy import ToyStage, _Example
-from ctgen.train import checkpoint as ckpt_lib
 from ctgen.train import state as state_lib
 from ctgen.train.evaluate import evaluate
 from ctgen.train.loop import train
+from ctgen.weights import save_weights
 
 from helpers import TOY, save_toy_weights, toy_config, toy_predictions
 
@@ -54,7 +54,8 @@ def test_eval_mean_is_exact_over_a_padded_split(tmp_path):
     direct = float(np.mean((pred.astype(np.float64) - y) ** 2))
     assert out["eval"]["mse"] == pytest.approx(direct, rel=1e-5)
     # ctgen eval reduces the same way
-    ckpt_lib.save_weights(str(tmp_path / "w"), out["state"]["params"], out["state"]["model_state"])
+    save_weights(str(tmp_path / "w"), out["state"]["params"], out["state"]["model_state"], model="toy",
+                 model_config=cfg.model.to_dict())
     assert evaluate(cfg, str(tmp_path / "w"), ToyStage(cfg))["mse"] == pytest.approx(direct, rel=1e-5)
 
 
