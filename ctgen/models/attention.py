@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ctgen.models.layers import PEG, Dense, GEGLUFeedForward, ScaleNorm, l2_normalize, leaky_relu
-from ctgen.parallel.axes import param, with_axes
+from ctgen.models.layers import PEG, Dense, GEGLUFeedForward, ScaleNorm, l2_normalize, leaky_relu, token_axes
+from ctgen.parallel.axes import constrain, param, with_axes
 
 
 class Attention(nnx.Module):
@@ -70,9 +70,9 @@ class Attention(nnx.Module):
         inner = h * dh
         k, v = kv[..., :inner], kv[..., inner:]
         lead_q, lead_k = q.shape[:-1], k.shape[:-1]
-        q = q.reshape(*lead_q, h, dh)
-        k = k.reshape(*lead_k, h, dh)
-        v = v.reshape(*lead_k, h, dh)
+        q = constrain(q.reshape(*lead_q, h, dh), token_axes(q.ndim + 1, "heads", "kv"))
+        k = constrain(k.reshape(*lead_k, h, dh), token_axes(k.ndim + 1, "heads", "kv"))
+        v = constrain(v.reshape(*lead_k, h, dh), token_axes(k.ndim, "heads", "kv"))
         if self.null_kv is not None:
             # (h, 2n, dh): even rows are keys, odd rows values; prepend to every sequence.
             null = self.null_kv[...].astype(k.dtype)
@@ -94,7 +94,7 @@ class Attention(nnx.Module):
             mask = mask_BxM.reshape(mask_BxM.shape[:1] + (1,) * (logits.ndim - 2) + mask_BxM.shape[1:])
             logits = jnp.where(mask, logits, -jnp.finfo(jnp.float32).max)
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("...hnm,...mhd->...nhd", attn, v)
+        out = constrain(jnp.einsum("...hnm,...mhd->...nhd", attn, v), token_axes(q.ndim, "heads", "kv"))
         return self.to_out(out.reshape(*lead_q, h * dh))
 
 
@@ -182,7 +182,7 @@ class Transformer(nnx.Module):
         grid = tuple(int(g) for g in grid_BxTxHxW)
         if not self.remat or not self.layers:
             for block in self.layers:
-                x = block(x, grid, bias_HxNxN, context, context_mask)
+                x = constrain(block(x, grid, bias_HxNxN, context, context_mask), token_axes(x.ndim, "embed"))
             return self.norm_out(x)
         graphdef = nnx.graphdef(self.layers[0])
         states = [nnx.state(block) for block in self.layers]
@@ -190,7 +190,8 @@ class Transformer(nnx.Module):
 
         @partial(jax.checkpoint, policy=REMAT_POLICIES[self.remat_policy])
         def body(h, state):
-            return nnx.merge(graphdef, state)(h, grid, bias_HxNxN, context, context_mask), None
+            out = nnx.merge(graphdef, state)(h, grid, bias_HxNxN, context, context_mask)
+            return constrain(out, token_axes(out.ndim, "embed")), None
 
         x, _ = jax.lax.scan(body, x, stacked)
         return self.norm_out(x)

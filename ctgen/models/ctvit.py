@@ -24,6 +24,7 @@ from ctgen.config_dataclass import build_dataclass
 from ctgen.models.attention import ContinuousPositionBias, Transformer
 from ctgen.models.layers import Dense, LayerNorm
 from ctgen.models.vq import VectorQuantizer
+from ctgen.parallel.axes import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,8 @@ class CTViT(nnx.Module):
             t = cfg.num_groups(f) - 1
             rest = v[:, 1:].reshape(b, t, pt, h, p, w, p).transpose(0, 1, 3, 5, 2, 4, 6).reshape(b, t, h, w, pt * p * p)
             tokens.append(self.rest_embed(rest))
-        return jnp.concatenate(tokens, axis=1) if len(tokens) > 1 else tokens[0]
+        grid = jnp.concatenate(tokens, axis=1) if len(tokens) > 1 else tokens[0]
+        return constrain(grid, ("batch", None, None, None, "embed"))
 
     def to_pixels(self, features_BxTxhxwxD: jax.Array, rest_kernel: jax.Array | None = None) -> jax.Array:
         """Linear heads from decoder features back to a volume (B, F, H, W) (no output activation).

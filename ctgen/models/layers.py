@@ -15,7 +15,15 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ctgen.parallel.axes import param, with_axes
+from ctgen.parallel.axes import constrain, param, with_axes
+
+
+def token_axes(ndim: int, *last: str | None) -> tuple[str | None, ...]:
+    """Logical names of a token activation (B, ..., N, *last): batch first, the token axis as
+    "length", any axes between them unsharded. E.g. token_axes(4, "embed") for (B, T, N, D)."""
+    if ndim < len(last) + 2:  # no batch axis
+        return ("length",) + tuple(last)
+    return ("batch",) + (None,) * (ndim - 2 - len(last)) + ("length",) + tuple(last)
 
 
 class Buffer(nnx.Variable):
@@ -127,7 +135,7 @@ class GEGLUFeedForward(nnx.Module):
         self.w_out = Dense(self.inner, dim, axes=("mlp", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = checkpoint_name(self.w_in(self.norm(x)), "ff_hidden")
+        h = checkpoint_name(constrain(self.w_in(self.norm(x)), token_axes(x.ndim, "mlp")), "ff_hidden")
         value, gate = h[..., : self.inner], h[..., self.inner:]
         return self.w_out(jax.nn.gelu(gate, approximate=False) * value)
 

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ctgen.errors import UserError
-from ctgen.parallel.axes import DEFAULT_RULES, activation_sharding, constrain, logical_sharding, state_shardings
+from ctgen.parallel.axes import DEFAULT_RULES, activation_sharding, logical_sharding, state_shardings
 from ctgen.parallel.mesh import batch_shards
 from ctgen.text.t5 import T5Encoder
 from ctgen.text.tokenizer import T5Tokenizer
@@ -43,7 +43,7 @@ def _hashable_rules(rules) -> tuple:
 def _encode_padded(graphdef, state, ids_BxL, mask_BxL, *, mesh, rules):
     model = nnx.merge(graphdef, state)
     with activation_sharding(mesh, rules):
-        x_BxLxD = model(ids_BxL, mask_BxL, shard=constrain)
+        x_BxLxD = model(ids_BxL, mask_BxL)
     return jnp.where(mask_BxL[:, :, None], x_BxLxD, 0.0)
 
 

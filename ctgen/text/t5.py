@@ -21,23 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ctgen.parallel.axes import with_axes
+from ctgen.parallel.axes import constrain, with_axes
 from ctgen.text.config import T5Config
-
-# (activation, logical axis names) -> activation; lets a caller pin activation shardings
-# without the model knowing about meshes.
-ShardFn = Callable[[jax.Array, Sequence[str | None]], jax.Array]
-
-
-def _no_sharding(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    return x
 
 
 def _bcast(v: jax.Array, ndim: int) -> jax.Array:
@@ -115,9 +106,10 @@ class SelfAttention(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, bias_BxHxLxL: jax.Array) -> jax.Array:
         b, l, _ = x_BxLxD.shape
         split = lambda t: t.reshape(b, l, self.num_heads, self.d_kv)  # noqa: E731
-        q_BxLxHxK = split(self.query(x_BxLxD))
-        k_BxLxHxK = split(self.key(x_BxLxD))
-        v_BxLxHxK = split(self.value(x_BxLxD))
+        heads = ("batch", "length", "heads", "kv")
+        q_BxLxHxK = constrain(split(self.query(x_BxLxD)), heads)
+        k_BxLxHxK = constrain(split(self.key(x_BxLxD)), heads)
+        v_BxLxHxK = constrain(split(self.value(x_BxLxD)), heads)
         logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
                                     preferred_element_type=jnp.float32)
         probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL + bias_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
@@ -136,7 +128,7 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         h_BxLxF = jax.nn.gelu(self.wi_0(x_BxLxD), approximate=True) * self.wi_1(x_BxLxD)
-        return self.wo(h_BxLxF)
+        return self.wo(constrain(h_BxLxF, ("batch", "length", "mlp")))
 
 
 class EncoderLayer(nnx.Module):
@@ -187,13 +179,13 @@ class Encoder(nnx.Module):
         self.encoder_norm = RMSNorm(cfg, rngs=rngs)
         self.num_layers = cfg.num_layers
 
-    def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, shard: ShardFn = _no_sharding) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
         _, l, _ = x_BxLxD.shape
         # Padded keys get float32's most negative value, as transformers does (not -inf: no NaNs).
         mask_bias_Bx1x1xL = jnp.where(mask_BxL, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
         bias_BxHxLxL = self.relpos_bias(l, l) + mask_bias_Bx1x1xL
         for i in range(self.num_layers):
-            x_BxLxD = shard(getattr(self, f"layers_{i}")(x_BxLxD, bias_BxHxLxL), ("batch", "length", "embed"))
+            x_BxLxD = constrain(getattr(self, f"layers_{i}")(x_BxLxD, bias_BxHxLxL), ("batch", "length", "embed"))
         return self.encoder_norm(x_BxLxD)
 
 
@@ -210,11 +202,11 @@ class T5Encoder(nnx.Module):
         self.token_embedder = Embedder(cfg, init, rngs=rngs)
         self.encoder = Encoder(cfg, rngs=rngs)
 
-    def __call__(self, ids_BxL: jax.Array, mask_BxL: jax.Array, *, shard: ShardFn = _no_sharding) -> jax.Array:
+    def __call__(self, ids_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
         if ids_BxL.ndim != 2 or mask_BxL.shape != ids_BxL.shape:
             raise ValueError(f"ids and mask must both be [batch, length]; got {ids_BxL.shape} and {mask_BxL.shape}")
-        x_BxLxD = shard(self.token_embedder(ids_BxL), ("batch", "length", "embed"))
-        x_BxLxD = self.encoder(x_BxLxD, mask_BxL.astype(bool), shard)
+        x_BxLxD = constrain(self.token_embedder(ids_BxL), ("batch", "length", "embed"))
+        x_BxLxD = self.encoder(x_BxLxD, mask_BxL.astype(bool))
         return x_BxLxD.astype(jnp.float32)
 
 

@@ -1,4 +1,5 @@
 import jax
+import jax.extend
 import numpy as np
 import pytest
 from flax import nnx
@@ -97,3 +98,50 @@ def test_batch_axes_come_from_the_batch_rule():
     assert axes.describe_batch_axes(axes.DEFAULT_RULES, mesh) == "data*fsdp=8"
     assert axes.batch_axes([("batch", "data")], mesh) == ("data",) and batch_shards(mesh, [("batch", "data")]) == 2
     assert axes.describe_batch_axes([("embed", "fsdp")], mesh) == "no mesh axis=1"
+
+
+def _constraint_specs(fn, *args) -> list:
+    """PartitionSpecs of every sharding constraint in the jaxpr of `fn(*args)` (nested jaxprs too)."""
+    specs = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "sharding_constraint":
+                specs.append(eqn.params["sharding"].spec)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return specs
+
+
+def test_models_constrain_their_activations_by_the_rules():
+    """The CT-ViT (and its shared attention/feed-forward layers) and the T5 encoder pin their
+    activations through `constrain`: batch over the `batch` rule's axes, the feed-forward hidden
+    over `mlp`'s; a user's rules change them, and with no active rules there are none."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ctgen.models.ctvit import CTViT, CTViTConfig
+    from ctgen.text.config import T5Config
+    from ctgen.text.t5 import T5Encoder
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    ctvit = CTViT(CTViTConfig.tiny(max_slices=3), rngs=nnx.Rngs(0))
+    t5 = T5Encoder(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4), rngs=nnx.Rngs(0))
+    vol = jnp.zeros((4, 3, 32, 32))
+    ids, mask = jnp.ones((4, 6), jnp.int32), jnp.ones((4, 6), bool)
+
+    def under(rules, model, *args):
+        def f(*a):
+            with axes.activation_sharding(mesh, rules):
+                return model(*a)
+        return _constraint_specs(f, *args)
+
+    for model, args in ((lambda v: ctvit.reconstruct(v), (vol,)), (t5, (ids, mask))):
+        assert not _constraint_specs(model, *args)
+        specs = under(axes.DEFAULT_RULES, model, *args)
+        assert specs and all(s[0] == ("data", "fsdp") for s in specs)
+        assert any("tensor" in s[1:] for s in specs)  # mlp / heads over tensor
+        user = under((("batch", "data"),), model, *args)
+        assert len(user) == len(specs) and all(s[0] == "data" and "tensor" not in s[1:] for s in user)
