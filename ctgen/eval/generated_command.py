@@ -24,6 +24,12 @@ def _grid(text: str) -> tuple[int, int, int]:
     return grid
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--generated", required=True, metavar="DIR", help="directory of generated NIfTI volumes")
     parser.add_argument("--reference", required=True, metavar="DIR", help="directory of reference NIfTI volumes")
@@ -37,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="JSON or CSV pairing generated volume names with their prompts, for prompt adherence")
     parser.add_argument("--grid", type=_grid, metavar="D,H,W",
                         help="pad/crop grid of the feature protocol (default: largest extent of both sets)")
-    parser.add_argument("--slice-size", type=int, metavar="N", help="resize feature slices to NxN (default: native)")
+    parser.add_argument("--slice-size", type=_positive, metavar="N", help="resize feature slices to NxN (default: native)")
     return parser
 
 

@@ -222,7 +222,7 @@ def _segment(hu: np.ndarray, spacing: np.ndarray, cfg: MeasureConfig) -> dict:
         lung = np.isin(lab, big)
     seg.update(airway=airway, lung=lung, side_hull=_side_hulls(lung, int(round(mid))))
     seg["fluid"] = _fluid(hu, sm, body, lung, seg["side_hull"], spacing, cfg)
-    seg["heart"] = _heart(sm, body, lung, seg["fluid"], mid, spacing, cfg)
+    seg["heart"] = _heart(sm, lung, seg["fluid"], mid, spacing, cfg)
     return seg
 
 
@@ -262,7 +262,7 @@ def _tissue_mean(sm: np.ndarray, mask: np.ndarray, spacing: np.ndarray, mm: floa
     return num / np.maximum(den, 1e-3)
 
 
-def _heart(sm, body, lung, fluid, mid, spacing, cfg: MeasureConfig) -> np.ndarray:
+def _heart(sm, lung, fluid, mid, spacing, cfg: MeasureConfig) -> np.ndarray:
     """The heart: soft tissue at blood/myocardium density inside the lungs' hull, opened to cut it
     from the liver dome and the vessels, the component most in the anterior mediastinum."""
     c = int(round(mid))
@@ -377,22 +377,24 @@ def _ctr(heart: np.ndarray, thorax: np.ndarray, spacing: np.ndarray) -> float:
     Slices are scanned from the top, among those holding at least half of the heart's largest
     cross-section (the vessels leaving the top are narrow): the heart's upper half is bordered by
     lung only, while below its widest level it may touch the abdomen under the diaphragm. So the scan
-    stops where the (slightly smoothed) width grows again after the width or the area began to fall.
+    stops where the (slightly smoothed) width grows again after the width or the area began to fall,
+    or grows 25% more than the growth of the area allows (a cross-section keeps its shape).
     """
     area = heart.sum(axis=(1, 2))
     width = np.array([_extent(h.any(axis=0)) for h in heart], np.float64)
     win = max(1, int(round(6.0 / float(spacing[0])))) | 1
     smooth = ndimage.median_filter(width, size=win, mode="nearest")
-    best_k, best, top_area, last, falling = -1, -1.0, 0, None, False
+    best_k, best, top_area, last, last_area, falling = -1, -1.0, 0, None, 0, False
     for k in range(len(width) - 1, -1, -1):
         if area[k] < 0.5 * area.max():
             continue
         falling = falling or smooth[k] < best or area[k] < 0.9 * top_area
-        if falling and last is not None and smooth[k] > last:
-            break
+        if last is not None and smooth[k] > last and (
+                falling or smooth[k] > 1.25 * last * math.sqrt(area[k] / max(last_area, 1))):
+            break  # grows again after the widest level, or wider than its area allows: an appendage
         if smooth[k] > best or (smooth[k] == best and width[k] > width[best_k]):
             best_k, best = k, smooth[k]
-        top_area, last = max(top_area, area[k]), smooth[k]
+        top_area, last, last_area = max(top_area, area[k]), smooth[k], area[k]
     return float(width[best_k] / _extent((heart[best_k] | thorax[best_k]).any(axis=0)))
 
 

@@ -26,9 +26,7 @@ from ctgen.errors import UserError
 from ctgen.eval import distribution, plots
 from ctgen.eval.phantom_measure import measure_volume
 
-EXAMPLES = 2
-SUMMARY_KEYS = ("cardiothoracic_ratio", "effusion_right_ml", "effusion_left_ml", "nodule_count",
-                "laa950_percent", "lung_volume_ml", "mean_lung_hu")
+EXAMPLES = 2  # example volumes per set in examples.png
 
 
 def volume_name(path: str) -> str:
@@ -131,7 +129,7 @@ def _jsonable(obj):
 def _summary(rows: Sequence[dict]) -> dict:
     """Per measurement: mean, sd and how many volumes it could be measured on."""
     out = {}
-    for key in SUMMARY_KEYS:
+    for key in distribution.ATTRIBUTES:
         v = np.asarray([r["measured"][key] for r in rows], np.float64)
         ok = v[np.isfinite(v)]
         out[key] = {"mean": float(ok.mean()) if ok.size else None, "sd": float(ok.std()) if ok.size else None,
@@ -232,12 +230,12 @@ def _markdown(report: dict, figures: dict[str, str]) -> str:
               "## Phantom measurements (label-free)", "",
               "| measurement | reference mean +- sd (measured/all) | generated mean +- sd (measured/all) |",
               "|---|---|---|"]
-    for key in SUMMARY_KEYS:
+    for key in distribution.ATTRIBUTES:
         cells = [f"{_num(s[key]['mean'])} +- {_num(s[key]['sd'], 2)} ({s[key]['measured']}/{s[key]['of']})"
                  for s in (r["summary"], g["summary"])]
         lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
-    sides = lambda s: ", ".join(f"{k} {v}" for k, v in s["effusion_side_counts"].items())  # noqa: E731
-    lines += [f"| effusion side | {sides(r['summary'])} | {sides(g['summary'])} |", ""]
+    sides = [", ".join(f"{k} {v}" for k, v in s["effusion_side_counts"].items()) for s in (r["summary"], g["summary"])]
+    lines += [f"| effusion side | {sides[0]} | {sides[1]} |", ""]
     ad = report["adherence"]
     if ad is not None:
         s = ad["summary"]
@@ -269,7 +267,7 @@ def _write(out_dir: str, report: dict, gen: dict, ref: dict) -> dict[str, str]:
         "phantom measurements": plots.strip_png(
             os.path.join(out_dir, "measurements.png"),
             {k: {"reference": [x["measured"][k] for x in ref["rows"]],
-                 "generated": [x["measured"][k] for x in gen["rows"]]} for k in SUMMARY_KEYS},
+                 "generated": [x["measured"][k] for x in gen["rows"]]} for k in distribution.ATTRIBUTES},
             "label-free phantom measurements (bar: mean)"),
     }
     files = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md"), **figures}

@@ -28,7 +28,7 @@ from flax import nnx
 
 from ctgen.errors import UserError
 
-STAGES = (("layer1", 64, 3, 1), ("layer2", 128, 4, 2), ("layer3", 256, 6, 2), ("layer4", 512, 3, 2))
+STAGES = (("layer1", 64, 1), ("layer2", 128, 2), ("layer3", 256, 2), ("layer4", 512, 2))  # name, width, stride
 EXPANSION = 4
 _SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
@@ -50,10 +50,6 @@ class ResNetConfig:
         blocks = tuple(len({k.split(".")[1] for k in sd if k.startswith(name + ".")}) for name, *_ in STAGES)
         return cls(conv_bias=keras, stride_first=keras, bn_eps=1.001e-5 if keras else 1e-5, blocks=blocks,
                    in_channels=int(sd["conv1.weight"].shape[1]))
-
-    @property
-    def features(self) -> int:
-        return STAGES[len(self.blocks) - 1][1] * EXPANSION
 
 
 class Conv(nnx.Module):
@@ -122,7 +118,7 @@ class ResNet50(nnx.Module):
         self.cfg = cfg
         self.conv1, self.bn1 = Conv(cfg.in_channels, 64, 7, 2, cfg.conv_bias, rngs), BatchNorm(64, cfg.bn_eps)
         c_in = 64
-        for (name, width, _, stride), n in zip(STAGES, cfg.blocks):
+        for (name, width, stride), n in zip(STAGES, cfg.blocks):
             blocks = []
             for i in range(n):
                 blocks.append(Bottleneck(c_in, width, stride if i == 0 else 1, cfg, rngs))
@@ -131,7 +127,7 @@ class ResNet50(nnx.Module):
 
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         x = max_pool_3x3_s2(jax.nn.relu(self.bn1(self.conv1(x_BxHxWxC.astype(jnp.float32)))))
-        for name, *_ in STAGES[: len(self.cfg.blocks)]:
+        for name, *_ in STAGES:
             for block in getattr(self, name):
                 x = block(x)
         return jnp.mean(x, axis=(1, 2))
@@ -186,7 +182,7 @@ def resnet_from_state_dict(sd: Mapping[str, np.ndarray], cfg: ResNetConfig | Non
         raise UserError(f"{source}: not a ResNet state_dict (no conv1.weight; first keys: {list(sd)[:5]})")
     cfg = cfg or ResNetConfig.from_state_dict(sd)
     graph, state = nnx.split(nnx.eval_shape(lambda: ResNet50(cfg, rngs=nnx.Rngs(0))))
-    expected = {k: tuple(v.shape) for k, v in flatten_state(state.to_pure_dict()).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten_state(nnx.to_pure_dict(state)).items()}
     try:
         flat, _ = convert(sd, torchvision_resnet_rules(cfg), direction="to_ours", expected_shapes=expected)
     except ConversionError as err:

@@ -1,5 +1,4 @@
 """Phantoms shared by the eval tests: a few studies with chosen findings on a demo-sized grid."""
-import numpy as np
 import pytest
 
 from ctgen.data.phantom import make_phantom
@@ -20,8 +19,19 @@ STUDIES = (
 )
 
 
-def make_study(seed, findings, shape=SHAPE, spacing=SPACING):
+def _make_study(seed, findings, shape=SHAPE, spacing=SPACING):
     return make_phantom(seed, shape, spacing, p_normal=1.0, **findings)
+
+
+@pytest.fixture(scope="session")
+def make_study():
+    """`make_study(seed, findings, shape=SHAPE, spacing=SPACING)`: a phantom with only these findings."""
+    return _make_study
+
+
+@pytest.fixture(scope="session")
+def studies():
+    return STUDIES
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +39,6 @@ def measured_studies():
     """[(phantom, label-free measurement)] of STUDIES."""
     out = []
     for seed, findings in STUDIES:
-        ph = make_study(seed, findings)
+        ph = _make_study(seed, findings)
         out.append((ph, measure_volume(ph.hu, ph.spacing)))
     return out
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)

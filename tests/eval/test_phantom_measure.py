@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_study
 
 from ctgen.eval import phantom_measure
 from ctgen.eval.phantom_measure import measure_volume
@@ -35,7 +34,7 @@ def test_findings_are_told_apart(measured_studies):
 
 
 @pytest.mark.parametrize("shape", [(17, 64, 64), (201, 128, 128)], ids=["17x64x64", "paper-201x128x128"])
-def test_other_grids_within_tolerances(shape):
+def test_other_grids_within_tolerances(shape, make_study):
     spacing = (301.5 / shape[0], 350.0 / shape[1], 350.0 / shape[2])
     ph = make_study(7, dict(cardiomegaly=True, cardiothoracic_ratio=0.62,
                             effusion={"right_ml": 500.0, "left_ml": 0.0}), shape, spacing)

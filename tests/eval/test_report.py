@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-from conftest import STUDIES, make_study
 from PIL import Image
 
 from ctgen.errors import UserError
@@ -14,13 +13,13 @@ from ctgen.io.nifti import write_nifti
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, studies, make_study):
     """generated/: four designed studies (with prompts); reference/: two others."""
     root = tmp_path_factory.mktemp("eval")
     prompts = {}
-    for sub, studies in (("generated", STUDIES[:4]), ("reference", STUDIES[4:])):
+    for sub, chosen in (("generated", studies[:4]), ("reference", studies[4:])):
         os.makedirs(root / sub)
-        for seed, findings in studies:
+        for seed, findings in chosen:
             ph = make_study(seed, findings, (17, 64, 64), (301.5 / 17, 350 / 64, 350 / 64))
             write_nifti(str(root / sub / f"study{seed}.nii.gz"), ph.hu, ph.spacing)
             prompts[f"study{seed}.nii.gz"] = ph.prompt()
@@ -64,7 +63,7 @@ def test_feature_network_path(dirs, tmp_path):
     from ctgen.eval.resnet import ResNet50, ResNetConfig, torchvision_resnet_rules
 
     cfg = ResNetConfig(blocks=(1, 1, 1, 1))
-    shapes = flatten_state(nnx.state(nnx.eval_shape(lambda: ResNet50(cfg, rngs=nnx.Rngs(0)))).to_pure_dict())
+    shapes = flatten_state(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: ResNet50(cfg, rngs=nnx.Rngs(0))))))
     rng = np.random.default_rng(0)
     flat = {k: rng.uniform(0.5, 1.5, v.shape) if k.endswith("/var") else 0.05 * rng.standard_normal(v.shape)
             for k, v in shapes.items()}
@@ -72,9 +71,9 @@ def test_feature_network_path(dirs, tmp_path):
     weights = str(tmp_path / "resnet.safetensors")
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, weights)
     report = evaluate_generated(str(dirs / "generated"), str(dirs / "reference"), str(tmp_path / "out"),
-                                feature_weights=weights, grid=(17, 48, 48))
+                                feature_weights=weights, grid=(17, 32, 32))
     fn = report["metrics"]["feature_network"]
-    assert fn["computed"] and fn["protocol"] == {"grid": [17, 48, 48], "center_ratio": 0.4, "slice_size": None}
+    assert fn["computed"] and fn["protocol"] == {"grid": [17, 32, 32], "center_ratio": 0.4, "slice_size": None}
     planes = [fn[f"fid_{p}"] for p in ("axial", "coronal", "sagittal")]
     assert min(planes) > 0 and fn["fid_2p5d"] == pytest.approx(np.mean(planes)) and fn["volume_frechet"] > 0
     assert "| 2.5D FID |" in (tmp_path / "out" / "report.md").read_text()
