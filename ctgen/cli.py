@@ -187,7 +187,13 @@ def _add_demo(sub) -> None:
     demo.add_parser(sub)
 
 
-_SUBCOMMANDS = (_add_prepare, _add_train, _add_eval, _add_export_import, _add_bench, _add_demo)
+def _add_generate(sub) -> None:
+    from ctgen.generate import command
+
+    command.add_parser(sub)
+
+
+_SUBCOMMANDS = (_add_prepare, _add_train, _add_eval, _add_generate, _add_export_import, _add_bench, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,8 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if overrides and args.command not in ("train", "eval"):
-        print(f"ctgen: error: --config.* overrides apply to `ctgen train` and `ctgen eval`", file=sys.stderr)
+    if overrides and args.command not in ("train", "eval", "generate"):
+        print("ctgen: error: --config.* overrides apply to `ctgen train`, `ctgen eval` and `ctgen generate`",
+              file=sys.stderr)
         return 2
     try:
         return int(args.func(args, overrides) or 0)
