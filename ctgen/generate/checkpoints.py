@@ -114,8 +114,14 @@ def resolve_checkpoints(root: str, paths: Mapping[str, str], stages: Sequence[st
     Raises UserError (one line) for a missing root or stage directory, a directory of another
     stage or model, and a directory that holds no weights.
     """
+    from ctgen.weights import WEIGHTS_MARKER
+
     if root and not os.path.isdir(root):
         raise UserError(f"--checkpoints {root}: no such directory")
+    if root and not any(os.path.exists(os.path.join(root, s)) for s in stages) and any(
+            os.path.isfile(os.path.join(root, f)) for f in ("config.json", WEIGHTS_MARKER)):
+        raise UserError(f"--checkpoints {root}: this is one model's directory; give the folder that holds "
+                        f"{', '.join(s + '/' for s in stages)}")
     out = {}
     for stage in stages:
         path = paths.get(stage) or (os.path.join(root, stage) if root else "")

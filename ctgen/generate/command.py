@@ -88,6 +88,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- settings
 def apply_options(config, args: argparse.Namespace) -> None:
     """Explicit command-line options into the config (they win over --config.* of the same field)."""
+    if getattr(args, "slices", None) is not None:
+        check_slices(args.slices)  # the config's 0 means "the CT-ViT's"; an explicit count must be valid
     with config.unlocked():
         for dest, field in OPTION_FIELDS:
             value = getattr(args, dest, None)

@@ -103,11 +103,11 @@ def _entry(name: str, where: str, template: str, *, text: str = "", findings: st
 
 
 def prompt_from_text(text: str, template: str = "paper") -> PromptEntry:
-    """The command line's single prompt (its name: a slug of the prompt and index 0)."""
+    """The command line's single prompt (named like the first prompt of a file: a slug of the prompt and 0001)."""
     if not str(text or "").strip():
         raise UserError("empty prompt: give the report text, e.g. \"64 years old female: Cardiomegaly.\"")
     entry = _entry("", "the prompt argument", resolve_template(template), text=text)
-    return dataclasses.replace(entry, name=f"{slug(entry.prompt)}_0000")
+    return dataclasses.replace(entry, name=f"{slug(entry.prompt)}_0001")
 
 
 def _read_rows(path: str) -> tuple[list[dict], str]:
@@ -198,17 +198,14 @@ def read_prompt_file(path: str, template: str = "paper", metadata: str | None = 
 
 
 def plan_samples(entries: Sequence[PromptEntry], num_samples: int, seed: int) -> list[Sample]:
-    """Each prompt `num_samples` times: names `<name>` (one sample) or `<name>_s<k>`, seeds
-    `sample_seed(seed, name, k)`; UserError if an expanded name collides with another prompt's."""
+    """Each prompt `num_samples` times: names `<name>` (one sample) or `<name>_s<k>` (unique, as the
+    prompts' names are and the suffix is), seeds `sample_seed(seed, name, k)`."""
     if num_samples < 1:
         raise UserError(f"--num-samples {num_samples}: must be at least 1")
-    samples, seen = [], {}
+    samples = []
     for e in entries:
         for k in range(num_samples):
             name = e.name if num_samples == 1 else f"{e.name}_s{k}"
-            if name in seen:
-                raise UserError(f"duplicate output name {name!r} ({seen[name]} and {e.where}); rename one of them")
-            seen[name] = e.where
             samples.append(Sample(name=name, prompt=e.prompt, seed=sample_seed(seed, e.name, k), index=k, base=e.name,
                                   where=e.where, age=e.age, sex=e.sex))
     return samples
