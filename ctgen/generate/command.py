@@ -340,7 +340,9 @@ def _complete_from_nifti(out_dir: str, sample, marker: dict, config) -> None:
     nii = read_nifti(output_paths(out_dir, sample.name).nifti)
     hu, spacing, _ = to_canonical(nii.data_ijk, nii.affine)
     record = {k: v for k, v in marker.items() if k not in ("format", "name", "geometry", "outputs")}
-    write_sample(out_dir, sample, hu, spacing, record, dicom=_series_info(sample) if config.outputs.dicom else None,
-                 preview=config.outputs.preview)
+    had = marker["outputs"]
+    write_sample(out_dir, sample, hu, spacing, record,
+                 dicom=_series_info(sample) if config.outputs.dicom or "dicom" in had else None,
+                 preview=config.outputs.preview or "preview" in had)
     print(f"{sample.name}: added {', '.join(k for k in ('preview', 'dicom') if k not in marker['outputs'])} "
           "from its NIfTI", flush=True)

@@ -54,12 +54,11 @@ def output_paths(out_dir: str, name: str) -> OutputPaths:
 
 
 def ensure_writable(out_dir: str) -> str:
-    """Create `out_dir` (and its sub-folders) and prove a file can be written there; the absolute
-    path, or UserError naming the directory and the system's reason."""
+    """Create `out_dir` and prove a file can be written there; the absolute path, or UserError
+    naming the directory and the system's reason."""
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     try:
-        for sub in ("", PREVIEWS, DICOM, PROVENANCE):
-            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}.probe")
         with open(probe, "w", encoding="utf-8") as f:
             f.write("ok")
@@ -77,6 +76,7 @@ def _temporary(final: str) -> str:
 def atomic_path(final: str) -> Iterator[str]:
     """Yields a temporary path beside `final` (same extension); on success the file or folder
     written there replaces `final` in one rename; on failure it is removed."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = _temporary(final)
     try:
         yield tmp
@@ -127,6 +127,8 @@ def clear_sample(out_dir: str, name: str) -> None:
     if os.path.exists(paths.provenance):
         os.remove(paths.provenance)
     for final in (paths.nifti, paths.preview, paths.dicom, paths.provenance):
+        if not os.path.isdir(os.path.dirname(final)):
+            continue
         for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(final)),
                                           f"{TMP_PREFIX}*.{glob.escape(os.path.basename(final))}")):
             shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -110,37 +111,36 @@ def prompt_from_text(text: str, template: str = "paper") -> PromptEntry:
     return dataclasses.replace(entry, name=f"{slug(entry.prompt)}_0001")
 
 
-def _read_rows(path: str) -> tuple[list[dict], str]:
-    """(rows, kind) of a prompt file; kind is "json" or "csv"."""
+def _read_rows(path: str, option: str = "--prompts") -> tuple[list[dict], str]:
+    """(rows, kind) of a prompt file; kind is "json" or "csv" (comma, semicolon or tab separated,
+    whichever the header line uses most). `option` names the file's flag in errors."""
     if not os.path.exists(path):
-        raise UserError(f"--prompts {path}: no such file")
+        raise UserError(f"{option} {path}: no such file")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts {path}: cannot read ({type(e).__name__}: {e})") from None
+        raise UserError(f"{option} {path}: cannot read ({type(e).__name__}: {e})") from None
     if path.lower().endswith(".json") or text.lstrip()[:1] in ("[", "{"):
         try:
             data = json.loads(text)
         except ValueError as e:
-            raise UserError(f"--prompts {path}: not valid JSON ({e})") from None
+            raise UserError(f"{option} {path}: not valid JSON ({e})") from None
         if isinstance(data, dict):
             return [{"name": k, "prompt": v} for k, v in data.items()], "json"
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise UserError(f"--prompts {path}: expected a JSON list of {{\"name\", \"report\"|\"prompt\"}} objects "
+            raise UserError(f"{option} {path}: expected a JSON list of {{\"name\", \"report\"|\"prompt\"}} objects "
                             "or an object mapping names to prompts")
         return data, "json"
-    try:
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t") if text.strip() else csv.excel
-    except csv.Error:
-        dialect = csv.excel
-    rows = [{(k or "").strip(): v for k, v in r.items()} for r in csv.DictReader(text.splitlines(), dialect=dialect)]
-    return rows, "csv"
+    header = text.splitlines()[0] if text.strip() else ""
+    delimiter = max(",;\t", key=header.count)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    return [{(k or "").strip(): v for k, v in r.items()} for r in reader], "csv"
 
 
 def _metadata(path: str) -> dict[str, dict]:
     """Rows of a CT-RATE metadata CSV keyed by VolumeName (without extension)."""
-    rows, _ = _read_rows(path)
+    rows, _ = _read_rows(path, "--prompt-metadata")
     if rows and "VolumeName" not in rows[0]:
         raise UserError(f"--prompt-metadata {path}: no VolumeName column; found columns: {', '.join(rows[0])}")
     return {safe_name(r.get("VolumeName") or ""): r for r in rows}

@@ -43,6 +43,8 @@ def test_prompt_column_csv_names_and_slugs(tmp_path):
     assert read_prompt_file(path) == [a, b]  # deterministic
     semicolons = _write(tmp_path / "s.csv", "report;name\nNodule.;n1\n")
     assert [(e.name, e.prompt) for e in read_prompt_file(semicolons)] == [("n1", "Nodule.")]
+    one_column = _write(tmp_path / "o.csv", "text\nAtelectasis; small effusion.\n")
+    assert [e.prompt for e in read_prompt_file(one_column)] == ["Atelectasis; small effusion."]
 
 
 def test_vlm3d_json_list_and_mapping(tmp_path):
