@@ -6,7 +6,8 @@ process still has to make. The contract:
 
 * inputs: the samples (prompt, name, own seed), the resolved generation config (sampling
   settings, slices, mesh, SR batch), the checked weights of each stage, a `StageTimer` to compile
-  and time each stage with, and whether to draw progress bars;
+  and time each stage with, and whether to draw progress bars (already false on processes other
+  than 0 and off a terminal: pass it as `stage_progress(..., enabled=progress)`);
 * output: one `CascadeOutput` per sample, yielded as soon as it is ready (so volumes are written
   and memory is freed while the next sample runs), in any order;
 * the volume is HU in the models' own array layout (`layout` of the run: "canonical" for models
@@ -40,7 +41,7 @@ class CascadeOutput:
 
 
 def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWeights], *, timer: StageTimer,
-                progress: bool, process_index: int) -> Iterator[CascadeOutput]:
+                progress: bool) -> Iterator[CascadeOutput]:
     """Generate `samples` (module docstring). Not available until the MaskGIT and SR models land."""
     raise UserError("the MaskGIT and super-resolution stages are not built yet: `ctgen generate` checked the "
                     f"prompts, checkpoints and output folder and would now generate {len(samples)} volume(s)")

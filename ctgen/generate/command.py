@@ -285,7 +285,7 @@ def _generate(args, config, samples, stages, layout: str, out_dir: str) -> int:
     env = environment(*shard)
     timer = StageTimer()
     outputs = cascade.run_cascade(todo, config, stages, timer=timer,
-                                  progress=progress_enabled(config.progress_bar, shard[0]), process_index=shard[0])
+                                  progress=progress_enabled(config.progress_bar, shard[0]))
     for result in outputs:
         _write(out_dir, result, config, layout, requests[result.sample.name], hashes, env, cache)
     return 0

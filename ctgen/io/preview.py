@@ -5,7 +5,7 @@ convert other ranges first (e.g. super-resolution outputs with `ctgen.volume.sr_
 
     write_planes("preview.png", [low_res, generated, target], caption="step 100: study_1")
     write_three_planes("recon.png", input_FxHxW, recon_FxHxW, title="step 100")  # caption adds the RMSE
-    write_planes("ct.png", [vol, vol], caption=prompt, windows=[LUNG_WINDOW, MEDIASTINAL_WINDOW])
+    write_planes("ct.png", [vol, vol], caption=prompt, windows=[LUNG_WINDOW, MEDIASTINAL_WINDOW])  # ctgen.volume
 
 Without `windows` the grey scale spans the whole model range (-1000..1000 HU); a window
 (level, width) in HU maps level - width/2 .. level + width/2 to black .. white, as viewers do.
@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ctgen.volume import HU_MAX, LUNG_WINDOW, MEDIASTINAL_WINDOW, model_to_sr  # noqa: F401 (windows re-exported)
+from ctgen.volume import HU_MAX, model_to_sr
 
 CAPTION_HEIGHT = 14  # pixels per caption line
 CHAR_WIDTH = 6  # PIL's default bitmap font

@@ -11,7 +11,7 @@ class FakeCascade:
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = [], fail_after
 
-    def __call__(self, samples, config, stages, *, timer, progress, process_index):
+    def __call__(self, samples, config, stages, *, timer, progress):
         self.calls.append([s.name for s in samples])
         assert set(stages) == {"text", "ctvit", "maskgit"} | ({"superres"} if config.superres.enabled else set())
         for n, s in enumerate(samples):

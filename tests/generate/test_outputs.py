@@ -97,24 +97,6 @@ def test_nifti_dicom_preview_and_provenance(tmp_path, volume):
     assert prov["geometry"]["shape_dhw"] == list(SHAPE)
 
 
-def test_preview_windows(tmp_path):
-    from ctgen.io.preview import (LUNG_WINDOW, MEDIASTINAL_WINDOW, caption_lines, three_plane_grid,
-                                  write_planes)
-
-    vol = np.full((5, 8, 8), 0.1, np.float32)  # 100 HU: soft tissue
-    vol[:, :, :4] = -0.6  # -600 HU: the lung window's level
-    grid = three_plane_grid(vol, vol, pad=0, windows=[LUNG_WINDOW, MEDIASTINAL_WINDOW])
-    axial_lung, axial_soft = grid[:8, :8], grid[8:, :8]
-    assert axial_lung[0, 0] == 128 and abs(int(axial_lung[0, 7]) - 255 * (100 + 1350) / 1500) <= 1
-    assert axial_soft[0, 0] == 0 and abs(int(axial_soft[0, 7]) - 255 * (100 + 125) / 350) <= 1
-    caption = "word " * 200
-    img = np.asarray(Image.open(write_planes(str(tmp_path / "p.png"), [vol], caption=caption)))
-    plain = three_plane_grid(vol)
-    zoom = round(640 / plain.shape[1])
-    lines = caption_lines(caption, plain.shape[1] * zoom)
-    assert len(lines) > 2 and img.shape[0] == plain.shape[0] * zoom + CAPTION_HEIGHT * len(lines)
-
-
 def test_interrupted_writes_never_look_finished(tmp_path, volume):
     hu, spacing = volume
     out = ensure_writable(str(tmp_path))
