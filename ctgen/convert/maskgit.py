@@ -79,7 +79,8 @@ def _flat(model_or_state: Any) -> dict[str, np.ndarray]:
     return {k: v if isinstance(v, np.ndarray) else np.asarray(jax.device_get(v)) for k, v in flat.items()}
 
 
-def to_generatect(maskgit: Any, cfg: MaskGITConfig, ctvit: Any, ctvit_cfg: CTViTConfig) -> "OrderedDict[str, np.ndarray]":
+def to_generatect(maskgit: Any, cfg: MaskGITConfig, ctvit: Any,
+                  ctvit_cfg: CTViTConfig) -> "OrderedDict[str, np.ndarray]":
     """GenerateCT `MaskGITTransformer` state_dict (numpy float32, manifest order) of a ctgen MaskGIT
     (module or state) and its tokenizer (a CTViT module or state)."""
     _check_exportable(cfg)
