@@ -146,3 +146,18 @@ def test_position_bias_mlp_runs_outside_the_decoding_loop():
     closed = jax.make_jaxpr(run)(ctx, mask)
     assert mlp_dots(closed.jaxpr) == 1
     assert sum(mlp_dots(body) for body in loop_bodies(closed.jaxpr)) == 0
+
+
+def test_gradients_are_finite_with_zero_padded_text_states():
+    """T5 caches pad with zero vectors; their keys normalise to zero and must not turn the gradient
+    into NaN (d||x|| at x = 0), masked or not (the null prompt masks every text key)."""
+    model = MaskGIT(MaskGITConfig.tiny(), rngs=nnx.Rngs(0))
+    ids, ctx, mask = _inputs(model.cfg)
+    ctx = ctx * mask[..., None]
+
+    def loss(m, text_mask):
+        return jnp.mean(m(ids, GRID, ctx, text_mask) ** 2)
+
+    for text_mask in (mask, jnp.zeros_like(mask)):
+        grads = nnx.grad(loss)(model, text_mask)
+        assert all(np.isfinite(np.asarray(v[...])).all() for _, v in nnx.to_flat_state(grads))
