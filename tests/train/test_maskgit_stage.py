@@ -73,7 +73,7 @@ def test_tiny_training_sharded_on_8_devices_and_restore_onto_another_mesh(token_
     assert cfg.model.dim_context == 16  # taken from the embedding cache
     rows = _rows(workdir)
     first, last = rows[0]["loss"], rows[-1]["loss"]
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.85 * first, (first, last)
     ev = _rows(workdir, "eval")[-1]
     assert 0.0 <= ev["masked_accuracy"] <= 1.0 and np.isfinite(ev["null_masked_loss"])
     assert {"masked_loss_100pct", "masked_loss_50pct", "masked_loss_15pct"} <= set(ev)
@@ -89,7 +89,7 @@ def test_tiny_training_sharded_on_8_devices_and_restore_onto_another_mesh(token_
                                   "train.eval_every": -1, "train.preview_every": -1})
     summary2 = train(cfg2, workdir, get_stage(cfg2))
     assert summary2["start_step"] == 30 and summary2["final_step"] == 32
-    assert _rows(workdir)[-1]["loss"] < 0.6 * first
+    assert _rows(workdir)[-1]["loss"] < 0.85 * first
 
 
 class _Spy:
