@@ -34,7 +34,7 @@ CTGEN_NUM_PROCESSES / CTGEN_PROCESS_ID, or JAX's auto-detection (TPU pods, SLURM
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a stage (ctvit; toy for testing the loop)", description=TRAIN_HELP,
+    p = sub.add_parser("train", help="train a stage (ctvit, maskgit; toy for testing the loop)", description=TRAIN_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file and variant, e.g. configs/ctvit.py:tiny")
     p.add_argument("--workdir", required=False, help="run directory (checkpoints, metrics, previews)")
@@ -170,15 +170,19 @@ def _add_prepare(sub) -> None:
 
 def _add_export_import(sub) -> None:
     # Each model adds its kind under `export` / `import` (e.g. `ctgen export ctvit`).
-    from ctgen.convert import ctvit_command
+    from ctgen.convert import ctvit_command, maskgit_command
 
     export = sub.add_parser("export", help="write ctgen weights as a GenerateCT PyTorch state_dict",
                             description="Export ctgen weights for PyTorch users (GenerateCT module layout).")
-    ctvit_command.add_export_parser(export.add_subparsers(dest="what", metavar="<model>", required=True))
+    exports = export.add_subparsers(dest="what", metavar="<model>", required=True)
+    ctvit_command.add_export_parser(exports)
+    maskgit_command.add_export_parser(exports)
     imp = sub.add_parser("import", help="read GenerateCT PyTorch checkpoints into a ctgen weights directory",
                          description="Import GenerateCT checkpoints (torch.load(weights_only=True), never unpickling "
                                      "objects) into ctgen weights directories.")
-    ctvit_command.add_import_parser(imp.add_subparsers(dest="what", metavar="<model>", required=True))
+    imports = imp.add_subparsers(dest="what", metavar="<model>", required=True)
+    ctvit_command.add_import_parser(imports)
+    maskgit_command.add_import_parser(imports)
 
 
 def _add_demo(sub) -> None:

@@ -5,6 +5,7 @@
     ctgen prepare --source nifti --csv studies.csv --out data/
     ctgen prepare --source dicom --root pacs_export/ --reports reports.csv --out data/
     ctgen prepare --source embeddings --dataset data/ctgen_ct/NAME/1.0.0 --out data/t5
+    ctgen prepare --source tokens --dataset data/ctgen_ct/NAME/1.0.0 --tokenizer runs/ctvit --out data/tokens
 
 Also runnable as `python -m ctgen.data.command ...`. The dataset lands in
 `<out>/ctgen_ct/<name>/1.0.0/` with `manifest.jsonl` (one line per input: written, warning or
@@ -18,7 +19,7 @@ from typing import Sequence
 
 from ctgen.text.prompt import resolve_template
 
-SOURCES = ("phantom", "ctrate", "nifti", "dicom", "embeddings")
+SOURCES = ("phantom", "ctrate", "nifti", "dicom", "embeddings", "tokens")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -103,6 +104,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dicom: match reports by StudyInstanceUID or by top-level folder name")
     c.add_argument("--key-column", default=None, help="dicom: CSV column of the key (StudyInstanceUID / folder)")
     _add_embedding_arguments(parser)
+    from ctgen.data import tokens
+
+    tokens.add_prepare_arguments(parser)
     return parser
 
 
@@ -162,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, "dataset", None):
             raise UserError("--source embeddings needs --dataset DIR (a prepared dataset's version directory)")
         return embeddings.run_prepare(args)
+    if args.source == "tokens":
+        from ctgen.data import tokens
+
+        return tokens.run_prepare(args)
     slices = args.slices if args.slices > 0 else None
     try:
         grid = GridConfig(shape=(slices, args.resolution, args.resolution),

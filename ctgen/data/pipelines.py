@@ -259,18 +259,24 @@ class _TokenElement:
         out_emb[:length] = emb[:length]
         mask = np.zeros((self.max_len,), bool)
         mask[:length] = True
-        return {"tokens": np.asarray(ex["tokens"]).astype(np.int32), "text_embedding": out_emb, "text_mask": mask,
-                "source_id": sid, "valid": np.bool_(valid)}
+        out = {"tokens": np.asarray(ex["tokens"]).astype(np.int32), "text_embedding": out_emb, "text_mask": mask,
+               "source_id": sid, "valid": np.bool_(valid)}
+        if "spacing" in ex:
+            out["spacing"] = np.asarray(ex["spacing"], np.float32)
+        if "prompt" in ex:
+            out["prompt"] = as_text(ex["prompt"])
+        return out
 
 
 def token_pipeline(tokens_dir: str, split: str, *, global_batch_size: int, process_index: int = 0,
                    process_count: int = 1, seed: int = 0, embeddings_dir: str | None = None,
                    max_text_length: int = 256, train: bool = True, options: LoaderOptions = LoaderOptions()):
     """MaskGIT batches: `tokens` int32 (b, T, h, w), `text_embedding` float32 (b, L, E) zero-padded to
-    `max_text_length`, `text_mask` bool (b, L), `source_id`, `valid`.
+    `max_text_length`, `text_mask` bool (b, L), `source_id`, `valid`; plus `spacing` float32 (b, 3) and
+    `prompt` when the token dataset has them (`ctgen prepare --source tokens` writes both).
 
     tokens_dir: side dataset with `source_id` and `tokens` (int16/int32 (T, h, w)), e.g. written
-      by `side.write_side_dataset`; it may carry `embedding` (+ `length`) itself.
+      by `ctgen.data.tokens` or `side.write_side_dataset`; it may carry `embedding` (+ `length`) itself.
     embeddings_dir: T5 embedding cache (`ctgen.data.embeddings`: `source_id`, `embedding` (length, E),
       `length`), looked up by source_id.
     """

@@ -5,9 +5,12 @@ Matches `transformer_maskgit/attention.py` numerically:
 - in self-attention, keys/values come from the *un-normalised* input, queries from the normalised one;
 - q and k are L2-normalised per head, times learnable per-channel scales, logits times 8;
 - optional learned null key/value pairs (cross-attention) prepended to the keys;
-- continuous (SwinV2-style) relative position bias from a small MLP over sign*log(1+|d|);
+- continuous (SwinV2-style) relative position bias from a small MLP over sign*log(1+|d|),
+  evaluated once per distinct offset of the token grid (`ContinuousPositionBias.relative_bias`);
 - transformer layer: x += PEG(x); x += attn(x, bias); [x += cross_attn(x, ctx)]; x += GEGLU-FF(x);
   final gamma-only norm.
+The softmax(q.k + bias) v arithmetic itself is `ctgen.models.attention_core.attend` (dense for short
+sequences, blocked or fused for long ones).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ctgen.models.attention_core import RelativeBias, attend, choose
 from ctgen.models.layers import PEG, Dense, GEGLUFeedForward, ScaleNorm, l2_normalize, leaky_relu, token_axes
 from ctgen.parallel.axes import constrain, param, with_axes
 
@@ -27,15 +31,17 @@ from ctgen.parallel.axes import constrain, param, with_axes
 class Attention(nnx.Module):
     """Multi-head attention with L2-normalised, learnably scaled queries and keys.
 
-    x_BxNxD may have any number of leading batch axes (..., N, D). `bias_HxNxM` is added to the
-    logits of the non-null keys. `mask_BxM` (True = attend) masks context keys.
+    x_BxNxD may have any number of leading batch axes (..., N, D). `bias_HxNxM` (an array or a
+    `RelativeBias`) is added to the logits of the non-null keys. `mask_BxM` (True = attend) masks
+    context keys.
     cross: attend to a `context` (width `dim_context`, default `dim`) normalised by its own
       `context_norm`; otherwise self-attention, which takes no context.
+    impl, block_size: how `attend` computes the attention ("auto": dense for short sequences).
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, cross: bool = False,
-                 dim_context: int | None = None, num_null_kv: int = 0, scale: float = 8.0, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 dim_context: int | None = None, num_null_kv: int = 0, scale: float = 8.0, impl: str = "auto",
+                 block_size: int = 512, dtype=jnp.float32, rngs: nnx.Rngs):
         if dim_context is not None and not cross:
             raise ValueError(f"dim_context={dim_context} is for cross-attention: pass cross=True")
         inner = heads * dim_head
@@ -43,6 +49,8 @@ class Attention(nnx.Module):
         self.heads, self.dim_head, self.scale = heads, dim_head, scale
         self.num_null_kv = num_null_kv
         self.cross = cross
+        choose(impl, 1, 1)  # validates the name
+        self.impl, self.block_size = impl, block_size
         self.norm = ScaleNorm(dim)
         # Self-attention's context_norm is unused in GenerateCT, so it is not a ctgen parameter
         # (conversion writes its constant value).
@@ -56,8 +64,8 @@ class Attention(nnx.Module):
         self.k_scale = param(jnp.ones((dim_head,), jnp.float32), "kv")
         self.to_out = Dense(inner, dim, axes=("joined_kv", "embed"), use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, context: jax.Array | None = None, bias_HxNxM: jax.Array | None = None,
-                 mask_BxM: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, context: jax.Array | None = None,
+                 bias_HxNxM: jax.Array | RelativeBias | None = None, mask_BxM: jax.Array | None = None) -> jax.Array:
         h, dh = self.heads, self.dim_head
         if (context is not None) != self.cross:
             raise ValueError("cross-attention needs a context" if self.cross else
@@ -83,32 +91,32 @@ class Attention(nnx.Module):
             v = jnp.concatenate([jnp.broadcast_to(nv, (*batch, *nv.shape)), v], axis=-3)
         q = l2_normalize(q) * self.q_scale[...].astype(q.dtype).reshape((1,) * (q.ndim - 1) + (dh,))
         k = l2_normalize(k) * self.k_scale[...].astype(k.dtype).reshape((1,) * (k.ndim - 1) + (dh,))
-        logits = jnp.einsum("...nhd,...mhd->...hnm", q, k, preferred_element_type=jnp.float32) * self.scale
-        if bias_HxNxM is not None:
-            if self.num_null_kv:
-                bias_HxNxM = jnp.pad(bias_HxNxM, ((0, 0), (0, 0), (self.num_null_kv, 0)))
-            logits = logits + bias_HxNxM.astype(jnp.float32).reshape((1,) * (logits.ndim - 3) + bias_HxNxM.shape)
-        if mask_BxM is not None:
-            if self.num_null_kv:
-                mask_BxM = jnp.pad(mask_BxM, ((0, 0), (self.num_null_kv, 0)), constant_values=True)
-            mask = mask_BxM.reshape(mask_BxM.shape[:1] + (1,) * (logits.ndim - 2) + mask_BxM.shape[1:])
-            logits = jnp.where(mask, logits, -jnp.finfo(jnp.float32).max)
-        attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = constrain(jnp.einsum("...hnm,...mhd->...nhd", attn, v), token_axes(q.ndim, "heads", "kv"))
+        out = attend(q, k, v, scale=self.scale, bias=bias_HxNxM, mask_BxM=mask_BxM, num_prefix=self.num_null_kv,
+                     impl=self.impl, block_size=self.block_size)
+        out = constrain(out, token_axes(q.ndim, "heads", "kv"))
         return self.to_out(out.reshape(*lead_q, h * dh))
 
 
+def log_offsets(d: np.ndarray) -> np.ndarray:
+    """sign(d)*log(1+|d|), the MLP's input for integer offsets d (float32)."""
+    d = np.asarray(d, np.float32)
+    return (np.sign(d) * np.log1p(np.abs(d))).astype(np.float32)
+
+
 def relative_positions(grid: Sequence[int]) -> np.ndarray:
-    """sign(d)*log(1+|d|) for every pair of positions of a grid, shape (N, N, len(grid)), float32."""
+    """The log-spaced offset of every (query, key) pair of a grid, shape (N, N, len(grid)): the naive
+    N^2 form of the position bias's input (GenerateCT's `rel_pos`)."""
     coords = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), axis=-1).reshape(-1, len(grid))
-    rel = (coords[:, None, :] - coords[None, :, :]).astype(np.float32)
-    return (np.sign(rel) * np.log1p(np.abs(rel))).astype(np.float32)
+    return log_offsets(coords[:, None, :] - coords[None, :, :])
 
 
 class ContinuousPositionBias(nnx.Module):
     """SwinV2 continuous position bias: MLP(num_dims -> dim -> ... -> heads) over log-spaced offsets.
 
-    Depends only on the grid, so models compute it once per forward and share it across layers.
+    The bias between two tokens depends only on their offset, so the MLP runs once per distinct
+    offset of the grid (at most prod(2g - 1)), not per token pair (GenerateCT evaluates it on all
+    N^2 pairs: 10.7 GB per hidden activation for MaskGIT at 201 slices). Models compute it once per
+    grid and share it across layers (and MaskGIT across decoding steps).
     """
 
     def __init__(self, dim: int, heads: int, *, num_dims: int = 2, layers: int = 2, rngs: nnx.Rngs):
@@ -117,21 +125,39 @@ class ContinuousPositionBias(nnx.Module):
             for i in range(layers)])
         self.to_heads = Dense(dim, heads, axes=(None, "heads"), rngs=rngs)
 
-    def __call__(self, grid: Sequence[int]) -> jax.Array:
-        """Bias of shape (heads, N, N) with N = prod(grid)."""
-        h = jnp.asarray(relative_positions(grid))
+    def mlp(self, offsets: jax.Array) -> jax.Array:
+        """(..., num_dims) log-spaced offsets -> (..., heads) biases."""
+        h = offsets
         for layer in self.hidden:
             h = leaky_relu(layer(h), 0.1)
-        return jnp.transpose(self.to_heads(h), (2, 0, 1))
+        return self.to_heads(h)
+
+    def offset_table(self, grid: Sequence[int]) -> jax.Array:
+        """(heads, 2*g0 - 1, 2*g1 - 1, ...): the bias of every offset of `grid` (offset d along an
+        axis of size g at index d + g - 1)."""
+        axes = [np.arange(-(g - 1), g) for g in grid]
+        offsets = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+        return jnp.moveaxis(self.mlp(jnp.asarray(log_offsets(offsets))), -1, 0)
+
+    def relative_bias(self, grid: Sequence[int]) -> RelativeBias:
+        """The bias of `grid` in its compact per-offset form (what long-sequence attention reads)."""
+        return RelativeBias.from_offset_table(self.offset_table(grid))
+
+    def __call__(self, grid: Sequence[int]) -> jax.Array:
+        """Bias of shape (heads, N, N) with N = prod(grid)."""
+        return self.relative_bias(grid).dense()
 
 
 class TransformerBlock(nnx.Module):
     def __init__(self, dim: int, *, heads: int, dim_head: int, ff_mult: float, peg: bool, peg_causal: bool,
-                 dim_context: int | None, cross_num_null_kv: int, dtype, rngs: nnx.Rngs):
+                 dim_context: int | None, cross_num_null_kv: int, attention: str, attention_block: int, dtype,
+                 rngs: nnx.Rngs):
         self.peg = PEG(dim, causal=peg_causal, rngs=rngs) if peg else None
-        self.attn = Attention(dim, heads=heads, dim_head=dim_head, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, heads=heads, dim_head=dim_head, impl=attention, block_size=attention_block,
+                              dtype=dtype, rngs=rngs)
         self.cross_attn = (Attention(dim, heads=heads, dim_head=dim_head, cross=True, dim_context=dim_context,
-                                     num_null_kv=cross_num_null_kv, dtype=dtype, rngs=rngs)
+                                     num_null_kv=cross_num_null_kv, impl=attention, block_size=attention_block,
+                                     dtype=dtype, rngs=rngs)
                            if dim_context else None)
         self.ff = GEGLUFeedForward(dim, ff_mult, dtype=dtype, rngs=rngs)
 
@@ -160,25 +186,29 @@ class Transformer(nnx.Module):
     remat_policy: "projections" keeps the outputs of the q, kv and feed-forward input projections
       (the matmuls are ~95% of a block's FLOPs), so the backward pass recomputes only norms,
       attention and elementwise work; "full" keeps only each block's input (least memory).
+    attention, attention_block: the `attend` implementation ("auto": dense for short sequences) and
+      the blocked form's block size in tokens.
     """
 
     def __init__(self, dim: int, *, depth: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4.0,
                  peg: bool = True, peg_causal: bool = False, dim_context: int | None = None,
                  cross_num_null_kv: int = 2, remat: bool = False, remat_policy: str = "full",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 attention: str = "auto", attention_block: int = 512, dtype=jnp.float32, rngs: nnx.Rngs):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {remat_policy!r}")
         self.layers = nnx.List([
             TransformerBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, peg=peg, peg_causal=peg_causal,
-                             dim_context=dim_context, cross_num_null_kv=cross_num_null_kv, dtype=dtype, rngs=rngs)
+                             dim_context=dim_context, cross_num_null_kv=cross_num_null_kv, attention=attention,
+                             attention_block=attention_block, dtype=dtype, rngs=rngs)
             for _ in range(depth)])
         self.norm_out = ScaleNorm(dim)
         self.remat = remat
         self.remat_policy = remat_policy
 
-    def __call__(self, x: jax.Array, grid_BxTxHxW: Sequence[int], *, bias_HxNxN: jax.Array | None = None,
+    def __call__(self, x: jax.Array, grid_BxTxHxW: Sequence[int], *, bias_HxNxN: jax.Array | RelativeBias | None = None,
                  context: jax.Array | None = None, context_mask: jax.Array | None = None) -> jax.Array:
-        """x: (..., N, D) whose row-major memory is reinterpreted as the grid by each PEG."""
+        """x: (..., N, D) whose row-major memory is reinterpreted as the grid by each PEG;
+        bias_HxNxN: the self-attention bias, shared by all blocks (an array or a `RelativeBias`)."""
         grid = tuple(int(g) for g in grid_BxTxHxW)
         if not self.remat or not self.layers:
             for block in self.layers:

@@ -73,9 +73,13 @@ def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-    return (x / jnp.maximum(norm, eps).astype(x.dtype)).astype(x.dtype)
+    """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize).
+
+    The clamp sits inside the square root, so a zero vector (zero-padded text states) has a zero
+    gradient like torch's, not the NaN of d||x|| at x = 0."""
+    sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    norm = jnp.sqrt(jnp.maximum(sq, eps * eps))
+    return (x / norm.astype(x.dtype)).astype(x.dtype)
 
 
 class Dense(nnx.Module):

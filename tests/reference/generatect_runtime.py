@@ -8,7 +8,10 @@ CTGEN_GENERATECT_DIR (the repository root). Two runtime adaptations are applied 
   `torchvision` stand-in is registered that provides what `ctvit.py` imports, and VGG16 is built
   here with torchvision's module layout (`make_torch_vgg16`).
 The package's `__init__` (which pulls in T5/transformers and data code) is bypassed by importing
-`transformer_maskgit.ctvit` from a namespace stub.
+`transformer_maskgit.ctvit` from a namespace stub. `load_maskgit` also imports its
+`MaskGITTransformer` module; its `transformer_maskgit.t5` import is answered by a stand-in (no
+`transformers`, no downloads) whose `get_encoded_dim` gives 768, T5 v1.1 base's width, and whose
+`t5_encode_text` refuses: parity runs feed text states directly.
 """
 from __future__ import annotations
 
@@ -137,3 +140,34 @@ def build_reference(cfg, nets=None, seed: int = 0):
         kwargs.update(vgg=make_torch_vgg16(nets.vgg.widths, nets.vgg.fc_dim), discr_base_dim=nets.discr.base_dim)
     model = ref.CTViT(**kwargs)
     return model
+
+
+def load_maskgit() -> types.SimpleNamespace:
+    """`load()` plus GenerateCT's `MaskGITTransformer` module (`MaskGit`, `MaskGITTransformer`)."""
+    ref = load()
+    if "transformer_maskgit.t5" not in sys.modules:
+        t5 = types.ModuleType("transformer_maskgit.t5")
+        t5.DEFAULT_T5_NAME = "google/t5-v1_1-base"
+        t5.get_encoded_dim = lambda name: 768
+
+        def t5_encode_text(*args, **kwargs):
+            raise RuntimeError("T5 stand-in: pass text states (context=...) to GenerateCT's MaskGit")
+
+        t5.t5_encode_text = t5_encode_text
+        sys.modules["transformer_maskgit.t5"] = t5
+    mod = importlib.import_module("transformer_maskgit.MaskGITTransformer")
+    mod.torch = _CpuTorch(ref.torch)
+    return types.SimpleNamespace(**vars(ref), module=mod, MaskGit=mod.MaskGit,
+                                 MaskGITTransformer=mod.MaskGITTransformer)
+
+
+def build_maskgit_reference(cfg, seed: int = 0):
+    """GenerateCT `MaskGit` with the architecture of a ctgen `MaskGITConfig`, random weights, CPU
+    (`MaskGit` always gives its cross-attention 2 null key/values)."""
+    if cfg.cross_num_null_kv != 2:
+        raise ValueError("GenerateCT's MaskGit has 2 null key/values per cross-attention")
+    ref = load_maskgit()
+    ref.torch.manual_seed(seed)
+    return ref.MaskGit(num_tokens=cfg.num_tokens, max_seq_len=cfg.max_seq_len, dim=cfg.dim,
+                       dim_context=cfg.dim_context, depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head,
+                       ff_mult=cfg.ff_mult, gradient_shrink_alpha=cfg.gradient_shrink_alpha)

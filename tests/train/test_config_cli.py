@@ -129,8 +129,9 @@ def test_help_imports_no_heavy_library():
     """`ctgen --help` and every `ctgen <command> --help` build their parsers without JAX & co."""
     import json
 
-    commands = [[], ["prepare"], ["train"], ["eval"], ["generate"], ["export"], ["export", "ctvit"], ["import"],
-                ["import", "generatect-ctvit"], ["bench"], ["demo"]]
+    commands = [[], ["prepare"], ["train"], ["eval"], ["generate"], ["export"], ["export", "ctvit"],
+                ["export", "maskgit"], ["import"], ["import", "generatect-ctvit"], ["import", "generatect-transformer"],
+                ["bench"], ["demo"]]
     from ctgen.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
