@@ -151,15 +151,19 @@ def _add_prepare(sub) -> None:
 
 def _add_export_import(sub) -> None:
     # Each model adds its kind under `export` / `import` (e.g. `ctgen export ctvit`).
-    from ctgen.convert import ctvit_command
+    from ctgen.convert import ctvit_command, superres_command
 
     export = sub.add_parser("export", help="write ctgen weights as a GenerateCT PyTorch state_dict",
                             description="Export ctgen weights for PyTorch users (GenerateCT module layout).")
-    ctvit_command.add_export_parser(export.add_subparsers(dest="what", metavar="<model>", required=True))
+    export_kinds = export.add_subparsers(dest="what", metavar="<model>", required=True)
+    ctvit_command.add_export_parser(export_kinds)
+    superres_command.add_export_parser(export_kinds)
     imp = sub.add_parser("import", help="read GenerateCT PyTorch checkpoints into a ctgen weights directory",
                          description="Import GenerateCT checkpoints (torch.load(weights_only=True), never unpickling "
                                      "objects) into ctgen weights directories.")
-    ctvit_command.add_import_parser(imp.add_subparsers(dest="what", metavar="<model>", required=True))
+    import_kinds = imp.add_subparsers(dest="what", metavar="<model>", required=True)
+    ctvit_command.add_import_parser(import_kinds)
+    superres_command.add_import_parser(import_kinds)
 
 
 def _add_demo(sub) -> None:

@@ -5,6 +5,7 @@ convert other ranges first (e.g. super-resolution outputs with `ctgen.volume.sr_
 
     write_planes("preview.png", [low_res, generated, target], caption="step 100: study_1")
     write_three_planes("recon.png", input_FxHxW, recon_FxHxW, title="step 100")  # caption adds the RMSE
+    write_image_rows("sr.png", [[low, sr, target], ...], caption="...")   # 2-D slices, one row each
 """
 from __future__ import annotations
 
@@ -55,10 +56,23 @@ def three_plane_grid(*volumes_FxHxW: np.ndarray, pad: int = 4) -> np.ndarray:
     return out
 
 
-def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = "") -> str:
-    """Write `three_plane_grid(*volumes)` as a PNG with a caption line above it; returns `path`."""
-    grid = three_plane_grid(*volumes_FxHxW)
-    zoom = max(1, round(640 / max(grid.shape[1], 1)))  # enlarge small volumes to a viewable size
+def write_image_rows(path: str, rows: Sequence[Sequence[np.ndarray]], caption: str = "", pad: int = 4) -> str:
+    """Write 2-D images in [-1, 1] as a PNG grid (one row per entry of `rows`, images side by
+    side, cells as large as the largest image) with a caption line above; returns `path`."""
+    images = [[_to_uint8(np.asarray(im)) for im in row] for row in rows]
+    cell_h = max(im.shape[0] for row in images for im in row)
+    cell_w = max(im.shape[1] for row in images for im in row)
+    cols = max(len(row) for row in images)
+    grid = np.zeros((len(images) * (cell_h + pad) + pad, cols * (cell_w + pad) + pad), np.uint8)
+    for r, row in enumerate(images):
+        for c, im in enumerate(row):
+            y, x = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
+            grid[y:y + im.shape[0], x:x + im.shape[1]] = im
+    return _write_png(path, grid, caption)
+
+
+def _write_png(path: str, grid: np.ndarray, caption: str) -> str:
+    zoom = max(1, round(640 / max(grid.shape[1], 1)))  # enlarge small images to a viewable size
     grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
     canvas = np.zeros((grid.shape[0] + CAPTION_HEIGHT, grid.shape[1]), np.uint8)
     canvas[CAPTION_HEIGHT:] = grid
@@ -67,6 +81,11 @@ def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
+
+
+def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = "") -> str:
+    """Write `three_plane_grid(*volumes)` as a PNG with a caption line above it; returns `path`."""
+    return _write_png(path, three_plane_grid(*volumes_FxHxW), caption)
 
 
 def write_three_planes(path: str, input_FxHxW: np.ndarray, recon_FxHxW: np.ndarray, title: str = "") -> str:

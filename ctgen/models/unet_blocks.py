@@ -17,10 +17,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from ctgen.models.layers import Conv2d, Dense, LayerNorm, ScaleNorm, bcast, layer_norm, torch_linear_init
+from ctgen.models.layers import Conv2d, Dense, LayerNorm, ScaleNorm, bcast, torch_linear_init
 from ctgen.parallel.axes import constrain, param, with_axes
 
 FMAP = ("batch", None, None, None)  # logical axes of a feature map (B, H, W, C): split over the batch only

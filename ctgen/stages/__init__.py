@@ -12,6 +12,7 @@ from ctgen.errors import UserError
 STAGES = {
     "toy": "ctgen.stages.toy",
     "ctvit": "ctgen.stages.ctvit",
+    "superres": "ctgen.stages.superres",
 }
 
 
