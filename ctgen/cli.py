@@ -76,22 +76,41 @@ Evaluate saved weights with a stage's eval (e.g. CT-ViT reconstruction PSNR/SSIM
 DIR is a weights directory (from `ctgen import` or an export) or a training workdir (its latest
 checkpoint, with EMA parameters if the config evaluates with EMA). The eval data comes from the
 config's data settings, which can be overridden like in `ctgen train`.
+
+Generated volumes against reference volumes (distribution metrics, label-free phantom
+measurements, prompt adherence; docs/eval.md):
+
+  ctgen eval --generated DIR --reference DIR [--out DIR] [--features-weights FILE] [--prompts FILE]
 """
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate saved weights on held-out data", description=EVAL_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config file and variant, e.g. configs/ctvit.py:tiny")
-    p.add_argument("--weights", required=True, help="weights directory or training workdir")
+    from ctgen.eval.generated_command import add_arguments
+
+    p.add_argument("--config", help="config file and variant, e.g. configs/ctvit.py:tiny")
+    p.add_argument("--weights", help="weights directory or training workdir")
     p.add_argument("--previews", help="also write previews of the first eval batch here")
     p.add_argument("--json", help="write the metrics to this JSON file")
+    add_arguments(p.add_argument_group("generated volumes"), required=False)
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args, overrides) -> int:
     import json
 
+    if args.generated or args.reference:
+        if not (args.generated and args.reference):
+            raise UserError("--generated and --reference go together (two directories of NIfTI volumes)")
+        if args.config or args.weights or overrides:
+            raise UserError("--generated/--reference compare volumes; --config, --weights and --config.* "
+                            "overrides belong to the other mode of `ctgen eval`")
+        from ctgen.eval.generated_command import run
+
+        return run(args)
+    if not (args.config and args.weights):
+        raise UserError("ctgen eval needs --config and --weights (or --generated and --reference)")
     import jax
 
     from ctgen.parallel.distributed import maybe_initialize
@@ -172,7 +191,13 @@ def _add_demo(sub) -> None:
     demo.add_parser(sub)
 
 
-_SUBCOMMANDS = (_add_prepare, _add_train, _add_eval, _add_export_import, _add_bench, _add_demo)
+def _add_generate(sub) -> None:
+    from ctgen.generate import command
+
+    command.add_parser(sub)
+
+
+_SUBCOMMANDS = (_add_prepare, _add_train, _add_eval, _add_generate, _add_export_import, _add_bench, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,8 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if overrides and args.command not in ("train", "eval"):
-        print(f"ctgen: error: --config.* overrides apply to `ctgen train` and `ctgen eval`", file=sys.stderr)
+    if overrides and args.command not in ("train", "eval", "generate"):
+        print("ctgen: error: --config.* overrides apply to `ctgen train`, `ctgen eval` and `ctgen generate`",
+              file=sys.stderr)
         return 2
     try:
         return int(args.func(args, overrides) or 0)

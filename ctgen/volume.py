@@ -37,6 +37,12 @@ from ctgen.errors import UserError
 HU_MIN = -1000.0
 HU_MAX = 1000.0
 CANONICAL_AXCODES_IJK = ("L", "P", "S")  # canonical (D, H, W) = (S, P, L), stored as (i, j, k) = (W, H, D)
+# Display windows (level, width) in HU, as radiology viewers show chest CT.
+LUNG_WINDOW = (-600.0, 1500.0)
+MEDIASTINAL_WINDOW = (50.0, 350.0)
+# Body extent (mm, D/H/W) of ctgen's default grid: phantoms are rendered on it (spacing = extent / shape)
+# and generated volumes, which have no scan of their own, are given it.
+DEFAULT_EXTENT_MM = (301.5, 350.0, 350.0)
 
 
 class VolumeError(UserError):
@@ -118,6 +124,11 @@ def to_canonical(vol_ijk: np.ndarray, affine: np.ndarray,
     spacing_whd[xform[:, 0].astype(int)] = sizes
     vol_DxHxW = np.ascontiguousarray(vol_whd.transpose(2, 1, 0))
     return vol_DxHxW, spacing_whd[::-1].astype(np.float32), axcodes(affine)
+
+
+def extent_spacing(shape_dhw: Sequence[int], extent_mm: Sequence[float] = DEFAULT_EXTENT_MM) -> tuple[float, float, float]:
+    """Voxel spacing (mm, D/H/W) of a grid of `shape_dhw` voxels spanning `extent_mm`."""
+    return tuple(float(e) / int(n) for e, n in zip(extent_mm, shape_dhw))
 
 
 def canonical_affine(spacing_dhw: Sequence[float], origin_lps: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:

@@ -11,6 +11,9 @@ RULES = {
     "volume": {"errors"},
     "io": {"volume", "errors"},
     "data": {"volume", "errors", "io", "text", "parallel"},
+    # generation never pulls in the trainer, the stages or the data layer
+    "generate": {"volume", "errors", "io", "text", "parallel", "weights", "configuration", "models", "sampling",
+                 "convert"},
 }
 
 

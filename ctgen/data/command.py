@@ -16,10 +16,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from ctgen.text.prompt import FINDINGS_TEMPLATE, PAPER_TEMPLATE
+from ctgen.text.prompt import resolve_template
 
 SOURCES = ("phantom", "ctrate", "nifti", "dicom", "embeddings")
-TEMPLATES = {"paper": PAPER_TEMPLATE, "findings": FINDINGS_TEMPLATE}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -169,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                           spacing=tuple(args.spacing) if args.spacing else None, odd_slices=not args.even_slices)
         name = args.name or f"{args.source}_{slices or 'var'}x{args.resolution}x{args.resolution}"
         config = DatasetConfig(name=name, grid=grid, report_fields=tuple(f for f in args.report_fields.split(",") if f),
-                               prompt_template=TEMPLATES.get(args.prompt_template, args.prompt_template),
+                               prompt_template=resolve_template(args.prompt_template),
                                phantom=args.source == "phantom", keep_labels=not args.no_labels)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -24,9 +24,10 @@ from ctgen.data.anatomy import LABELS, LOBES, measure
 from ctgen.data.phantom_report import SEVERITY_LAA, sample_attributes, write_report
 from ctgen.data.preprocess import resize_volume
 from ctgen.text.prompt import PAPER_TEMPLATE, build_prompt
+from ctgen.volume import extent_spacing
 
 DEFAULT_SHAPE = (201, 128, 128)
-DEFAULT_SPACING = (1.5, 350.0 / 128, 350.0 / 128)
+DEFAULT_SPACING = extent_spacing(DEFAULT_SHAPE)  # (1.5, 2.734375, 2.734375) mm
 L = LABELS
 
 

@@ -18,7 +18,7 @@ from ctgen.data.phantom import make_phantom
 from ctgen.data.preprocess import GridConfig
 from ctgen.data.writer import Issue, Record
 from ctgen.io.nifti import read_nifti
-from ctgen.volume import VolumeError
+from ctgen.volume import VolumeError, extent_spacing
 
 
 # ----------------------------------------------------------------------------- CSV helpers
@@ -82,7 +82,7 @@ class PhantomSource:
             dz, dy, dx = self.grid.spacing
             D = D if D is not None else int(round(300.0 / dz)) | 1
             return (D, H, W), (dz, dy, dx)
-        return (D, H, W), (301.5 / D, 350.0 / H, 350.0 / W)
+        return (D, H, W), extent_spacing((D, H, W))
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "count": self.count, "seed": self.seed, "p_normal": self.p_normal}

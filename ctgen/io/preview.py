@@ -5,24 +5,35 @@ convert other ranges first (e.g. super-resolution outputs with `ctgen.volume.sr_
 
     write_planes("preview.png", [low_res, generated, target], caption="step 100: study_1")
     write_three_planes("recon.png", input_FxHxW, recon_FxHxW, title="step 100")  # caption adds the RMSE
+    write_planes("ct.png", [vol, vol], caption=prompt, windows=[LUNG_WINDOW, MEDIASTINAL_WINDOW])  # ctgen.volume
     write_image_rows("sr.png", [[low, sr, target], ...], caption="...")   # 2-D slices, one row each
+
+Without `windows` the grey scale spans the whole model range (-1000..1000 HU); a window
+(level, width) in HU maps level - width/2 .. level + width/2 to black .. white, as viewers do.
+Long captions wrap onto as many lines as they need.
 """
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ctgen.volume import model_to_sr
+from ctgen.volume import HU_MAX, model_to_sr
 
-CAPTION_HEIGHT = 14
+CAPTION_HEIGHT = 14  # pixels per caption line
+CHAR_WIDTH = 6  # PIL's default bitmap font
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] -> 0..255 grey (clipped)."""
-    return np.round(model_to_sr(x) * np.float32(255.0)).astype(np.uint8)
+def _to_uint8(x: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """[-1, 1] -> 0..255 grey (clipped); with `window` = (level, width) in HU, that window only."""
+    if window is None:
+        return np.round(model_to_sr(x) * np.float32(255.0)).astype(np.uint8)
+    level, width = (float(v) / HU_MAX for v in window)  # in model units (HU / 1000)
+    grey = (np.asarray(x, np.float32) - np.float32(level - width / 2)) / np.float32(width)
+    return np.round(np.clip(grey, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
 
 
 def _planes(vol_FxHxW: np.ndarray) -> list[np.ndarray]:
@@ -34,15 +45,20 @@ def _planes(vol_FxHxW: np.ndarray) -> list[np.ndarray]:
     return [vol_FxHxW[f // 2], coronal, sagittal]
 
 
-def three_plane_grid(*volumes_FxHxW: np.ndarray, pad: int = 4) -> np.ndarray:
+def three_plane_grid(*volumes_FxHxW: np.ndarray, pad: int = 4,
+                     windows: Sequence[tuple[float, float] | None] | None = None) -> np.ndarray:
     """uint8 image: one row per volume (in the order given); columns axial, coronal, sagittal.
 
     Volumes may differ in size (e.g. a low-res input beside a high-res output); each column is
-    as wide and each row as tall as its largest plane.
+    as wide and each row as tall as its largest plane. windows: per row, a (level, width) HU
+    window or None for the full range.
     """
     if not volumes_FxHxW:
         raise ValueError("three_plane_grid needs at least one volume")
-    rows = [[_to_uint8(p) for p in _planes(np.asarray(v))] for v in volumes_FxHxW]
+    windows = list(windows) if windows is not None else [None] * len(volumes_FxHxW)
+    if len(windows) != len(volumes_FxHxW):
+        raise ValueError(f"{len(windows)} windows for {len(volumes_FxHxW)} volumes")
+    rows = [[_to_uint8(p, w) for p in _planes(np.asarray(v))] for v, w in zip(volumes_FxHxW, windows)]
     col_w = [max(r[c].shape[1] for r in rows) for c in range(3)]
     row_h = [max(p.shape[0] for p in r) for r in rows]
     out = np.zeros((sum(row_h) + pad * (len(rows) + 1), sum(col_w) + pad * 4), np.uint8)
@@ -56,9 +72,21 @@ def three_plane_grid(*volumes_FxHxW: np.ndarray, pad: int = 4) -> np.ndarray:
     return out
 
 
+def caption_lines(caption: str, width_px: int) -> list[str]:
+    """`caption` wrapped to lines that fit `width_px` pixels (at least one line)."""
+    return textwrap.wrap(caption, width=max(8, (width_px - 4) // CHAR_WIDTH)) or [""]
+
+
+def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = "",
+                 windows: Sequence[tuple[float, float] | None] | None = None) -> str:
+    """Write `three_plane_grid(*volumes, windows=windows)` as a PNG with the caption above it
+    (wrapped onto as many lines as it needs); returns `path`."""
+    return _write_png(path, three_plane_grid(*volumes_FxHxW, windows=windows), caption)
+
+
 def write_image_rows(path: str, rows: Sequence[Sequence[np.ndarray]], caption: str = "", pad: int = 4) -> str:
     """Write 2-D images in [-1, 1] as a PNG grid (one row per entry of `rows`, images side by
-    side, cells as large as the largest image) with a caption line above; returns `path`."""
+    side, cells as large as the largest image) with the caption above; returns `path`."""
     images = [[_to_uint8(np.asarray(im)) for im in row] for row in rows]
     cell_h = max(im.shape[0] for row in images for im in row)
     cell_w = max(im.shape[1] for row in images for im in row)
@@ -74,18 +102,17 @@ def write_image_rows(path: str, rows: Sequence[Sequence[np.ndarray]], caption: s
 def _write_png(path: str, grid: np.ndarray, caption: str) -> str:
     zoom = max(1, round(640 / max(grid.shape[1], 1)))  # enlarge small images to a viewable size
     grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
-    canvas = np.zeros((grid.shape[0] + CAPTION_HEIGHT, grid.shape[1]), np.uint8)
-    canvas[CAPTION_HEIGHT:] = grid
+    lines = caption_lines(caption, grid.shape[1])
+    top = CAPTION_HEIGHT * len(lines)
+    canvas = np.zeros((grid.shape[0] + top, grid.shape[1]), np.uint8)
+    canvas[top:] = grid
     img = Image.fromarray(canvas)
-    ImageDraw.Draw(img).text((2, 1), caption, fill=255)
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((2, 1 + i * CAPTION_HEIGHT), line, fill=255)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
-
-
-def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = "") -> str:
-    """Write `three_plane_grid(*volumes)` as a PNG with a caption line above it; returns `path`."""
-    return _write_png(path, three_plane_grid(*volumes_FxHxW), caption)
 
 
 def write_three_planes(path: str, input_FxHxW: np.ndarray, recon_FxHxW: np.ndarray, title: str = "") -> str:

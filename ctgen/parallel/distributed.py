@@ -39,6 +39,15 @@ def _get(cfg: Any, key: str, default=None):
     return default if value in (None, "", -1) else value
 
 
+def distributed_config():
+    """The `distributed` section of training and generation configs (fields read by `maybe_initialize`)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict({
+        "enabled": False, "coordinator_address": "", "num_processes": -1, "process_id": -1,
+        "cpu_collectives": "", "initialization_timeout": 300})
+
+
 def requested(cfg: Any = None) -> bool:
     env = os.environ.get("CTGEN_DISTRIBUTED", "").strip().lower()
     return bool(_get(cfg, "enabled", False)) or env in ("1", "true", "yes", "on")

@@ -25,6 +25,7 @@ from typing import Any
 
 PAPER_TEMPLATE = "{age} years old {sex}: {impression}"
 FINDINGS_TEMPLATE = "{age} years old {sex}: {findings} {impression}"
+TEMPLATES = {"paper": PAPER_TEMPLATE, "findings": FINDINGS_TEMPLATE}  # names `--prompt-template` accepts
 DEMOGRAPHICS = ("age", "sex")  # fields that may be missing and then drop out of the prompt
 _REMOVED = str.maketrans("", "", "\"'()")
 _MARKS = ":,;."
@@ -68,6 +69,12 @@ def clean_text(text: Any) -> str:
     if text is None or (isinstance(text, float) and math.isnan(text)):
         return ""
     return " ".join(str(text).split())
+
+
+def resolve_template(name_or_template: str) -> str:
+    """A template name from `TEMPLATES` ("paper", "findings") -> its template; anything else is
+    taken as a `str.format` template itself."""
+    return TEMPLATES.get(name_or_template, name_or_template)
 
 
 def _tidy(text: str) -> str:

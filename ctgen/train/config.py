@@ -17,6 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from ctgen.parallel.axes import DEFAULT_RULES
+from ctgen.parallel.distributed import distributed_config
 from ctgen.train.optim import optimizer_config
 
 
@@ -28,13 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.sharding_rules = tuple((name, axes) for name, axes in DEFAULT_RULES)
 
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.enabled = False
-    c.distributed.coordinator_address = ""
-    c.distributed.num_processes = -1
-    c.distributed.process_id = -1
-    c.distributed.cpu_collectives = ""
-    c.distributed.initialization_timeout = 300
+    c.distributed = distributed_config()
 
     c.optim = ml_collections.ConfigDict({"main": optimizer_config()})
 

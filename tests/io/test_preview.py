@@ -2,7 +2,8 @@
 import numpy as np
 from PIL import Image
 
-from ctgen.io.preview import CAPTION_HEIGHT, three_plane_grid, write_planes, write_three_planes
+from ctgen.io.preview import CAPTION_HEIGHT, caption_lines, three_plane_grid, write_planes, write_three_planes
+from ctgen.volume import LUNG_WINDOW, MEDIASTINAL_WINDOW
 
 
 def test_rows_of_different_sizes_and_grey_levels():
@@ -29,3 +30,18 @@ def test_written_pngs(tmp_path):
     path = write_three_planes(str(tmp_path / "r.png"), vol, vol * 0.5, title="step 1")
     two_rows = np.asarray(Image.open(path))
     np.testing.assert_array_equal(two_rows[CAPTION_HEIGHT::zoom, ::zoom], three_plane_grid(vol, vol * 0.5))
+
+
+def test_preview_windows(tmp_path):
+    vol = np.full((5, 8, 8), 0.1, np.float32)  # 100 HU: soft tissue
+    vol[:, :, :4] = -0.6  # -600 HU: the lung window's level
+    grid = three_plane_grid(vol, vol, pad=0, windows=[LUNG_WINDOW, MEDIASTINAL_WINDOW])
+    axial_lung, axial_soft = grid[:8, :8], grid[8:, :8]
+    assert axial_lung[0, 0] == 128 and abs(int(axial_lung[0, 7]) - 255 * (100 + 1350) / 1500) <= 1
+    assert axial_soft[0, 0] == 0 and abs(int(axial_soft[0, 7]) - 255 * (100 + 125) / 350) <= 1
+    caption = "word " * 200
+    img = np.asarray(Image.open(write_planes(str(tmp_path / "p.png"), [vol], caption=caption)))
+    plain = three_plane_grid(vol)
+    zoom = round(640 / plain.shape[1])
+    lines = caption_lines(caption, plain.shape[1] * zoom)
+    assert len(lines) > 2 and img.shape[0] == plain.shape[0] * zoom + CAPTION_HEIGHT * len(lines)

@@ -129,7 +129,7 @@ def test_help_imports_no_heavy_library():
     """`ctgen --help` and every `ctgen <command> --help` build their parsers without JAX & co."""
     import json
 
-    commands = [[], ["prepare"], ["train"], ["eval"], ["export"], ["export", "ctvit"], ["import"],
+    commands = [[], ["prepare"], ["train"], ["eval"], ["generate"], ["export"], ["export", "ctvit"], ["import"],
                 ["import", "generatect-ctvit"], ["bench"], ["demo"]]
     from ctgen.cli import build_parser
 

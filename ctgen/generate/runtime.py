@@ -1,0 +1,122 @@
+"""Start-up and run-time helpers of generation: the persistent compilation cache, compile time
+measured apart from sampling time, and per-stage progress bars.
+
+    cache = setup_compile_cache(enabled=True)          # before the first jit; returns the directory
+    timer = StageTimer()
+    step = timer.compile("maskgit", jitted_step, *args)  # AOT lower + compile, timed and memoised
+    with timer.run("maskgit"):
+        out = jax.block_until_ready(step(*args))
+    timer.summary()   # {"compile_seconds": {...}, "seconds": {...}}
+    with stage_progress(18, "maskgit", enabled=True, process_index=0) as bar: ...
+
+The cache: JAX writes compiled executables to a directory and reads them back in the next
+process, so a second `ctgen generate` of the same shapes skips XLA compilation. Where:
+`--no-compile-cache` (config `compile_cache.enabled`) turns it off; otherwise the config's
+`compile_cache.dir`, else `$CTGEN_COMPILE_CACHE` (a directory, or 0/off/false to turn it off),
+else `$XDG_CACHE_HOME/ctgen/jax` (default `~/.cache/ctgen/jax`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterator
+
+ENV_CACHE = "CTGEN_COMPILE_CACHE"
+_OFF = ("0", "off", "false", "no")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ctgen", "jax")
+
+
+def cache_dir_setting(enabled: bool = True, directory: str = "") -> str | None:
+    """The compilation-cache directory the settings ask for (module docstring), None = off."""
+    env = os.environ.get(ENV_CACHE, "").strip()
+    if not enabled or (not directory and env.lower() in _OFF):
+        return None
+    return os.path.abspath(os.path.expanduser(directory or env or default_cache_dir()))
+
+
+def setup_compile_cache(enabled: bool = True, directory: str = "") -> str | None:
+    """Point JAX's persistent compilation cache at `cache_dir_setting(...)` (call before the first
+    compilation); returns the directory or None when off. An unusable directory turns the cache
+    off with a warning rather than failing the run."""
+    import logging
+
+    import jax
+
+    path = cache_dir_setting(enabled, directory)
+    if path is not None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            logging.getLogger("ctgen").warning("compilation cache %s unusable (%s); compiling without it", path, e)
+            path = None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def _signature(args: Any, kwargs: Any) -> tuple:
+    import jax
+
+    def leaf(x):
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return ("array", tuple(x.shape), str(x.dtype), getattr(x, "sharding", None))
+        return ("value", x)
+
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    return treedef, tuple(leaf(x) for x in leaves)
+
+
+class StageTimer:
+    """Seconds per stage, with compilation counted apart from running.
+
+    `compile(stage, jitted, *args, **kwargs)` lowers and compiles ahead of time (`jitted.lower(...)
+    .compile()`), adds the time to the stage's compile seconds and returns the executable;
+    the same function with arguments of the same shapes, dtypes and shardings is compiled once.
+    `run(stage)` times a block (block on its results inside it so device work is counted).
+    """
+
+    def __init__(self) -> None:
+        self.compile_seconds: dict[str, float] = defaultdict(float)
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._compiled: dict[tuple, Any] = {}
+
+    def compile(self, stage: str, jitted: Callable, *args: Any, **kwargs: Any) -> Callable:
+        key = (stage, id(jitted), _signature(args, kwargs))
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = jitted.lower(*args, **kwargs).compile()
+            self.compile_seconds[stage] += time.perf_counter() - start
+        return self._compiled[key]
+
+    @contextlib.contextmanager
+    def run(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {"compile_seconds": {k: round(v, 3) for k, v in self.compile_seconds.items()},
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def progress_enabled(enabled: bool, process_index: int, stream: Any = None) -> bool:
+    """Bars only when asked, on process 0, and on a terminal (never into log files)."""
+    stream = sys.stderr if stream is None else stream
+    return bool(enabled) and process_index == 0 and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def stage_progress(total: int, desc: str, *, enabled: bool = True, process_index: int = 0, unit: str = "step"):
+    """A tqdm bar with rate and ETA for one stage of the cascade (a context manager); a disabled
+    bar (see `progress_enabled`) costs nothing and prints nothing."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=not progress_enabled(enabled, process_index))

@@ -1,0 +1,82 @@
+"""Label-free phantom measurements against the phantoms' own labels and attributes."""
+import math
+
+import numpy as np
+import pytest
+
+from ctgen.eval import phantom_measure
+from ctgen.eval.phantom_measure import measure_volume
+from ctgen.eval.phantom_validate import TOLERANCES, compare, phantom_truth
+
+
+def _assert_within_tolerances(ph, measured):
+    result = compare(measured, phantom_truth(ph.attributes, ph.spacing))
+    bad = {k: (c["truth"], c["measured"]) for k, c in result.items() if c["ok"] is False}
+    assert not bad, f"seed {ph.attributes['seed']} ({ph.prompt()}): outside {TOLERANCES}: {bad}"
+    return result
+
+
+def test_demo_grid_studies_within_tolerances(measured_studies):
+    judged = {k: 0 for k in TOLERANCES}
+    for ph, measured in measured_studies:
+        for key, c in _assert_within_tolerances(ph, measured).items():
+            judged[key] += c["ok"] is not None
+    # every tolerance was exercised, effusion volumes on both sides included
+    assert all(n >= 2 for n in judged.values()), judged
+
+
+def test_findings_are_told_apart(measured_studies):
+    by_seed = {ph.attributes["seed"]: m for ph, m in measured_studies}
+    assert by_seed[1]["cardiothoracic_ratio"] > 0.55 > by_seed[6]["cardiothoracic_ratio"]
+    assert [by_seed[s]["effusion_side"] for s in (2, 3, 4, 6)] == ["right", "left", "both", "none"]
+    assert by_seed[3]["nodule_count"] == 1 and by_seed[6]["nodule_count"] == 0
+    assert by_seed[5]["laa950_percent"] > 15 > by_seed[6]["laa950_percent"]
+
+
+@pytest.mark.parametrize("shape", [(17, 64, 64), (201, 128, 128)], ids=["17x64x64", "paper-201x128x128"])
+def test_other_grids_within_tolerances(shape, make_study):
+    spacing = (301.5 / shape[0], 350.0 / shape[1], 350.0 / shape[2])
+    ph = make_study(7, dict(cardiomegaly=True, cardiothoracic_ratio=0.62,
+                            effusion={"right_ml": 500.0, "left_ml": 0.0}), shape, spacing)
+    measured = measure_volume(ph.hu, ph.spacing)
+    _assert_within_tolerances(ph, measured)
+    assert measured["effusion_side"] == "right" and measured["cardiothoracic_ratio"] > 0.55
+
+
+def test_no_thorax_gives_nan_with_reasons():
+    air = np.full((9, 32, 32), -1000.0, np.float32)
+    out = measure_volume(air, (5.0, 5.0, 5.0))
+    assert math.isnan(out["cardiothoracic_ratio"]) and math.isnan(out["lung_volume_ml"])
+    assert out["effusion_side"] is None and "no body" in out["reasons"]["lung_volume_ml"]
+    water = np.full((9, 32, 32), -1000.0, np.float32)
+    water[:, 4:28, 4:28] = 0.0
+    out = measure_volume(water, (5.0, 5.0, 5.0))
+    assert "no air-density region" in out["reasons"]["laa950_percent"]
+    assert math.isnan(out["nodule_count"])
+
+
+def test_lungs_without_heart():
+    """Fat body with two air-filled lungs: lungs are measured, the CTR is NaN with a reason."""
+    d, h, w = 15, 48, 48
+    zz, yy, xx = np.mgrid[:d, :h, :w]
+    vol = np.full((d, h, w), -1000.0, np.float32)
+    vol[((yy - 24) / 20) ** 2 + ((xx - 24) / 22) ** 2 < 1] = -100.0
+    for cx in (14, 34):
+        vol[(zz > 1) & (zz < 13) & (((yy - 24) / 14) ** 2 + ((xx - cx) / 8) ** 2 < 1)] = -850.0
+    out = measure_volume(vol, (10.0, 5.0, 5.0))
+    assert math.isnan(out["cardiothoracic_ratio"]) and "between the lungs" in out["reasons"]["cardiothoracic_ratio"]
+    assert out["lung_volume_ml"] > 500 and out["effusion_side"] == "none" and out["nodule_count"] == 0
+    assert set(out["reasons"]) == {"cardiothoracic_ratio"}
+
+
+def test_rejects_non_volumes():
+    with pytest.raises(ValueError, match="3-D volume"):
+        measure_volume(np.zeros((4, 4)), (1.0, 1.0, 1.0))
+
+
+def test_validate_entry_point(capsys, tmp_path):
+    out = tmp_path / "v.json"
+    assert phantom_measure.main(["--validate", "2", "--shape", "17,64,64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 phantoms on 17x64x64" in text and "| cardiothoracic_ratio | +-0.05 |" in text
+    assert out.exists()
