@@ -5,6 +5,7 @@
     ctgen prepare --source nifti --csv studies.csv --out data/
     ctgen prepare --source dicom --root pacs_export/ --reports reports.csv --out data/
     ctgen prepare --source embeddings --dataset data/ctgen_ct/NAME/1.0.0 --out data/t5
+    ctgen prepare --source sr-pairs --dataset data/ctgen_ct/NAME/1.0.0 --tokenizer runs/ctvit --out data/sr_pairs
 
 Also runnable as `python -m ctgen.data.command ...`. The dataset lands in
 `<out>/ctgen_ct/<name>/1.0.0/` with `manifest.jsonl` (one line per input: written, warning or
@@ -18,7 +19,7 @@ from typing import Sequence
 
 from ctgen.text.prompt import resolve_template
 
-SOURCES = ("phantom", "ctrate", "nifti", "dicom", "embeddings")
+SOURCES = ("phantom", "ctrate", "nifti", "dicom", "embeddings", "sr-pairs")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -103,6 +104,10 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dicom: match reports by StudyInstanceUID or by top-level folder name")
     c.add_argument("--key-column", default=None, help="dicom: CSV column of the key (StudyInstanceUID / folder)")
     _add_embedding_arguments(parser)
+    from ctgen.data import sr_pairs
+
+    sr_pairs.add_prepare_arguments(parser.add_argument_group(
+        "--source sr-pairs (CT-ViT reconstructions of a prepared dataset for SR training; also --dataset, --split)"))
     return parser
 
 
@@ -162,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, "dataset", None):
             raise UserError("--source embeddings needs --dataset DIR (a prepared dataset's version directory)")
         return embeddings.run_prepare(args)
+    if args.source == "sr-pairs":
+        from ctgen.data import sr_pairs
+
+        return sr_pairs.run_prepare(args)
     slices = args.slices if args.slices > 0 else None
     try:
         grid = GridConfig(shape=(slices, args.resolution, args.resolution),
