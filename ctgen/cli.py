@@ -165,7 +165,14 @@ def _run_bench(args, overrides) -> int:
 def _add_prepare(sub) -> None:
     from ctgen.data import command
 
-    command.add_parser(sub).set_defaults(func=lambda args, overrides: command.run(args))
+    def run(args, overrides):
+        if args.source == "sr-pairs":  # needs the CT-ViT: model loading lives above the data layer
+            from ctgen.stages.superres_pairs import run_prepare
+
+            return run_prepare(args)
+        return command.run(args)
+
+    command.add_parser(sub).set_defaults(func=run)
 
 
 def _add_export_import(sub) -> None:

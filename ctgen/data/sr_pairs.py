@@ -12,63 +12,40 @@ Each volume (D, H, W) in HU is clipped, resized to (D, s, s) (s = the CT-ViT's i
 with the source's splits and example order. One volume per device per call: the volumes of a
 call are split over all local devices (a data-parallel mesh); a call holds volumes of one slice
 count (a dataset with variable D reconstructs them in consecutive groups).
+
+The data layer does not load models: `ctgen.stages.superres_pairs` loads the CT-ViT and passes its
+sharded reconstruction in (`ctgen prepare --source sr-pairs` runs that).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+from typing import Callable
+
+import numpy as np
 
 from ctgen.data.side import as_text, open_split, resolve_dataset_dir, write_side_dataset
 from ctgen.errors import UserError
 
 FIELD = "volume"  # the field ReconstructionLowRes reads by default
 
-
-def _reconstructor(tokenizer: str, mesh, rules):
-    """(image size, jitted reconstruct of a (B, D, s, s) batch in [-1, 1] sharded over the batch)."""
-    import jax
-    from flax import nnx
-
-    from ctgen.convert.ctvit_store import load_ctvit
-    from ctgen.parallel import axes as axes_lib
-
-    model = load_ctvit(tokenizer, mesh=mesh, rules=rules)
-
-    @nnx.jit
-    def run(model, x):
-        with axes_lib.activation_sharding(mesh, rules):
-            return model.reconstruct(x)
-
-    def call(x_np):
-        x = jax.device_put(x_np, axes_lib.logical_sharding(("batch", None, None, None), x_np.shape, rules, mesh)) \
-            if mesh is not None else x_np
-        return jax.device_get(run(model, x))
-
-    return model.cfg.image_size, call
+Reconstruct = Callable[[np.ndarray], np.ndarray]
+"""(B, D, s, s) float32 volumes in [-1, 1] -> their reconstructions, same shape and range."""
 
 
-def build_sr_pairs(dataset_dir: str, out_dir: str, tokenizer: str, *, lowres_size: int = 0,
-                   split: str | list[str] | None = None, mesh=None, rules=None, overwrite: bool = False,
-                   progress: bool = True) -> str:
-    """Reconstruct every volume of the TFDS dataset at `dataset_dir` with the CT-ViT at `tokenizer`
-    (a workdir, weights directory or GenerateCT file); write the side dataset to `out_dir`.
-
-    lowres_size: the in-plane size fed to the CT-ViT (0 = its image size).
-    mesh: shard volumes over it (default: every local device on the data axis). Returns `out_dir`.
-    """
-    import jax
-    import numpy as np
+def build_sr_pairs(dataset_dir: str, out_dir: str, reconstruct: Reconstruct, size: int, *, per_call: int = 1,
+                   split: str | list[str] | None = None, overwrite: bool = False, progress: bool = True,
+                   model_name: str = "the CT-ViT") -> str:
+    """Reconstruct every volume of the TFDS dataset at `dataset_dir` at `size` x `size` in-plane
+    with `reconstruct` (`per_call` volumes per call, the last call padded); write the side dataset
+    to `out_dir` and return it. `model_name` goes into the dataset description."""
     import tensorflow_datasets as tfds
     from tqdm import tqdm
 
     from ctgen.data.preprocess import resize_volume
-    from ctgen.parallel import axes as axes_lib
-    from ctgen.parallel.mesh import batch_shards, make_mesh
     from ctgen.volume import clip_hu, hu_to_model, model_to_hu, to_int16_hu
 
-    if jax.process_count() > 1:
-        raise UserError("make SR pairs in a single process (it writes one dataset); it shards over that host's devices")
     dataset_dir, out_dir = resolve_dataset_dir(os.path.abspath(dataset_dir)), os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; remove it or pass overwrite=True (--overwrite)")
@@ -76,14 +53,6 @@ def build_sr_pairs(dataset_dir: str, out_dir: str, tokenizer: str, *, lowres_siz
     if "volume" not in builder.info.features or "source_id" not in builder.info.features:
         raise UserError(f"{dataset_dir}: not a prepared CT dataset (needs `volume` and `source_id` features)")
     splits = list(builder.info.splits.keys()) if split is None else [split] if isinstance(split, str) else list(split)
-    if mesh is None and jax.local_device_count() > 1:
-        mesh = make_mesh({"data": -1})
-    rules = tuple(rules or axes_lib.DEFAULT_RULES)
-    image_size, reconstruct = _reconstructor(tokenizer, mesh, rules)
-    size = lowres_size or image_size
-    if size != image_size:
-        raise UserError(f"--lowres-size {size}: the CT-ViT at {tokenizer} takes {image_size}x{image_size} slices")
-    per_call = batch_shards(mesh, rules)
     # only what is needed: skip decoding the prompt and label maps
     skip = {k: tfds.decode.SkipDecoding() for k in builder.info.features if k not in ("volume", "source_id")}
 
@@ -114,7 +83,7 @@ def build_sr_pairs(dataset_dir: str, out_dir: str, tokenizer: str, *, lowres_siz
     features = {"source_id": tfds.features.Text(),
                 FIELD: tfds.features.Tensor(shape=(None, size, size), dtype=np.int16,
                                             encoding=tfds.features.Encoding.BYTES)}
-    description = (f"CT-ViT reconstructions ({size}x{size}, int16 HU) of {dataset_dir} by {tokenizer}; "
+    description = (f"CT-ViT reconstructions ({size}x{size}, int16 HU) of {dataset_dir} by {model_name}; "
                    "built by ctgen.data.sr_pairs for super-resolution training")
     staging = out_dir + ".staging"  # moved into place when complete
     shutil.rmtree(staging, ignore_errors=True)
@@ -134,12 +103,3 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--lowres-size", type=int, default=0,
                         help="sr-pairs: in-plane size of the reconstructions (default: the CT-ViT's image size)")
     return parser
-
-
-def run_prepare(args: argparse.Namespace) -> int:
-    if not getattr(args, "dataset", None) or not getattr(args, "tokenizer", None):
-        raise UserError("--source sr-pairs needs --dataset DIR (a prepared dataset) and --tokenizer (a CT-ViT)")
-    out = build_sr_pairs(args.dataset, args.out, args.tokenizer, lowres_size=args.lowres_size, split=args.split,
-                         overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"wrote CT-ViT reconstructions for super-resolution to {out}")
-    return 0
