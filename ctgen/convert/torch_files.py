@@ -6,6 +6,9 @@ header, raw little-endian tensors): bfloat16 needs no PyTorch, and tensors nobod
 decoder, a VGG that a tokenizer load skips) are never read. `.pt` files go through
 `torch.load(weights_only=True)`: a plain dict of tensors, bfloat16 kept as `ml_dtypes.bfloat16`.
 Writing: `.safetensors` with the safetensors package, `.pt` as `torch.save` of a plain dict.
+Checkpoints that nest state_dicts with other entries (GenerateCT's trainer checkpoints: `model`,
+`ema`, `steps`, optimizer state) go through `read_torch_object` / `write_torch_object`, with the
+same `weights_only=True` rule.
 """
 from __future__ import annotations
 
@@ -133,3 +136,43 @@ def write_state_dict(state_dict: Mapping[str, Any], path: str) -> None:
     torch = _torch(path)
     torch.save(OrderedDict((k, torch.from_numpy(np.require(v, None, ["C_CONTIGUOUS", "WRITEABLE"])))
                            for k, v in state_dict.items()), path)
+
+
+def _to_numpy(obj: Any, torch) -> Any:
+    if isinstance(obj, torch.Tensor):
+        v = obj.detach().cpu()
+        return v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy()
+    if isinstance(obj, Mapping):
+        return {k: _to_numpy(v, torch) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(v, torch) for v in obj)
+    return obj
+
+
+def read_torch_object(path: str) -> Any:
+    """A `.pt` file holding nested dicts/lists of tensors and plain values (a trainer checkpoint),
+    tensors as numpy arrays; loaded with `weights_only=True`, so nothing else is unpickled."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    torch = _torch(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"{path} could not be loaded with weights_only=True (plain tensors and containers "
+                        f"only): {type(e).__name__}: {e}") from None
+    return _to_numpy(obj, torch)
+
+
+def write_torch_object(obj: Mapping[str, Any], path: str) -> None:
+    """`torch.save` of nested dicts of numpy arrays (as tensors, key order kept) and plain values."""
+    torch = _torch(path)
+
+    def tensors(x):
+        if isinstance(x, np.ndarray) or isinstance(x, np.generic):
+            return torch.from_numpy(np.require(np.asarray(x), None, ["C_CONTIGUOUS", "WRITEABLE"]))
+        if isinstance(x, Mapping):
+            return OrderedDict((k, tensors(v)) for k, v in x.items())
+        return x
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(tensors(obj), path)

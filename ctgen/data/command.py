@@ -6,6 +6,7 @@
     ctgen prepare --source dicom --root pacs_export/ --reports reports.csv --out data/
     ctgen prepare --source embeddings --dataset data/ctgen_ct/NAME/1.0.0 --out data/t5
     ctgen prepare --source tokens --dataset data/ctgen_ct/NAME/1.0.0 --tokenizer runs/ctvit --out data/tokens
+    ctgen prepare --source sr-pairs --dataset data/ctgen_ct/NAME/1.0.0 --tokenizer runs/ctvit --out data/sr_pairs
 
 Also runnable as `python -m ctgen.data.command ...`. The dataset lands in
 `<out>/ctgen_ct/<name>/1.0.0/` with `manifest.jsonl` (one line per input: written, warning or
@@ -19,7 +20,7 @@ from typing import Sequence
 
 from ctgen.text.prompt import resolve_template
 
-SOURCES = ("phantom", "ctrate", "nifti", "dicom", "embeddings", "tokens")
+SOURCES = ("phantom", "ctrate", "nifti", "dicom", "embeddings", "tokens", "sr-pairs")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -104,9 +105,15 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dicom: match reports by StudyInstanceUID or by top-level folder name")
     c.add_argument("--key-column", default=None, help="dicom: CSV column of the key (StudyInstanceUID / folder)")
     _add_embedding_arguments(parser)
+    parser.add_argument("--tokenizer", help="tokens, sr-pairs: the frozen CT-ViT (weights directory, ctvit training "
+                                            "workdir, or GenerateCT .pt/.safetensors)")
     from ctgen.data import tokens
 
     tokens.add_prepare_arguments(parser)
+    from ctgen.data import sr_pairs
+
+    sr_pairs.add_prepare_arguments(parser.add_argument_group(
+        "--source sr-pairs (CT-ViT reconstructions of a prepared dataset for SR training; also --dataset, --split)"))
     return parser
 
 
@@ -170,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         from ctgen.data import tokens
 
         return tokens.run_prepare(args)
+    if args.source == "sr-pairs":  # loads the CT-ViT, which the data layer does not import
+        raise UserError("--source sr-pairs runs through `ctgen prepare` (it loads the CT-ViT)")
     slices = args.slices if args.slices > 0 else None
     try:
         grid = GridConfig(shape=(slices, args.resolution, args.resolution),

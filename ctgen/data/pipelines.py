@@ -11,7 +11,8 @@ train=False: one pass in record order; every host yields the same number of batc
 padded by repeating a record) and a boolean `valid` marks the real examples.
 
 * `volume_pipeline` (CT-ViT): `volume` float32 (b, D, H, W) in [-1, 1], `prompt`, `source_id`.
-* `sr_pipeline` (super-resolution): slice pairs `lowres` (n, h, w) and `hires` (n, H, W) in [0, 1].
+* `sr_pipeline` (super-resolution): slice pairs `lowres` (n, h, w) and `hires` (n, H, W) in [0, 1],
+  optionally with each slice's `text_embedding` / `text_mask` from a T5 embedding cache.
 * `token_pipeline` (MaskGIT): `tokens` int32 (b, T, h, w) with `text_embedding` / `text_mask`
   from a T5 embedding cache, both side datasets joined by `source_id`.
 """
@@ -163,6 +164,17 @@ def volume_pipeline(data_dir: str, split: str, *, global_batch_size: int, proces
     return _finish(ds, b, options)
 
 
+def _text_fields(emb_ex, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A T5 embedding cache entry as (embedding float32 (max_len, E) zero-padded, mask bool (max_len,))."""
+    emb = np.asarray(emb_ex["embedding"]).astype(np.float32)
+    length = min(int(emb_ex.get("length", emb.shape[0])), emb.shape[0], max_len)
+    out_emb = np.zeros((max_len, emb.shape[1]), np.float32)
+    out_emb[:length] = emb[:length]
+    mask = np.zeros((max_len,), bool)
+    mask[:length] = True
+    return out_emb, mask
+
+
 # ----------------------------------------------------------------------------- super-resolution
 def downsample_lowres(size_hw: tuple[int, int]) -> LowResFn:
     """The fallback low-res input: the same slices linearly downsampled (anti-aliased) to `size_hw`.
@@ -202,8 +214,9 @@ class ReconstructionLowRes:
 
 
 class _SrElement:
-    def __init__(self, k, lowres_fn, train):
+    def __init__(self, k, lowres_fn, train, embeddings: KeyedSource | None = None, max_text_length: int = 256):
         self.k, self.lowres_fn, self.train = k, lowres_fn, train
+        self.embeddings, self.max_len = embeddings, max_text_length
 
     def __call__(self, item, rng):
         ex, valid = item
@@ -212,9 +225,15 @@ class _SrElement:
             idx = np.sort(rng.choice(D, size=self.k, replace=D < self.k))
         else:
             idx = np.rint(np.linspace(0, D - 1, self.k)).astype(np.int64)
-        return {"hires": hu_to_sr(ex["volume"][idx]), "lowres": np.asarray(self.lowres_fn(ex, idx), np.float32),
-                "prompt": np.asarray([as_text(ex["prompt"])] * self.k), "source_id": np.asarray([as_text(ex["source_id"])] * self.k),
-                "slice_index": idx.astype(np.int32), "valid": np.full((self.k,), bool(valid))}
+        sid = as_text(ex["source_id"])
+        out = {"hires": hu_to_sr(ex["volume"][idx]), "lowres": np.asarray(self.lowres_fn(ex, idx), np.float32),
+               "prompt": np.asarray([as_text(ex["prompt"])] * self.k), "source_id": np.asarray([sid] * self.k),
+               "slice_index": idx.astype(np.int32), "valid": np.full((self.k,), bool(valid))}
+        if self.embeddings is not None:
+            emb, mask = _text_fields(self.embeddings[sid], self.max_len)
+            out["text_embedding"] = np.broadcast_to(emb, (self.k, *emb.shape))
+            out["text_mask"] = np.broadcast_to(mask, (self.k, *mask.shape))
+        return out
 
 
 def _flatten_slices(batch: dict) -> dict:
@@ -224,6 +243,7 @@ def _flatten_slices(batch: dict) -> dict:
 def sr_pipeline(data_dir: str, split: str, *, global_batch_size: int, process_index: int = 0,
                 process_count: int = 1, seed: int = 0, slices_per_volume: int = 8,
                 lowres_fn: LowResFn | None = None, lowres_size: tuple[int, int] = (128, 128), train: bool = True,
+                embeddings_dir: str | None = None, max_text_length: int = 256,
                 options: LoaderOptions = LoaderOptions()):
     """SR slice pairs: `hires` float32 (n, H, W), `lowres` float32 (n, h, w), both in [0, 1], plus
     `prompt`, `source_id`, `slice_index`, `valid`; n = global_batch_size // process_count slices,
@@ -232,13 +252,17 @@ def sr_pipeline(data_dir: str, split: str, *, global_batch_size: int, process_in
     lowres_fn: where the low-res input comes from (picklable when options.worker_count > 0).
       Default: `downsample_lowres(lowres_size)`, a plain downsample, not the paper's CT-ViT
       reconstruction (see `ReconstructionLowRes`).
+    embeddings_dir: a T5 embedding cache (`ctgen.data.embeddings`) looked up by source_id: adds
+      every slice's `text_embedding` float32 (n, L, E) zero-padded to `max_text_length` and
+      `text_mask` bool (n, L).
     """
     n = host_batch_size(global_batch_size, process_count, slices_per_volume)
     vols = n // slices_per_volume
     src = open_split(data_dir, split)
     ds = _records(src, process_index=process_index, process_count=process_count, seed=seed, train=train, batch=vols)
     fn = lowres_fn if lowres_fn is not None else downsample_lowres(lowres_size)
-    ds = ds.random_map(_SrElement(slices_per_volume, fn, train), seed=seed)
+    emb = KeyedSource(embeddings_dir, split) if embeddings_dir else None
+    ds = ds.random_map(_SrElement(slices_per_volume, fn, train, emb, max_text_length), seed=seed)
     return _finish(ds, vols, options, post=_flatten_slices)
 
 
@@ -253,12 +277,7 @@ class _TokenElement:
         emb_ex = ex if "embedding" in ex else (self.embeddings[sid] if self.embeddings is not None else None)
         if emb_ex is None:
             raise UserError("token dataset has no `embedding` feature; pass embeddings_dir (a T5 embedding cache)")
-        emb = np.asarray(emb_ex["embedding"]).astype(np.float32)
-        length = min(int(emb_ex.get("length", emb.shape[0])), emb.shape[0], self.max_len)
-        out_emb = np.zeros((self.max_len, emb.shape[1]), np.float32)
-        out_emb[:length] = emb[:length]
-        mask = np.zeros((self.max_len,), bool)
-        mask[:length] = True
+        out_emb, mask = _text_fields(emb_ex, self.max_len)
         out = {"tokens": np.asarray(ex["tokens"]).astype(np.int32), "text_embedding": out_emb, "text_mask": mask,
                "source_id": sid, "valid": np.bool_(valid)}
         if "spacing" in ex:

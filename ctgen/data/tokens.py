@@ -34,7 +34,6 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Options of `ctgen prepare --source tokens` (--dataset, --out, --overwrite and --split are shared
     with `--source embeddings`)."""
     group = parser.add_argument_group("--source tokens (CT-ViT codebook ids of a prepared dataset)")
-    group.add_argument("--tokenizer", help="CT-ViT weights directory, ctvit workdir, or GenerateCT .pt/.safetensors")
     group.add_argument("--token-slices", type=int, default=0,
                        help="encode a centred window of this many slices (1 + 2k; default 0: all slices)")
     group.add_argument("--token-batch-size", type=int, default=8,

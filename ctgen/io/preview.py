@@ -6,6 +6,7 @@ convert other ranges first (e.g. super-resolution outputs with `ctgen.volume.sr_
     write_planes("preview.png", [low_res, generated, target], caption="step 100: study_1")
     write_three_planes("recon.png", input_FxHxW, recon_FxHxW, title="step 100")  # caption adds the RMSE
     write_planes("ct.png", [vol, vol], caption=prompt, windows=[LUNG_WINDOW, MEDIASTINAL_WINDOW])  # ctgen.volume
+    write_image_rows("sr.png", [[low, sr, target], ...], caption="...")   # 2-D slices, one row each
 
 Without `windows` the grey scale spans the whole model range (-1000..1000 HU); a window
 (level, width) in HU maps level - width/2 .. level + width/2 to black .. white, as viewers do.
@@ -80,8 +81,26 @@ def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = 
                  windows: Sequence[tuple[float, float] | None] | None = None) -> str:
     """Write `three_plane_grid(*volumes, windows=windows)` as a PNG with the caption above it
     (wrapped onto as many lines as it needs); returns `path`."""
-    grid = three_plane_grid(*volumes_FxHxW, windows=windows)
-    zoom = max(1, round(640 / max(grid.shape[1], 1)))  # enlarge small volumes to a viewable size
+    return _write_png(path, three_plane_grid(*volumes_FxHxW, windows=windows), caption)
+
+
+def write_image_rows(path: str, rows: Sequence[Sequence[np.ndarray]], caption: str = "", pad: int = 4) -> str:
+    """Write 2-D images in [-1, 1] as a PNG grid (one row per entry of `rows`, images side by
+    side, cells as large as the largest image) with the caption above; returns `path`."""
+    images = [[_to_uint8(np.asarray(im)) for im in row] for row in rows]
+    cell_h = max(im.shape[0] for row in images for im in row)
+    cell_w = max(im.shape[1] for row in images for im in row)
+    cols = max(len(row) for row in images)
+    grid = np.zeros((len(images) * (cell_h + pad) + pad, cols * (cell_w + pad) + pad), np.uint8)
+    for r, row in enumerate(images):
+        for c, im in enumerate(row):
+            y, x = pad + r * (cell_h + pad), pad + c * (cell_w + pad)
+            grid[y:y + im.shape[0], x:x + im.shape[1]] = im
+    return _write_png(path, grid, caption)
+
+
+def _write_png(path: str, grid: np.ndarray, caption: str) -> str:
+    zoom = max(1, round(640 / max(grid.shape[1], 1)))  # enlarge small images to a viewable size
     grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
     lines = caption_lines(caption, grid.shape[1])
     top = CAPTION_HEIGHT * len(lines)

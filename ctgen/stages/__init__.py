@@ -13,6 +13,7 @@ STAGES = {
     "toy": "ctgen.stages.toy",
     "ctvit": "ctgen.stages.ctvit",
     "maskgit": "ctgen.stages.maskgit",
+    "superres": "ctgen.stages.superres",
 }
 
 

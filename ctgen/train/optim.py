@@ -28,6 +28,8 @@ def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
     c.ema_decay = 0.0  # 0 = no EMA of this phase's parameters
     c.ema_start = 0  # phase update count before which the EMA just copies the parameters
     c.update_every = 1  # EMA update period (in this phase's updates)
+    c.ema_warmup_power = 0.0  # >0: decay warms up as 1 - (1 + n / ema_inv_gamma) ** -power (ema-pytorch),
+    c.ema_inv_gamma = 1.0  #     n = updates since ema_start, capped at ema_decay; 0 = constant decay
     c.update(overrides)
     return c
 
@@ -68,10 +70,17 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     return opt
 
 
-def ema_update(ema, params, decay: float, count: jax.Array, start: int, every: int):
-    """EMA of parameters; copies until `start` updates, then updates every `every` updates."""
+def ema_update(ema, params, decay: float, count: jax.Array, start: int, every: int, warmup_power: float = 0.0,
+               inv_gamma: float = 1.0):
+    """EMA of parameters; copies until `start` updates, then updates every `every` updates.
+
+    warmup_power > 0: the decay at update `count` is min(decay, 1 - (1 + n / inv_gamma) ** -power)
+    with n = count - start + 1 (ema-pytorch's warm-up, which GenerateCT's SR trainer uses)."""
     copy = count < start
     do = jnp.logical_or(copy, (count % every) == 0)
+    if warmup_power > 0:
+        n = jnp.maximum(count - start + 1, 0).astype(jnp.float32)
+        decay = jnp.minimum(decay, 1.0 - (1.0 + n / inv_gamma) ** -warmup_power)
     d = jnp.where(copy, 0.0, decay)
 
     def one(e, p):

@@ -196,7 +196,8 @@ def make_train_step(setup: Setup, phase_name: str, accum_steps: int, prefix_metr
         new["opt"] = {**state["opt"], phase_name: opt_state}
         if ema is not None:
             new["ema"] = {**state["ema"], phase_name: ema_update(
-                state["ema"][phase_name], trainable, ema.ema_decay, count, ema.ema_start, ema.update_every)}
+                state["ema"][phase_name], trainable, ema.ema_decay, count, ema.ema_start, ema.update_every,
+                ema.get("ema_warmup_power", 0.0), ema.get("ema_inv_gamma", 1.0))}
         new["phase_updates"] = {**state["phase_updates"], phase_name: count + 1}
         new["step"] = state["step"] + 1
         metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}

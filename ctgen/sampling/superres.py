@@ -1,0 +1,235 @@
+"""Super-resolution of slices and whole volumes with the SR U-Net (GenerateCT's stage 3 sampling).
+
+    model, info = ctgen.convert.superres_store.load_superres("runs/superres")   # EMA weights if kept
+    hires_DxHxW = upsample_volume(model, lowres_DxHxW, text_LxE, text_mask_L, mesh=mesh, rng=0)
+    hu = ctgen.volume.sr_to_hu(hires_DxHxW)
+
+Conditioning as in GenerateCT's `Superres.sample`: the low-res slice (values in [0, 1]) is
+upsampled by nearest neighbour to the output size, mapped to [-1, 1] and noised to the
+augmentation level `noise_level` (0.1) of the linear schedule; the sampler starts from noise and
+returns the slice in [0, 1]. Every slice draws its noise (start, steps, low-res augmentation) from
+its own key, fold_in(fold_in(rng, volume index), slice index), so the result does not depend on
+how slices are batched. Slices of all volumes are batched together, split over the mesh's batch
+axes; the sampling loop is compiled once per batch shape (the last batch is padded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ctgen.errors import UserError
+from ctgen.models.unet import UNet
+from ctgen.parallel import axes as axes_lib
+from ctgen.parallel.mesh import batch_shards
+from ctgen.sampling import diffusion as df
+from ctgen.volume import model_to_sr, sr_to_hu
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ancestral", "ddim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """sampler: "ancestral" (GenerateCT's: 25 steps) or "ddim" (deterministic, fewer steps).
+    noise_level: low-res augmentation time at sampling (GenerateCT: 0.1).
+    cond_scale: classifier-free guidance scale (GenerateCT samples with 1: no guidance).
+    threshold: dynamic-thresholding percentile (GenerateCT: 0.95); 0 clips x0 to [-1, 1]."""
+
+    sampler: str = "ancestral"
+    steps: int = 25
+    noise_level: float = 0.1
+    cond_scale: float = 1.0
+    threshold: float = 0.95
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise UserError(f"sampler steps must be >= 1, got {self.steps}")
+
+
+def nearest_upsample(x_BxhxwxC: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch F.interpolate(mode="nearest"): output pixel i reads input pixel floor(i * in / out)."""
+    _, h, w, _ = x_BxhxwxC.shape
+    rows = (np.arange(size[0]) * h) // size[0]
+    cols = (np.arange(size[1]) * w) // size[1]
+    return x_BxhxwxC[:, rows][:, :, cols]
+
+
+def lowres_condition(lowres_Bxhxw: jax.Array, size: tuple[int, int], noise_BxHxWx1: jax.Array,
+                     level_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(noised upsampled low-res image (B, H, W, 1) in [-1, 1] space, its log-SNR (B,)) from
+    low-res slices in [0, 1] at augmentation times `level_B` of the linear schedule."""
+    up = nearest_upsample(lowres_Bxhxw[..., None].astype(jnp.float32), size) * 2.0 - 1.0
+    log_snr = df.linear_log_snr(level_B)
+    return df.q_sample(up, log_snr, noise_BxHxWx1), log_snr
+
+
+def sample_slices(model: UNet, lowres_Bxhxw: jax.Array, text_BxLxE: jax.Array, text_mask_BxL: jax.Array,
+                  keys_B: jax.Array, size: tuple[int, int], cfg: SamplerConfig = SamplerConfig()) -> jax.Array:
+    """Super-resolved slices (B, H, W) in [0, 1] (jit-able); see the module docstring."""
+    b = lowres_Bxhxw.shape[0]
+    shape = (*size, model.cfg.channels)
+    low_keys, sample_keys = jax.vmap(lambda k: jax.random.split(k))(keys_B).transpose(1, 0, 2)
+    low_noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(low_keys)
+    lowres, lowres_log_snr = lowres_condition(lowres_Bxhxw, size, low_noise, jnp.full((b,), cfg.noise_level))
+    text_mask = text_mask_BxL.astype(bool)
+
+    def denoise(keep):
+        def fn(x, log_snr):
+            return model(x, log_snr, lowres, lowres_log_snr, text_BxLxE, text_mask, jnp.full((b,), keep))
+        return fn
+
+    den = df.guided(denoise(True), denoise(False), cfg.cond_scale)
+    x_T, step_noise = df.per_sample_noise(sample_keys, shape)
+    threshold = cfg.threshold or None
+    if cfg.sampler == "ancestral":
+        x0 = df.sample_ancestral(den, x_T, step_noise, steps=cfg.steps, threshold=threshold)
+    else:
+        x0 = df.sample_ddim(den, x_T, steps=cfg.steps, threshold=threshold)
+    return (x0[..., 0] + 1.0) * 0.5
+
+
+def slice_keys(rng: jax.Array, volume_indices: np.ndarray, slice_indices: np.ndarray) -> jax.Array:
+    """Per-slice keys fold_in(fold_in(rng, volume index), slice index), (n, 2) uint32."""
+    def one(v, s):
+        return jax.random.fold_in(jax.random.fold_in(rng, v), s)
+
+    return jax.vmap(one)(jnp.asarray(volume_indices, jnp.uint32), jnp.asarray(slice_indices, jnp.uint32))
+
+
+class _Sampler:
+    """The sampling loop jitted for a model, a mesh and a SamplerConfig (compiled once per shape)."""
+
+    def __init__(self, model: UNet, cfg: SamplerConfig, size: tuple[int, int], mesh: Mesh | None, rules):
+        self.graphdef, state = nnx.split(model)
+        self.mesh, self.rules, self.size, self.cfg = mesh, tuple(rules or axes_lib.DEFAULT_RULES), size, cfg
+        if mesh is not None:  # 22 M parameters: replicated, the batch is what is split
+            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        self.state = state
+        self.shards = batch_shards(mesh, self.rules)
+
+        def run(state, lowres, text, mask, keys):
+            with axes_lib.activation_sharding(mesh, self.rules):
+                return sample_slices(nnx.merge(self.graphdef, state), lowres, text, mask, keys, size, cfg)
+
+        self.fn = jax.jit(run)
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        names = ("batch",) + (None,) * (x.ndim - 1)
+        return jax.device_put(x, axes_lib.logical_sharding(names, x.shape, self.rules, self.mesh))
+
+    def __call__(self, lowres, text, mask, keys) -> np.ndarray:
+        args = [self._put(np.asarray(a)) for a in (lowres, text, mask, jax.device_get(keys))]
+        return np.asarray(jax.device_get(self.fn(self.state, *args)))
+
+    def bytes_per_batch(self, batch: int, lowres_hw, text_le) -> int | None:
+        """XLA's temporary memory of one call at `batch` (per device), or None if unknown."""
+        shapes = [jax.ShapeDtypeStruct((batch, *lowres_hw), jnp.float32),
+                  jax.ShapeDtypeStruct((batch, *text_le), jnp.float32),
+                  jax.ShapeDtypeStruct((batch, text_le[0]), jnp.bool_),
+                  jax.ShapeDtypeStruct((batch, 2), jnp.uint32)]
+        try:
+            stats = self.fn.lower(self.state, *shapes).compile().memory_analysis()
+        except Exception:  # memory analysis is not available on every backend
+            return None
+        return None if stats is None else int(stats.temp_size_in_bytes + stats.argument_size_in_bytes)
+
+
+def _available_bytes() -> int:
+    """Free memory of the first local device (accelerators), or of the host (CPU devices share it)."""
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free // max(jax.local_device_count(), 1))
+
+
+def choose_batch(sampler: _Sampler, total: int, lowres_hw, text_le, fraction: float = 0.6) -> int:
+    """The largest batch (a multiple of the batch shards, at most the rounded-up slice count) whose
+    sampling loop fits `fraction` of the free memory, measured by compiling it at one slice per
+    device."""
+    shards = sampler.shards
+    cap = math.ceil(total / shards) * shards
+    per_device = sampler.bytes_per_batch(shards, lowres_hw, text_le)
+    if not per_device:
+        return min(cap, shards)
+    fit = int(_available_bytes() * fraction // per_device)
+    batch = max(1, fit) * shards
+    log.info("SR sampling: %.2f GB per slice per device, batch %d", per_device / 1e9, min(batch, cap))
+    return min(batch, cap)
+
+
+def upsample_volumes(model: UNet, volumes: Sequence[np.ndarray], texts: Sequence[np.ndarray],
+                     text_masks: Sequence[np.ndarray], *, mesh: Mesh | None = None, rules=None, rng: int | jax.Array = 0,
+                     sampler: SamplerConfig = SamplerConfig(), batch: int = 0, scale: int = 4,
+                     input_range: str = "sr", output_range: str = "sr", progress: bool = True) -> list[np.ndarray]:
+    """Super-resolve every slice of several volumes; returns one (D, scale h, scale w) array each.
+
+    volumes: (D, h, w) low-res volumes; input_range "sr" = values in [0, 1], "model" = [-1, 1]
+      (the CT-ViT's output, converted with `ctgen.volume.model_to_sr`).
+    texts, text_masks: each volume's text embedding (L, E) and mask (L,) (True at real tokens).
+    batch: slices per sampling call over all devices (a multiple of the mesh's batch shards);
+      0 chooses the largest that fits the free memory.
+    output_range: "sr" ([0, 1]) or "hu" (`ctgen.volume.sr_to_hu`).
+    """
+    if input_range not in ("sr", "model") or output_range not in ("sr", "hu"):
+        raise UserError(f"input_range must be sr|model and output_range sr|hu, got {input_range}, {output_range}")
+    if not (len(volumes) == len(texts) == len(text_masks)):
+        raise UserError(f"{len(volumes)} volumes but {len(texts)} texts and {len(text_masks)} masks")
+    vols = [model_to_sr(v) if input_range == "model" else np.asarray(v, np.float32) for v in volumes]
+    hw = {v.shape[1:] for v in vols}
+    lengths = {t.shape for t in texts}
+    if len(hw) != 1 or len(lengths) != 1 or any(v.ndim != 3 for v in vols):
+        raise UserError(f"volumes must be (D, h, w) with one slice size and texts of one shape; got slice sizes "
+                        f"{sorted(hw)}, text shapes {sorted(lengths)}")
+    (h, w), (length, width) = hw.pop(), lengths.pop()
+    size = (h * scale, w * scale)
+    if size[0] % model.cfg.downsample_factor or size[1] % model.cfg.downsample_factor:
+        raise UserError(f"output size {size} must be divisible by {model.cfg.downsample_factor}")
+    key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    run = _Sampler(model, sampler, size, mesh, rules)
+    # (volume, slice) of every slice, in order
+    index = np.array([(v, s) for v, vol in enumerate(vols) for s in range(vol.shape[0])], np.int64).reshape(-1, 2)
+    total = len(index)
+    if batch <= 0:
+        batch = choose_batch(run, total, (h, w), (length, width))
+    if batch % run.shards:
+        raise UserError(f"batch {batch} must be a multiple of the {run.shards} batch shards of the mesh")
+    outs = [np.empty((v.shape[0], *size), np.float32) for v in vols]
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="super-resolution", unit="slice", disable=not progress or jax.process_index() != 0)
+    for start in range(0, total, batch):
+        rows = index[start:start + batch]
+        pad = batch - len(rows)
+        rows_padded = np.concatenate([rows, np.repeat(rows[-1:], pad, axis=0)]) if pad else rows
+        lowres = np.stack([vols[v][s] for v, s in rows_padded])
+        text = np.stack([np.asarray(texts[v], np.float32) for v, _ in rows_padded])
+        mask = np.stack([np.asarray(text_masks[v], bool) for v, _ in rows_padded])
+        keys = slice_keys(key, rows_padded[:, 0], rows_padded[:, 1])
+        out = run(lowres, text, mask, keys)
+        for (v, s), img in zip(rows, out[: len(rows)]):
+            outs[v][s] = img
+        bar.update(len(rows))
+    bar.close()
+    return [sr_to_hu(o) for o in outs] if output_range == "hu" else outs
+
+
+def upsample_volume(model: UNet, lowres_DxHxW: np.ndarray, text_LxE: np.ndarray, text_mask_L: np.ndarray,
+                    **kwargs) -> np.ndarray:
+    """`upsample_volumes` for one volume: (D, h, w) -> (D, scale h, scale w)."""
+    return upsample_volumes(model, [lowres_DxHxW], [text_LxE], [text_mask_L], **kwargs)[0]
