@@ -21,9 +21,12 @@ Fields:
   seed, num_samples      run seed (each sample's own seed derives from it, its name and index)
   slices                 slices of the volume (1 + 2k); 0 = the CT-ViT's max_slices
   prompt_template        "paper", "findings" or a build_prompt template (use the one the model was trained with)
-  maskgit.*              steps, cond_scale, temperature
+  text_max_length        T5 tokens per prompt (GenerateCT: 256; longer prompts are cut)
+  maskgit.*              steps, cond_scale, temperature, batch_size (prompts decoded together, split over
+                         the local devices; 0 = one per batch shard of the mesh)
   superres.*             enabled, sampler ("ancestral" | "ddim"), steps, cond_scale, lowres_noise_level,
-                         batch_size (slices per SR batch over all local devices; 0 = as many as memory allows)
+                         batch_size (slices per SR batch over all local devices; 0 = as many as memory allows),
+                         scale (output size / CT-ViT image size; GenerateCT: 128 -> 512 = 4)
   checkpoints.dir        a directory with text/, ctvit/, maskgit/, superres/; checkpoints.<stage>
                          names one stage's directory elsewhere (e.g. checkpoints.text=builtin)
   geometry.extent_mm     body extent (D, H, W) in mm; voxel spacing = extent / shape (the training grid's)
@@ -51,10 +54,12 @@ def get_config(arg: str = "paper"):
     c.num_samples = 1
     c.slices = a.slices
     c.prompt_template = "paper"
-    c.maskgit = ml_collections.ConfigDict({"steps": a.steps or 18, "cond_scale": 5.0, "temperature": 0.9})
+    c.text_max_length = 256
+    c.maskgit = ml_collections.ConfigDict({"steps": a.steps or 18, "cond_scale": 5.0, "temperature": 0.9,
+                                           "batch_size": 0})
     c.superres = ml_collections.ConfigDict({
         "enabled": True, "sampler": "ancestral", "steps": a.sr_steps or 25, "cond_scale": 1.0,
-        "lowres_noise_level": 0.1, "batch_size": 0})
+        "lowres_noise_level": 0.1, "batch_size": 0, "scale": 4})
     c.checkpoints = ml_collections.ConfigDict({"dir": "", "text": "", "ctvit": "", "maskgit": "", "superres": ""})
     c.geometry = ml_collections.ConfigDict({"extent_mm": tuple(DEFAULT_EXTENT_MM)})
     c.layout = "auto"

@@ -7,14 +7,19 @@ process still has to make. The contract:
 * inputs: the samples (prompt, name, own seed), the resolved generation config (sampling
   settings, slices, mesh, SR batch), the checked weights of each stage, a `StageTimer` to compile
   and time each stage with, and whether to draw progress bars (already false on processes other
-  than 0 and off a terminal: pass it as `stage_progress(..., enabled=progress)`);
+  than 0 and off a terminal);
 * output: one `CascadeOutput` per sample, yielded as soon as it is ready (so volumes are written
-  and memory is freed while the next sample runs), in any order;
-* the volume is HU in the models' own array layout (`layout` of the run: "canonical" for models
-  trained by ctgen, "generatect" for GenerateCT's imported weights; the command maps it to the
-  canonical orientation), `(slices, H, W)` with H = W = the SR output size, or the CT-ViT's with
-  `superres.enabled` off;
-* the same seed and device count give the same volume.
+  and memory is freed while the next group runs), in input order;
+* the volume is HU in the models' own array layout (the command maps it to the canonical
+  orientation), `(slices, H, W)` with H = W = `superres.scale` x the CT-ViT's image size, or the
+  CT-ViT's with `superres.enabled` off;
+* a sample's volume depends only on its seed, the settings and the device count: samples run in
+  groups of a fixed size (`maskgit.batch_size`, default the mesh's batch shards; a short group is
+  padded), each row of the MaskGIT decode draws from its own key (the sampler is vmapped over
+  rows), and the super-resolution of a volume draws every slice from keys derived from its seed.
+
+Each process builds a mesh over its local devices (`config.mesh`); the models are placed on it by
+their logical axes, a group's rows and the SR slices are split over its batch axes.
 """
 from __future__ import annotations
 
@@ -26,13 +31,13 @@ import numpy as np
 from ctgen.errors import UserError
 from ctgen.generate.checkpoints import StageWeights
 from ctgen.generate.prompts import Sample
-from ctgen.generate.runtime import StageTimer
+from ctgen.generate.runtime import StageTimer, stage_progress
 
 
 @dataclasses.dataclass
 class CascadeOutput:
     """One generated volume: `hu_DxHxW` float32 HU in the models' layout; `seconds` and
-    `compile_seconds` per stage for this sample (its share of a batch)."""
+    `compile_seconds` per stage for this sample (its share of a group)."""
 
     sample: Sample
     hu_DxHxW: np.ndarray
@@ -40,8 +45,156 @@ class CascadeOutput:
     compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class Models:
+    """The loaded cascade (`load_models`)."""
+
+    text: object
+    tokenizer: object
+    text_dim: int
+    ctvit: object
+    maskgit: object
+    superres: object | None
+    grid: tuple[int, int, int]
+
+
+def token_grid(ctvit_cfg, slices: int) -> tuple[int, int, int]:
+    """The CT-ViT token grid (T, h, w) of a volume of `slices` slices (1 + k * temporal patch)."""
+    return (1 + (slices - 1) // ctvit_cfg.temporal_patch_size, *ctvit_cfg.grid_hw)
+
+
+def load_models(config, stages: Mapping[str, StageWeights], mesh, rules) -> Models:
+    """Every stage's model on `mesh`, checked against each other: the text width each model was
+    trained with, the codebook size, and the token grid of `config.slices` against the MaskGIT's
+    position table. A mismatch is a UserError naming both directories."""
+    from ctgen.convert.ctvit_store import load_ctvit
+    from ctgen.convert.maskgit_store import load_maskgit
+    from ctgen.text.load import load_text_encoder
+
+    text, tokenizer, text_cfg = load_text_encoder(stages["text"].path, mesh=mesh, rules=rules)
+    ctvit = load_ctvit(stages["ctvit"].path, mesh=mesh, rules=rules)
+    maskgit = load_maskgit(stages["maskgit"].path, mesh=mesh, rules=rules)
+    where = {k: v.path for k, v in stages.items()}
+    if maskgit.cfg.dim_context != text_cfg.d_model:
+        raise UserError(f"{where['maskgit']}: the MaskGIT reads {maskgit.cfg.dim_context}-wide text states but the "
+                        f"text encoder {where['text']} makes {text_cfg.d_model}-wide ones")
+    if maskgit.cfg.num_tokens != ctvit.cfg.codebook_size:
+        raise UserError(f"{where['maskgit']}: the MaskGIT predicts {maskgit.cfg.num_tokens} codes but the CT-ViT "
+                        f"{where['ctvit']} has a codebook of {ctvit.cfg.codebook_size}")
+    grid = token_grid(ctvit.cfg, int(config.slices))
+    try:
+        maskgit.cfg.check_grid(grid)
+    except ValueError as e:
+        raise UserError(f"{where['maskgit']}: {config.slices} slices: {e}") from None
+    superres = None
+    if config.superres.enabled:
+        from ctgen.convert.superres_store import load_superres
+
+        superres, _ = load_superres(stages["superres"].path, mesh=mesh, rules=rules)
+        if superres.cfg.text_embed_dim != text_cfg.d_model:
+            raise UserError(f"{where['superres']}: the U-Net reads {superres.cfg.text_embed_dim}-wide text states but "
+                            f"the text encoder {where['text']} makes {text_cfg.d_model}-wide ones")
+        size = ctvit.cfg.image_size * int(config.superres.scale)
+        if size % superres.cfg.downsample_factor:
+            raise UserError(f"superres.scale={config.superres.scale}: output size {size} is not divisible by the "
+                            f"U-Net's {superres.cfg.downsample_factor}")
+    return Models(text, tokenizer, text_cfg.d_model, ctvit, maskgit, superres, grid)
+
+
+def _group_size(config, mesh, rules) -> int:
+    from ctgen.parallel.mesh import batch_shards
+
+    size = int(config.maskgit.batch_size) or batch_shards(mesh, rules)
+    if size < 1:
+        raise UserError(f"maskgit.batch_size must be >= 0 (0 = one prompt per batch shard), got {size}")
+    return size
+
+
+def _decoder(models: Models, config, mesh, rules):
+    """jitted (maskgit state, ctvit state, text, mask, keys) -> volumes (G, F, H, W) in [-1, 1]:
+    the MaskGIT sampler vmapped over rows (one key each), then the CT-ViT decoder."""
+    import jax
+    from flax import nnx
+
+    from ctgen.sampling.maskgit import SampleConfig, maskgit_tokens_to_logits, sample
+
+    options = SampleConfig(steps=int(config.maskgit.steps), cond_scale=float(config.maskgit.cond_scale),
+                           temperature=float(config.maskgit.temperature))
+    m_def, _ = nnx.split(models.maskgit)
+    c_def, _ = nnx.split(models.ctvit)
+    grid, mask_id = models.grid, models.maskgit.cfg.mask_id
+
+    def one(m_state, text_LxE, mask_L, key):
+        model = nnx.merge(m_def, m_state)
+        bias = model.position_bias(grid)
+        fn = maskgit_tokens_to_logits(model, grid, text_LxE[None], mask_L[None], bias=bias)
+        return sample(fn, rng=key, batch_size=1, grid=grid, mask_id=mask_id, **dataclasses.asdict(options))[0]
+
+    def run(m_state, c_state, text_GxLxE, mask_GxL, keys_G):
+        ids = jax.vmap(one, in_axes=(None, 0, 0, 0))(m_state, text_GxLxE, mask_GxL, keys_G)
+        return nnx.merge(c_def, c_state).decode(ids)
+
+    return jax.jit(run)
+
+
+def _put_batch(x: np.ndarray, mesh, rules):
+    import jax
+
+    from ctgen.parallel.axes import logical_sharding
+
+    return jax.device_put(x, logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, rules, mesh))
+
+
 def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWeights], *, timer: StageTimer,
                 progress: bool) -> Iterator[CascadeOutput]:
-    """Generate `samples` (module docstring). Not available until the MaskGIT and SR models land."""
-    raise UserError("the MaskGIT and super-resolution stages are not built yet: `ctgen generate` checked the "
-                    f"prompts, checkpoints and output folder and would now generate {len(samples)} volume(s)")
+    """Generate `samples` (module docstring)."""
+    import jax
+    from flax import nnx
+
+    from ctgen.parallel.mesh import make_mesh
+    from ctgen.text.encode import encode_text
+    from ctgen.volume import model_to_hu
+
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    mesh = make_mesh(dict(config.mesh), devices=jax.local_devices())
+    models = load_models(config, stages, mesh, rules)
+    group = _group_size(config, mesh, rules)
+    decode = _decoder(models, config, mesh, rules)
+    _, m_state = nnx.split(models.maskgit)
+    _, c_state = nnx.split(models.ctvit)
+    bar = stage_progress(len(samples), "volumes", enabled=progress, unit="volume")
+    for start in range(0, len(samples), group):
+        before = dict(timer.seconds)
+        rows = list(samples[start:start + group])
+        padded = rows + [rows[-1]] * (group - len(rows))
+        with timer.run("text"):
+            text, mask = encode_text(models.text, models.tokenizer, [s.prompt for s in padded],
+                                     max_length=int(config.text_max_length), mesh=mesh, rules=rules)
+            text, mask = np.asarray(jax.device_get(text)), np.asarray(jax.device_get(mask))
+        keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s.seed))) for s in padded])
+        args = (m_state, c_state, *(_put_batch(a, mesh, rules) for a in (text, mask, keys)))
+        step = timer.compile("maskgit", decode, *args)
+        with timer.run("maskgit"):
+            volumes = np.asarray(jax.device_get(step(*args)))[:, : int(config.slices)]
+        shared = {k: (v - before.get(k, 0.0)) / len(rows) for k, v in timer.seconds.items() if k != "superres"}
+        for n, s in enumerate(rows):
+            seconds = dict(shared)
+            if models.superres is None:
+                hu = model_to_hu(volumes[n])
+            else:
+                from ctgen.sampling.superres import SamplerConfig, upsample_volume
+
+                sampler = SamplerConfig(sampler=str(config.superres.sampler), steps=int(config.superres.steps),
+                                        noise_level=float(config.superres.lowres_noise_level),
+                                        cond_scale=float(config.superres.cond_scale))
+                sr_before = timer.seconds.get("superres", 0.0)
+                with timer.run("superres"):
+                    hu = upsample_volume(models.superres, volumes[n], text[n], mask[n], mesh=mesh, rules=rules,
+                                         rng=jax.random.PRNGKey(s.seed), sampler=sampler,
+                                         batch=int(config.superres.batch_size), scale=int(config.superres.scale),
+                                         input_range="model", output_range="hu", progress=progress)
+                seconds["superres"] = timer.seconds["superres"] - sr_before
+            bar.update(1)
+            yield CascadeOutput(sample=s, hu_DxHxW=np.asarray(hu, np.float32), seconds=seconds,
+                                compile_seconds=dict(timer.compile_seconds))
+    bar.close()

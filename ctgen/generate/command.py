@@ -129,7 +129,10 @@ def check_slices(n: int, temporal_patch: int = 2) -> None:
 def check_settings(config) -> None:
     """One-line errors for settings no sampler can use (before any file or device is touched)."""
     for field, value, low in (("num_samples", config.num_samples, 1), ("maskgit.steps", config.maskgit.steps, 1),
-                              ("superres.steps", config.superres.steps, 1)):
+                              ("superres.steps", config.superres.steps, 1), ("superres.scale", config.superres.scale, 1),
+                              ("maskgit.batch_size", config.maskgit.batch_size, 0),
+                              ("superres.batch_size", config.superres.batch_size, 0),
+                              ("text_max_length", config.text_max_length, 2)):
         if value < low:
             raise UserError(f"{field}={value}: must be at least {low}")
     if config.maskgit.temperature < 0:
