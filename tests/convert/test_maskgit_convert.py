@@ -18,8 +18,8 @@ from ctgen.errors import UserError
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.models.maskgit import MaskGIT, MaskGITConfig
 
-MANIFEST = "/work/shared/reference/state_dicts/generatect_maskgit.txt"
-REF_MANIFEST = os.environ.get("CTGEN_MASKGIT_MANIFEST", MANIFEST)
+MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reference",
+                        "generatect_maskgit.txt")
 TINY = MaskGITConfig.tiny()
 TINY_CTVIT = CTViTConfig.tiny(codebook_size=TINY.num_tokens, image_size=128, max_slices=201)  # what an import infers
 GRID = (2, 4, 4)
@@ -36,9 +36,8 @@ def _read_manifest(path):
     return rows
 
 
-@pytest.mark.skipif(not os.path.exists(REF_MANIFEST), reason=f"{REF_MANIFEST} not present")
 def test_manifest_of_paper_config_is_generatects():
-    rows = _read_manifest(REF_MANIFEST)
+    rows = _read_manifest(MANIFEST)
     assert len(rows) == 457
     ours = [(e.key, e.shape, "float32", e.kind) for e in mc.generatect_manifest(MaskGITConfig.paper(),
                                                                                  CTViTConfig.paper())]

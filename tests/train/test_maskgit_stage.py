@@ -63,6 +63,7 @@ def _rows(workdir, split="train"):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+@pytest.mark.slow
 def test_tiny_training_sharded_on_8_devices_and_restore_onto_another_mesh(token_data, tmp_path):
     workdir = str(tmp_path / "run")
     cfg = _config(token_data, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "train.batch_size": 8,
