@@ -166,7 +166,12 @@ def _add_prepare(sub) -> None:
     from ctgen.data import command
 
     def run(args, overrides):
-        if args.source == "sr-pairs":  # needs the CT-ViT: model loading lives above the data layer
+        # tokens and sr-pairs need the CT-ViT: model loading lives above the data layer
+        if args.source == "tokens":
+            from ctgen.stages.maskgit_tokens import run_prepare
+
+            return run_prepare(args)
+        if args.source == "sr-pairs":
             from ctgen.stages.superres_pairs import run_prepare
 
             return run_prepare(args)

@@ -10,7 +10,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 RULES = {
     "volume": {"errors"},
     "io": {"volume", "errors"},
-    "data": {"volume", "errors", "io", "text", "parallel", "convert"},  # convert: the CT-ViT for token datasets
+    "data": {"volume", "errors", "io", "text", "parallel"},
     # generation never pulls in the trainer, the stages or the data layer
     "generate": {"volume", "errors", "io", "text", "parallel", "weights", "configuration", "models", "sampling",
                  "convert"},

@@ -173,12 +173,8 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, "dataset", None):
             raise UserError("--source embeddings needs --dataset DIR (a prepared dataset's version directory)")
         return embeddings.run_prepare(args)
-    if args.source == "tokens":
-        from ctgen.data import tokens
-
-        return tokens.run_prepare(args)
-    if args.source == "sr-pairs":  # loads the CT-ViT, which the data layer does not import
-        raise UserError("--source sr-pairs runs through `ctgen prepare` (it loads the CT-ViT)")
+    if args.source in ("tokens", "sr-pairs"):  # they load the CT-ViT, which the data layer does not import
+        raise UserError(f"--source {args.source} runs through `ctgen prepare` (it loads the CT-ViT)")
     slices = args.slices if args.slices > 0 else None
     try:
         grid = GridConfig(shape=(slices, args.resolution, args.resolution),

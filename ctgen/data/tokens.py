@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import shutil
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,6 +29,16 @@ from ctgen.volume import hu_to_model
 
 log = logging.getLogger(__name__)
 _NEEDED = ("volume", "spacing", "prompt", "source_id")
+
+
+class TokenEncoder(Protocol):
+    """The frozen CT-ViT encoder as the data layer sees it: `cfg` (its CTViTConfig), `batch_size`
+    (volumes per call) and a call (B, F, H, W) in [-1, 1] -> codebook ids (B, T, h, w)."""
+
+    cfg: Any
+    batch_size: int
+
+    def __call__(self, volumes_BxFxHxW: np.ndarray) -> np.ndarray: ...
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,23 +58,14 @@ def _slice_window(volume_DxHxW: np.ndarray, num_slices: int) -> np.ndarray:
     return select_slices(volume_DxHxW, num_slices or None, "center", None)
 
 
-def build_token_dataset(dataset_dir: str, out_dir: str, tokenizer: str, *, batch_size: int = 8,
-                        split=None, num_slices: int = 0, overwrite: bool = False) -> str:
-    """Encode every volume of the TFDS dataset at `dataset_dir` with the CT-ViT at `tokenizer` and
-    write the token side dataset to `out_dir` (see the module docstring); returns `out_dir`."""
-    import jax
-    import jax.numpy as jnp
+def build_token_dataset(dataset_dir: str, out_dir: str, encoder: TokenEncoder, *, split=None, num_slices: int = 0,
+                        overwrite: bool = False, tokenizer_name: str = "") -> str:
+    """Encode every volume of the TFDS dataset at `dataset_dir` with `encoder` (the frozen CT-ViT,
+    loaded above the data layer: `ctgen.stages.maskgit_tokens`) and write the token side dataset to
+    `out_dir` (see the module docstring); returns `out_dir`."""
     import tensorflow_datasets as tfds
-    from flax import nnx
     from tqdm import tqdm
 
-    from ctgen.convert.ctvit_store import load_ctvit
-    from ctgen.parallel.axes import DEFAULT_RULES, logical_sharding
-    from ctgen.parallel.mesh import make_mesh
-
-    if jax.process_count() > 1:
-        raise UserError("build the token dataset in a single process (it writes one dataset); on a multi-host pod "
-                        "run it on one host, which shards encoding over that host's devices")
     dataset_dir, out_dir = resolve_dataset_dir(dataset_dir), os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; remove it or pass --overwrite")
@@ -75,23 +77,15 @@ def build_token_dataset(dataset_dir: str, out_dir: str, tokenizer: str, *, batch
     unknown = [s for s in splits if s not in builder.info.splits]
     if unknown:
         raise UserError(f"{dataset_dir} has no split(s) {unknown}; it has {sorted(builder.info.splits.keys())}")
-    devices = jax.local_devices()
-    mesh = make_mesh({"data": -1}, devices)
-    model = load_ctvit(tokenizer, mesh=mesh)
-    cfg = model.cfg
+    cfg = encoder.cfg
     d, h, w = builder.info.features["volume"].shape
     if (h, w) != (cfg.image_size, cfg.image_size):
-        raise UserError(f"{dataset_dir} holds {h}x{w} slices but the tokenizer {tokenizer} was built for "
+        raise UserError(f"{dataset_dir} holds {h}x{w} slices but the tokenizer {tokenizer_name} was built for "
                         f"{cfg.image_size}x{cfg.image_size}; prepare the dataset with --resolution {cfg.image_size}")
     if num_slices and (num_slices % 2 == 0 or num_slices > cfg.max_slices):
         raise UserError(f"--token-slices {num_slices}: must be 1 + 2k and at most the tokenizer's max_slices "
                         f"{cfg.max_slices}")
-    chunk = -(-max(batch_size, 1) // len(devices)) * len(devices)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def encode(state, vol_BxFxHxW):
-        return nnx.merge(graphdef, state).encode(vol_BxFxHxW).astype(jnp.int16)
+    chunk = encoder.batch_size
 
     def encode_split(name):
         skip = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
@@ -108,12 +102,10 @@ def build_token_dataset(dataset_dir: str, out_dir: str, tokenizer: str, *, batch
                     cfg.check_volume_shape((1, *vols[0].shape))
                 except ValueError as e:
                     raise UserError(f"{dataset_dir} [{name}] example {start}: {e} (see --token-slices)") from None
-                batch = np.stack(vols + [vols[-1]] * (chunk - len(vols)))
-                sharding = logical_sharding(("batch", None, None, None), batch.shape, DEFAULT_RULES, mesh)
-                ids = np.asarray(encode(state, jax.device_put(batch, sharding)))
+                ids = encoder(np.stack(vols + [vols[-1]] * (chunk - len(vols))))
                 for r, vol, tok in zip(rows, vols, ids):
                     spacing = np.asarray(r["spacing"], np.float32)
-                    yield {"source_id": as_text(r["source_id"]), "tokens": tok, "spacing": spacing,
+                    yield {"source_id": as_text(r["source_id"]), "tokens": tok.astype(np.int16), "spacing": spacing,
                            "prompt": as_text(r["prompt"])}
                 bar.update(len(rows))
 
@@ -125,7 +117,7 @@ def build_token_dataset(dataset_dir: str, out_dir: str, tokenizer: str, *, batch
         "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
         "prompt": tfds.features.Text(),
     }
-    description = (f"CT-ViT codebook ids of {dataset_dir} by tokenizer {tokenizer!r} (grid {t}x{gh}x{gw}, codebook "
+    description = (f"CT-ViT codebook ids of {dataset_dir} by tokenizer {tokenizer_name!r} (grid {t}x{gh}x{gw}, codebook "
                    f"{cfg.codebook_size}); built by ctgen.data.tokens")
     staging = out_dir + ".staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -136,12 +128,3 @@ def build_token_dataset(dataset_dir: str, out_dir: str, tokenizer: str, *, batch
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     os.replace(staging, out_dir)
     return out_dir
-
-
-def run_prepare(args: argparse.Namespace) -> int:
-    if not getattr(args, "dataset", None) or not getattr(args, "tokenizer", None):
-        raise UserError("--source tokens needs --dataset DIR (a prepared dataset) and --tokenizer PATH (a CT-ViT)")
-    out = build_token_dataset(args.dataset, args.out, args.tokenizer, batch_size=args.token_batch_size,
-                              split=args.split, num_slices=args.token_slices, overwrite=args.overwrite)
-    print(f"wrote CT-ViT token dataset to {out}")
-    return 0
