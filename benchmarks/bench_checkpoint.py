@@ -4,7 +4,6 @@ long the save takes in the background, a synchronous save, and a restore onto an
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_checkpoint.py --mb 256
 """
 import argparse
-import os
 import tempfile
 import time
 

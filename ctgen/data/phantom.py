@@ -446,7 +446,7 @@ def _skeleton(rng, cv: _Canvas, a: dict, g: dict) -> None:
 
 
 def _findings_and_vessels(rng, cv: _Canvas, a: dict, g: dict, lung0: np.ndarray) -> None:
-    Z, Y, X = cv.Z, cv.Y, cv.X
+    X = cv.X
     vml = float(np.prod(cv.spacing)) / 1000.0
     left = np.broadcast_to(X > 0, cv.shape)
     lung = lung0.copy()

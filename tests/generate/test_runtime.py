@@ -50,7 +50,11 @@ def test_compile_cache_off(monkeypatch):
     from ctgen.generate.runtime import setup_compile_cache
 
     monkeypatch.setenv(ENV_CACHE, "0")
-    assert setup_compile_cache() is None and jax.config.jax_compilation_cache_dir is None
+    previous = jax.config.jax_compilation_cache_dir  # the test session's own cache (conftest)
+    try:
+        assert setup_compile_cache() is None and jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
 
 
 def test_stage_timer_compiles_once_per_shape():

@@ -42,7 +42,8 @@ def _naive_generator_loss(model, batch, idx, weight):
     return jnp.mean(jnp.square(vol - recon)) + out.commit_loss + perc + weight * gan
 
 
-@pytest.mark.parametrize("vgg_trainable", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("vgg_trainable", [True, False])
 def test_generator_gradients_equal_plain_autodiff(vgg_trainable):
     model, batch = _model_and_batch()
     idx = jnp.array([3, 1], jnp.int32)
@@ -67,6 +68,7 @@ def test_generator_gradients_equal_plain_autodiff(vgg_trainable):
         np.testing.assert_allclose(np.asarray(v[...]), expected, rtol=1e-4, atol=1e-7, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_adaptive_weight_is_ratio_of_head_gradient_norms():
     model, batch = _model_and_batch()
     idx = jnp.array([2, 4], jnp.int32)

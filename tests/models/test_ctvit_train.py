@@ -69,6 +69,7 @@ def test_vgg_is_frozen_without_perceptual_loss():
     assert not any("vgg" in p for p in trained)
 
 
+@pytest.mark.slow
 def test_tiny_training_on_8_devices(phantoms, tmp_path):
     workdir = str(tmp_path / "run")
     cfg = _config(phantoms, **{"mesh.data": 8, "mesh.fsdp": 1, "train.steps": 24, "train.log_every": 4,
@@ -107,6 +108,7 @@ def test_tiny_training_on_8_devices(phantoms, tmp_path):
                                   np.asarray(jax.device_get(final["model_state"]["ctvit"]["vq"]["embed"][...])))
 
 
+@pytest.mark.slow
 def test_warm_start_from_imported_generatect_checkpoint_with_vgg_weights(phantoms, tmp_path):
     """init_from = an imported 379-key-style checkpoint (weights + codebook); VGG16 from a
     torchvision-layout file: the perceptual loss is on and the run starts from the import."""
