@@ -8,7 +8,7 @@ width text of 20 tokens):
   train   forward + backward of the v-prediction MSE (GenerateCT: `loss.backward()`)
   sample  full sampling of --batch slices: ctgen's 25-step ancestral sampler (`--sampler ancestral
           --sample-steps 25`) or DDIM (`--sampler ddim --sample-steps 10`); GenerateCT: its
-          p_sample_loop on one slice at a time (its inference loop), timed per slice
+          p_sample_loop on one slice at a time with its 25 steps (its inference loop), timed per slice
 Every measurement runs in a fresh process (peak RSS = ru_maxrss of that process) pinned to
 --threads cores (torch.set_num_threads too); ctgen and reference runs alternate; the first call
 (compilation for ctgen) is reported apart from the steady time. Seconds per 201-slice volume =
@@ -160,7 +160,7 @@ def run_reference(args) -> dict:
                 return ref.p_sample_loop(unet, (1, 1, args.size, args.size), noise_scheduler=ref.noise_schedulers[1],
                                          pred_objective="v", dynamic_threshold=True, use_tqdm=False, **one)
     times = _timed(call, args.steps)
-    note = "torch, one slice per call" if args.workload == "sample" else "torch"
+    note = "torch, one slice per call, GenerateCT's 25 ancestral steps" if args.workload == "sample" else "torch"
     return {"impl": "GenerateCT", "first": times[0], "steady": times[1:], "peak_gb": _peak_gb(), "note": note,
             "slices_per_call": 1 if args.workload == "sample" else args.batch}
 
