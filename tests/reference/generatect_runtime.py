@@ -15,6 +15,7 @@ The package's `__init__` (which pulls in T5/transformers and data code) is bypas
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -68,9 +69,14 @@ def make_torch_vgg16(widths=(64, 128, 256, 512, 512), fc_dim: int = 4096, in_cha
     return VGG()
 
 
-def _install_torchvision_standin() -> None:
+@contextlib.contextmanager
+def torchvision_standin():
+    """While GenerateCT's modules are imported: a minimal `torchvision` if the real one is missing
+    (they import it at module level; ctgen's tests pass the VGG16 in). Removed again afterwards, so
+    that libraries probing for torchvision later in the process (transformers) do not find it."""
     try:
         import torchvision  # noqa: F401
+        yield
         return
     except Exception:
         pass
@@ -83,9 +89,14 @@ def _install_torchvision_standin() -> None:
         raise RuntimeError("torchvision stand-in: pass vgg= to CTViT (no ImageNet weights offline)")
 
     tv.models.vgg16 = vgg16
-    for name in ("transforms", "utils", "models"):
-        sys.modules[f"torchvision.{name}"] = getattr(tv, name)
-    sys.modules["torchvision"] = tv
+    added = {"torchvision": tv, **{f"torchvision.{n}": getattr(tv, n) for n in ("transforms", "utils", "models")}}
+    sys.modules.update(added)
+    try:
+        yield
+    finally:
+        for name, module in added.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 class _CpuTorch(types.ModuleType):
@@ -111,14 +122,14 @@ def load() -> types.SimpleNamespace:
         raise RuntimeError(reason)
     import torch
 
-    _install_torchvision_standin()
     pkg_dir = os.path.join(checkout_dir(), "transformer_maskgit", "transformer_maskgit")
     if "transformer_maskgit" not in sys.modules:
         stub = types.ModuleType("transformer_maskgit")
         stub.__path__ = [pkg_dir]
         sys.modules["transformer_maskgit"] = stub
-    attention = importlib.import_module("transformer_maskgit.attention")
-    ctvit = importlib.import_module("transformer_maskgit.ctvit")
+    with torchvision_standin():
+        attention = importlib.import_module("transformer_maskgit.attention")
+        ctvit = importlib.import_module("transformer_maskgit.ctvit")
     proxy = _CpuTorch(torch)
     for mod in (attention, ctvit):
         mod.torch = proxy
@@ -155,7 +166,8 @@ def load_maskgit() -> types.SimpleNamespace:
 
         t5.t5_encode_text = t5_encode_text
         sys.modules["transformer_maskgit.t5"] = t5
-    mod = importlib.import_module("transformer_maskgit.MaskGITTransformer")
+    with torchvision_standin():
+        mod = importlib.import_module("transformer_maskgit.MaskGITTransformer")
     mod.torch = _CpuTorch(ref.torch)
     return types.SimpleNamespace(**vars(ref), module=mod, MaskGit=mod.MaskGit,
                                  MaskGITTransformer=mod.MaskGITTransformer)

@@ -7,7 +7,7 @@ CTGEN_GENERATECT_DIR (the repository root). Runtime adaptations, in this process
 - `super_resolution.t5` is replaced by a stub whose `get_encoded_dim` answers 768 (T5 v1.1 base's
   width, which GenerateCT would read from the Hugging Face hub at import time) and whose text
   encoder refuses to run (tests pass T5 states, never text);
-- torchvision gets the minimal stand-in of `generatect_runtime` if it cannot be imported;
+- torchvision gets the minimal stand-in of `generatect_runtime` (while importing) if it cannot be imported;
 - its debug `print`s are muted.
 The trainer checkpoint's EMA block is built with ema-pytorch's `EMA` (pin ema-pytorch==0.8.3, the
 layout in shared/reference/state_dicts/generatect_superres.txt).
@@ -69,14 +69,14 @@ def load() -> types.SimpleNamespace:
     import torch
     from ema_pytorch import EMA
 
-    ctvit_rt._install_torchvision_standin()
     pkg_dir = os.path.join(ctvit_rt.checkout_dir(), "super_resolution", "super_resolution")
     if "super_resolution" not in sys.modules:
         stub = types.ModuleType("super_resolution")
         stub.__path__ = [pkg_dir]
         sys.modules["super_resolution"] = stub
         sys.modules["super_resolution.t5"] = _t5_stub()
-    sr = importlib.import_module("super_resolution.superres_pytorch")
+    with ctvit_rt.torchvision_standin():
+        sr = importlib.import_module("super_resolution.superres_pytorch")
     sr.print = lambda *a, **k: None
     return types.SimpleNamespace(sr=sr, torch=torch, EMA=EMA)
 
