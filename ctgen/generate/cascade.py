@@ -145,6 +145,21 @@ def _put_batch(x: np.ndarray, mesh, rules):
     return jax.device_put(x, logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, rules, mesh))
 
 
+def _encode(models: Models, prompts: list[str], length: int, mesh, rules) -> tuple[np.ndarray, np.ndarray]:
+    """T5 states (G, length, E) and mask, zero-padded to `length` whatever the prompts' lengths: one
+    shape for every group (one compile), and a prompt's states never depend on its neighbours."""
+    import jax
+
+    from ctgen.text.encode import encode_text
+
+    emb, mask = encode_text(models.text, models.tokenizer, prompts, max_length=length, mesh=mesh, rules=rules)
+    emb, mask = np.asarray(jax.device_get(emb)), np.asarray(jax.device_get(mask))
+    text = np.zeros((len(prompts), length, emb.shape[-1]), np.float32)
+    full = np.zeros((len(prompts), length), bool)
+    text[:, : emb.shape[1]], full[:, : mask.shape[1]] = emb, mask
+    return text, full
+
+
 def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWeights], *, timer: StageTimer,
                 progress: bool) -> Iterator[CascadeOutput]:
     """Generate `samples` (module docstring)."""
@@ -152,7 +167,6 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
     from flax import nnx
 
     from ctgen.parallel.mesh import make_mesh
-    from ctgen.text.encode import encode_text
     from ctgen.volume import model_to_hu
 
     rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -162,15 +176,22 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
     decode = _decoder(models, config, mesh, rules)
     _, m_state = nnx.split(models.maskgit)
     _, c_state = nnx.split(models.ctvit)
+    slice_sampler = sampler = None
+    if models.superres is not None:
+        from ctgen.sampling.superres import SamplerConfig, SliceSampler, upsample_volume
+
+        sampler = SamplerConfig(sampler=str(config.superres.sampler), steps=int(config.superres.steps),
+                                noise_level=float(config.superres.lowres_noise_level),
+                                cond_scale=float(config.superres.cond_scale))
+        size = models.ctvit.cfg.image_size * int(config.superres.scale)
+        slice_sampler = SliceSampler(models.superres, sampler, (size, size), mesh, rules)
     bar = stage_progress(len(samples), "volumes", enabled=progress, unit="volume")
     for start in range(0, len(samples), group):
         before = dict(timer.seconds)
         rows = list(samples[start:start + group])
         padded = rows + [rows[-1]] * (group - len(rows))
         with timer.run("text"):
-            text, mask = encode_text(models.text, models.tokenizer, [s.prompt for s in padded],
-                                     max_length=int(config.text_max_length), mesh=mesh, rules=rules)
-            text, mask = np.asarray(jax.device_get(text)), np.asarray(jax.device_get(mask))
+            text, mask = _encode(models, [s.prompt for s in padded], int(config.text_max_length), mesh, rules)
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s.seed))) for s in padded])
         args = (m_state, c_state, *(_put_batch(a, mesh, rules) for a in (text, mask, keys)))
         step = timer.compile("maskgit", decode, *args)
@@ -182,17 +203,13 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
             if models.superres is None:
                 hu = model_to_hu(volumes[n])
             else:
-                from ctgen.sampling.superres import SamplerConfig, upsample_volume
-
-                sampler = SamplerConfig(sampler=str(config.superres.sampler), steps=int(config.superres.steps),
-                                        noise_level=float(config.superres.lowres_noise_level),
-                                        cond_scale=float(config.superres.cond_scale))
                 sr_before = timer.seconds.get("superres", 0.0)
                 with timer.run("superres"):
                     hu = upsample_volume(models.superres, volumes[n], text[n], mask[n], mesh=mesh, rules=rules,
                                          rng=jax.random.PRNGKey(s.seed), sampler=sampler,
                                          batch=int(config.superres.batch_size), scale=int(config.superres.scale),
-                                         input_range="model", output_range="hu", progress=progress)
+                                         input_range="model", output_range="hu", progress=progress,
+                                         slice_sampler=slice_sampler)
                 seconds["superres"] = timer.seconds["superres"] - sr_before
             bar.update(1)
             yield CascadeOutput(sample=s, hu_DxHxW=np.asarray(hu, np.float32), seconds=seconds,

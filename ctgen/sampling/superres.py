@@ -108,8 +108,10 @@ def slice_keys(rng: jax.Array, volume_indices: np.ndarray, slice_indices: np.nda
     return jax.vmap(one)(jnp.asarray(volume_indices, jnp.uint32), jnp.asarray(slice_indices, jnp.uint32))
 
 
-class _Sampler:
-    """The sampling loop jitted for a model, a mesh and a SamplerConfig (compiled once per shape)."""
+class SliceSampler:
+    """The sampling loop of a U-Net jitted for a SamplerConfig, an output size and a mesh. Build it
+    once and pass it to `upsample_volumes(..., slice_sampler=...)` for many volumes: it compiles once
+    per batch shape and measures its memory once per shape."""
 
     def __init__(self, model: UNet, cfg: SamplerConfig, size: tuple[int, int], mesh: Mesh | None, rules):
         self.graphdef, state = nnx.split(model)
@@ -118,6 +120,7 @@ class _Sampler:
             state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         self.state = state
         self.shards = batch_shards(mesh, self.rules)
+        self._bytes: dict[tuple, int | None] = {}
 
         def run(state, lowres, text, mask, keys):
             with axes_lib.activation_sharding(mesh, self.rules):
@@ -137,6 +140,12 @@ class _Sampler:
 
     def bytes_per_batch(self, batch: int, lowres_hw, text_le) -> int | None:
         """XLA's temporary memory of one call at `batch` (per device), or None if unknown."""
+        key = (batch, tuple(lowres_hw), tuple(text_le))
+        if key not in self._bytes:
+            self._bytes[key] = self._measure(batch, lowres_hw, text_le)
+        return self._bytes[key]
+
+    def _measure(self, batch: int, lowres_hw, text_le) -> int | None:
         shapes = [jax.ShapeDtypeStruct((batch, *lowres_hw), jnp.float32),
                   jax.ShapeDtypeStruct((batch, *text_le), jnp.float32),
                   jax.ShapeDtypeStruct((batch, text_le[0]), jnp.bool_),
@@ -158,7 +167,7 @@ def _available_bytes() -> int:
     return int(free // max(jax.local_device_count(), 1))
 
 
-def choose_batch(sampler: _Sampler, total: int, lowres_hw, text_le, fraction: float = 0.6) -> int:
+def choose_batch(sampler: SliceSampler, total: int, lowres_hw, text_le, fraction: float = 0.6) -> int:
     """The largest batch (a multiple of the batch shards, at most the rounded-up slice count) whose
     sampling loop fits `fraction` of the free memory, measured by compiling it at one slice per
     device."""
@@ -176,7 +185,8 @@ def choose_batch(sampler: _Sampler, total: int, lowres_hw, text_le, fraction: fl
 def upsample_volumes(model: UNet, volumes: Sequence[np.ndarray], texts: Sequence[np.ndarray],
                      text_masks: Sequence[np.ndarray], *, mesh: Mesh | None = None, rules=None, rng: int | jax.Array = 0,
                      sampler: SamplerConfig = SamplerConfig(), batch: int = 0, scale: int = 4,
-                     input_range: str = "sr", output_range: str = "sr", progress: bool = True) -> list[np.ndarray]:
+                     input_range: str = "sr", output_range: str = "sr", progress: bool = True,
+                     slice_sampler: SliceSampler | None = None) -> list[np.ndarray]:
     """Super-resolve every slice of several volumes; returns one (D, scale h, scale w) array each.
 
     volumes: (D, h, w) low-res volumes; input_range "sr" = values in [0, 1], "model" = [-1, 1]
@@ -185,6 +195,8 @@ def upsample_volumes(model: UNet, volumes: Sequence[np.ndarray], texts: Sequence
     batch: slices per sampling call over all devices (a multiple of the mesh's batch shards);
       0 chooses the largest that fits the free memory.
     output_range: "sr" ([0, 1]) or "hu" (`ctgen.volume.sr_to_hu`).
+    slice_sampler: a `SliceSampler` of `model` built earlier for the same sampler settings, output
+      size and mesh (reused across calls: no recompilation); default: a new one.
     """
     if input_range not in ("sr", "model") or output_range not in ("sr", "hu"):
         raise UserError(f"input_range must be sr|model and output_range sr|hu, got {input_range}, {output_range}")
@@ -201,7 +213,10 @@ def upsample_volumes(model: UNet, volumes: Sequence[np.ndarray], texts: Sequence
     if size[0] % model.cfg.downsample_factor or size[1] % model.cfg.downsample_factor:
         raise UserError(f"output size {size} must be divisible by {model.cfg.downsample_factor}")
     key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    run = _Sampler(model, sampler, size, mesh, rules)
+    run = slice_sampler or SliceSampler(model, sampler, size, mesh, rules)
+    if run.size != size or run.cfg != sampler or run.mesh is not mesh:
+        raise ValueError(f"slice_sampler was built for size {run.size}, {run.cfg}, another mesh; this call needs "
+                         f"size {size}, {sampler}")
     # (volume, slice) of every slice, in order
     index = np.array([(v, s) for v, vol in enumerate(vols) for s in range(vol.shape[0])], np.int64).reshape(-1, 2)
     total = len(index)

@@ -223,14 +223,6 @@ def test_input_errors(tmp_path, checkpoints, prompts_csv, capsys):
         assert err.startswith("ctgen: error: ") and err.count("\n") == 1, err
 
 
-def test_the_cascade_is_not_built_yet(tmp_path, checkpoints, capsys):
-    rc, stdout, err = _run(capsys, "Emphysema.", "--out", str(tmp_path / "out"), "--checkpoints", checkpoints,
-                           "--no-compile-cache")
-    assert rc == 2 and "1 to make" in stdout
-    assert "the MaskGIT and super-resolution stages are not built yet" in err
-    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".nii.gz")]
-
-
 def test_print_config(capsys):
     rc, stdout, _ = _run(capsys, "--print-config", "--cond-scale", "3", "--config.superres.steps=10", "--no-sr")
     assert rc == 0 and "cond_scale: 3.0" in stdout and "steps: 10" in stdout and "enabled: false" in stdout

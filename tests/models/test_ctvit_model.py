@@ -156,5 +156,8 @@ def test_remat_with_a_single_block():
         results.append(jax.jit(jax.value_and_grad(f))(state))
     (v0, g0), (v1, g1) = results
     assert float(v1) == pytest.approx(float(v0), rel=1e-5)
+    # Two differently compiled programs: some parameters' true gradient is ~0 (e.g. ones softmax is
+    # invariant to), where each program leaves float32 rounding noise of the gradients' overall size.
+    scale = max(float(np.abs(np.asarray(a)).max()) for a in jax.tree.leaves(g0))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * scale)
