@@ -134,6 +134,19 @@ def save_weights(path: str, params: Any, model_state: Any = None, *, model: str,
             json.dump(meta, f, indent=2)
 
 
+def workdir_config(workdir: str, stage: str, what: str) -> dict:
+    """The config.json of a training workdir of `stage` (`what` names it in errors, e.g. "CT-ViT");
+    UserError for a directory without one or of another stage."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"{workdir}: neither a ctgen weights directory nor a training workdir (no config.json)")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("stage") != stage:
+        raise UserError(f"{workdir} is a {config.get('stage')!r} workdir, not a {what} one")
+    return config
+
+
 def weights_info(path: str) -> dict | None:
     """The marker of a weights directory (None if `path` is none), with `model` and
     `model_config` filled in from the keys older markers used."""

@@ -15,7 +15,6 @@ allocated.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -27,6 +26,7 @@ from ctgen.errors import UserError
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.models.ctvit_losses import LossNetworksConfig, model_config_dict, split_model_config
 from ctgen.weights import load_model, load_weights, save_weights, weights_info
+from ctgen.weights import workdir_config as read_workdir_config
 
 MODEL = "ctvit"  # the `model` a weights directory records for a CT-ViT
 
@@ -48,14 +48,7 @@ def save_ctvit_dir(path: str, cfg: CTViTConfig, state: nnx.State, *, nets: LossN
 
 def workdir_config(workdir: str) -> tuple[CTViTConfig, LossNetworksConfig | None]:
     """The architecture of a `ctvit` training workdir (from its config.json)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{workdir}: no config.json (not a ctgen training workdir)")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("stage") != "ctvit":
-        raise UserError(f"{workdir} is a {config.get('stage')!r} workdir, not a CT-ViT one")
-    return split_model_config(config["model"])
+    return split_model_config(read_workdir_config(workdir, "ctvit", "CT-ViT")["model"])
 
 
 def stored_config(path: str) -> tuple[CTViTConfig, LossNetworksConfig | None]:

@@ -13,7 +13,6 @@ straight onto a mesh if given.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from flax import nnx
@@ -22,6 +21,7 @@ from jax.sharding import Mesh
 from ctgen.errors import UserError
 from ctgen.models.maskgit import MaskGIT, MaskGITConfig
 from ctgen.weights import abstract_model, load_model, load_weights, save_weights, weights_info
+from ctgen.weights import workdir_config as read_workdir_config
 
 MODEL = "maskgit"  # the `model` a weights directory records for a MaskGIT
 TOKENIZER_DIR = "tokenizer"  # where an import puts the CT-ViT, inside the MaskGIT's directory
@@ -37,14 +37,7 @@ def save_maskgit_dir(path: str, cfg: MaskGITConfig, state: nnx.State, *, tokeniz
 
 
 def _workdir(workdir: str) -> dict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{workdir}: neither a ctgen weights directory nor a training workdir (no config.json)")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("stage") != "maskgit":
-        raise UserError(f"{workdir} is a {config.get('stage')!r} workdir, not a MaskGIT one")
-    return config
+    return read_workdir_config(workdir, "maskgit", "MaskGIT")
 
 
 def stored_config(path: str) -> tuple[MaskGITConfig, str]:

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -23,6 +22,7 @@ from ctgen.convert.torch_files import read_state_dict, read_torch_object, write_
 from ctgen.errors import UserError
 from ctgen.models.unet import UNet, UNetConfig
 from ctgen.weights import abstract_model, load_weights, load_weights_and_ema, save_weights, weights_info
+from ctgen.weights import workdir_config as read_workdir_config
 
 MODEL = "superres"  # the `model` a weights directory records for the SR U-Net
 
@@ -32,24 +32,13 @@ def save_superres_dir(path: str, cfg: UNetConfig, params: Any, *, info: dict | N
     save_weights(path, params, {}, model=MODEL, model_config=cfg.to_dict(), info=info)
 
 
-def _workdir_json(workdir: str) -> dict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{workdir}: no config.json (not a ctgen training workdir)")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("stage") != "superres":
-        raise UserError(f"{workdir} is a {config.get('stage')!r} workdir, not a super-resolution one")
-    return config
-
-
 def workdir_config(workdir: str) -> UNetConfig:
-    return UNetConfig.from_dict(_workdir_json(workdir)["model"])
+    return UNetConfig.from_dict(read_workdir_config(workdir, "superres", "super-resolution")["model"])
 
 
 def workdir_has_ema(workdir: str) -> bool:
     """Whether the run keeps an EMA of the U-Net (optim.main.ema_decay > 0)."""
-    return float(_workdir_json(workdir).get("optim", {}).get("main", {}).get("ema_decay", 0.0)) > 0
+    return float(read_workdir_config(workdir, "superres", "super-resolution").get("optim", {}).get("main", {}).get("ema_decay", 0.0)) > 0
 
 
 def stored_config(path: str) -> UNetConfig:

@@ -42,6 +42,12 @@ class LoaderOptions:
     read_threads: int = 2
     prefetch_batches: int = 2
 
+    @classmethod
+    def from_config(cls, data_config) -> "LoaderOptions":
+        """From a stage config's `data` section (its worker_count, read_threads, prefetch_batches)."""
+        return cls(worker_count=data_config.worker_count, read_threads=data_config.read_threads,
+                   prefetch_batches=data_config.prefetch_batches)
+
 
 def host_batch_size(global_batch_size: int, process_count: int, multiple: int = 1) -> int:
     if global_batch_size < 1 or global_batch_size % (process_count * multiple):

@@ -8,6 +8,7 @@ by source id in any such dataset, including ones written elsewhere (e.g. `ctgen.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Iterable, Mapping
 
 from ctgen.errors import UserError
@@ -38,6 +39,20 @@ def open_split(path: str, split: str, decoders: Mapping | None = None):
     if split not in builder.info.splits:
         raise UserError(f"{d} has no split {split!r}; it has {sorted(builder.info.splits.keys())}")
     return builder.as_data_source(split, decoders=decoders)
+
+
+def publish_side_dataset(out_dir: str, features: Mapping[str, Any], splits: Mapping[str, Iterable[dict]], *,
+                         name: str, description: str) -> str:
+    """`write_side_dataset` into `out_dir + ".staging"`, then moved to `out_dir` (replacing what was
+    there) only once complete: an interrupted build never leaves a dataset that looks finished."""
+    staging = out_dir + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_side_dataset(staging, features, splits, name=name, description=description)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    os.replace(staging, out_dir)
+    return out_dir
 
 
 def write_side_dataset(path: str, features: Mapping[str, Any], splits: Mapping[str, Iterable[dict]], *,

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from typing import Callable
 
 import numpy as np
 
-from ctgen.data.side import as_text, open_split, resolve_dataset_dir, write_side_dataset
+from ctgen.data.side import as_text, open_split, publish_side_dataset, resolve_dataset_dir
 from ctgen.errors import UserError
 
 FIELD = "volume"  # the field ReconstructionLowRes reads by default
@@ -85,15 +84,8 @@ def build_sr_pairs(dataset_dir: str, out_dir: str, reconstruct: Reconstruct, siz
                                             encoding=tfds.features.Encoding.BYTES)}
     description = (f"CT-ViT reconstructions ({size}x{size}, int16 HU) of {dataset_dir} by {model_name}; "
                    "built by ctgen.data.sr_pairs for super-resolution training")
-    staging = out_dir + ".staging"  # moved into place when complete
-    shutil.rmtree(staging, ignore_errors=True)
-    write_side_dataset(staging, features, {name: split_examples(name) for name in splits}, name="ctvit_sr_pairs",
-                       description=description)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    os.replace(staging, out_dir)
-    return out_dir
+    return publish_side_dataset(out_dir, features, {name: split_examples(name) for name in splits}, name="ctvit_sr_pairs",
+                                description=description)
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 from typing import Any, Protocol
 
 import numpy as np
 
-from ctgen.data.side import as_text, resolve_dataset_dir, write_side_dataset
+from ctgen.data.side import as_text, publish_side_dataset, resolve_dataset_dir
 from ctgen.errors import UserError
 from ctgen.volume import hu_to_model
 
@@ -119,12 +118,5 @@ def build_token_dataset(dataset_dir: str, out_dir: str, encoder: TokenEncoder, *
     }
     description = (f"CT-ViT codebook ids of {dataset_dir} by tokenizer {tokenizer_name!r} (grid {t}x{gh}x{gw}, codebook "
                    f"{cfg.codebook_size}); built by ctgen.data.tokens")
-    staging = out_dir + ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    write_side_dataset(staging, features, {name: encode_split(name) for name in splits}, name="ctvit_tokens",
-                       description=description)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    os.replace(staging, out_dir)
-    return out_dir
+    return publish_side_dataset(out_dir, features, {name: encode_split(name) for name in splits}, name="ctvit_tokens",
+                                description=description)

@@ -111,9 +111,7 @@ class CTViTStage:
 
     # -- data -------------------------------------------------------------------------------------
     def _options(self) -> LoaderOptions:
-        d = self.config.data
-        return LoaderOptions(worker_count=d.worker_count, read_threads=d.read_threads,
-                             prefetch_batches=d.prefetch_batches)
+        return LoaderOptions.from_config(self.config.data)
 
     def _check_dir(self):
         if not self.config.data.dir:

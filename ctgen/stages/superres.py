@@ -114,9 +114,7 @@ class SuperresStage:
 
     # -- data -------------------------------------------------------------------------------------
     def _options(self) -> LoaderOptions:
-        d = self.config.data
-        return LoaderOptions(worker_count=d.worker_count, read_threads=d.read_threads,
-                             prefetch_batches=d.prefetch_batches)
+        return LoaderOptions.from_config(self.config.data)
 
     def _pipeline(self, split: str, *, batch: int, slices: int, train: bool, process_index: int,
                   process_count: int, seed: int = 0):
