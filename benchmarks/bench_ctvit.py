@@ -175,6 +175,24 @@ while True:
 """
 
 
+def run_child(cmd: list[str], impl: str, threads: int, background_load: int = 0) -> dict:
+    """One measurement in a fresh process (`threads` BLAS/OpenMP threads, `background_load` CPU-bound
+    processes beside it): the JSON of its `RESULT ` line, or an error with the tail of its output."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    load = _start_load(background_load, threads)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+    return {"impl": impl, "error": f"exit {proc.returncode}: {tail}"}
+
+
 def _start_load(n: int, threads: int) -> list:
     """`n` single-threaded CPU-bound processes on the benchmark's cores (a shared machine)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -189,19 +207,7 @@ def _spawn(impl: str, workload: str, slices: int, args) -> dict:
         cmd.append("--optimizer")
     if args.remat is not None:
         cmd.append("--remat" if args.remat else "--no-remat")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    load = _start_load(args.background_load, args.threads)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    finally:
-        for p in load:
-            p.kill()
-            p.wait()
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-    return {"impl": impl, "error": f"exit {proc.returncode}: {tail}"}
+    return run_child(cmd, impl, args.threads, args.background_load)
 
 
 def _fmt(r: dict) -> str:

@@ -23,19 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 TEXT_LEN = 64
-
-
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+sys.path.insert(0, HERE)
+from bench_ctvit import _peak_gb, run_child  # noqa: E402  (shared benchmark plumbing)
 
 
 def _grid(slices: int) -> tuple[int, int, int]:
@@ -206,13 +202,7 @@ def _spawn(impl: str, workload: str, slices: int, args) -> dict:
            "--decode-steps", str(args.decode_steps), "--attention", args.attention, "--block", str(args.block)]
     if not args.chunkcpb:
         cmd.append("--no-chunkcpb")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-    return {"impl": impl, "error": f"exit {proc.returncode}: {tail}"}
+    return run_child(cmd, impl, args.threads)
 
 
 def _fmt(r: dict, workload: str, args) -> str:

@@ -28,14 +28,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 sys.path.insert(0, HERE)
-from bench_ctvit import _peak_gb, _pin, _start_load  # noqa: E402  (shared benchmark plumbing)
+from bench_ctvit import _peak_gb, _pin, run_child  # noqa: E402  (shared benchmark plumbing)
 
 TEXT_LEN, TEXT_DIM = 20, 768
 
@@ -202,19 +201,7 @@ def _spawn(impl: str, workload: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--workload", workload, "--size", str(args.size),
            "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads), "--dim",
            str(args.dim), "--dtype", args.dtype, "--sampler", args.sampler, "--sample-steps", str(args.sample_steps)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    load = _start_load(args.background_load, args.threads)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    finally:
-        for p in load:
-            p.kill()
-            p.wait()
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-    return {"impl": impl, "error": f"exit {proc.returncode}: {tail}"}
+    return run_child(cmd, impl, args.threads, args.background_load)
 
 
 def _report(workload: str, r: dict, args) -> str:
