@@ -30,7 +30,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from nibabel import orientations as nio
 
 from ctgen.errors import UserError
 
@@ -97,6 +96,8 @@ def apply_rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndar
 # ----------------------------------------------------------------------------- orientation
 def axcodes(affine: np.ndarray) -> str:
     """nibabel axis codes of a voxel-to-RAS affine, e.g. "RAS"."""
+    from nibabel import orientations as nio  # lazily: `ctgen --help` must not pay for nibabel
+
     return "".join(nio.aff2axcodes(affine))
 
 
@@ -114,6 +115,8 @@ def to_canonical(vol_ijk: np.ndarray, affine: np.ndarray,
     """
     if vol_ijk.ndim != 3:
         raise ValueError(f"expected a 3-D volume, got shape {vol_ijk.shape}")
+    from nibabel import orientations as nio
+
     ornt = nio.io_orientation(affine)
     if np.isnan(ornt).any():
         raise ValueError("affine has a degenerate axis; cannot determine orientation")

@@ -110,7 +110,7 @@ def test_help_explains_subcommands():
         assert "non-trainable state" in text and "parameters only" not in text and "(only)" not in text
 
 
-HEAVY = ("jax", "flax", "orbax", "tensorflow", "tensorflow_datasets", "grain", "torch")
+HEAVY = ("jax", "flax", "orbax", "tensorflow", "tensorflow_datasets", "grain", "torch", "nibabel", "pydicom")
 HELP_PROBE = """
 import json, sys
 from ctgen.cli import main
