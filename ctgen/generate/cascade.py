@@ -51,7 +51,6 @@ class Models:
 
     text: object
     tokenizer: object
-    text_dim: int
     ctvit: object
     maskgit: object
     superres: object | None
@@ -98,7 +97,7 @@ def load_models(config, stages: Mapping[str, StageWeights], mesh, rules) -> Mode
         if size % superres.cfg.downsample_factor:
             raise UserError(f"superres.scale={config.superres.scale}: output size {size} is not divisible by the "
                             f"U-Net's {superres.cfg.downsample_factor}")
-    return Models(text, tokenizer, text_cfg.d_model, ctvit, maskgit, superres, grid)
+    return Models(text, tokenizer, ctvit, maskgit, superres, grid)
 
 
 def _group_size(config, mesh, rules) -> int:
@@ -110,7 +109,7 @@ def _group_size(config, mesh, rules) -> int:
     return size
 
 
-def _decoder(models: Models, config, mesh, rules):
+def _decoder(models: Models, config):
     """jitted (maskgit state, ctvit state, text, mask, keys) -> volumes (G, F, H, W) in [-1, 1]:
     the MaskGIT sampler vmapped over rows (one key each), then the CT-ViT decoder."""
     import jax
@@ -173,7 +172,7 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
     mesh = make_mesh(dict(config.mesh), devices=jax.local_devices())
     models = load_models(config, stages, mesh, rules)
     group = _group_size(config, mesh, rules)
-    decode = _decoder(models, config, mesh, rules)
+    decode = _decoder(models, config)
     _, m_state = nnx.split(models.maskgit)
     _, c_state = nnx.split(models.ctvit)
     slice_sampler = sampler = None
