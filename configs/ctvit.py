@@ -16,6 +16,9 @@ Variants:
          windows, batch 2: learns visibly on one CPU host within hours.
   small  tiny's layout at 64x64 widened to dim 128, codebook 512, 4 heads x 32, on 17-slice windows,
          batch 4, 300 steps with eval/previews/checkpoints every 100: what `ctgen demo` trains.
+  phantom  the built-in demo cascade's tokenizer (docs/demo_cascade.md): small's layout with depth
+         2+2 on 17x64x64 phantoms, no VGG/GAN (reconstruction + commitment only, which is what the
+         PSNR bar measures), batch 8, Adam 1e-3 with warm-up and cosine decay over 3000 steps.
   tiny   a 32x32 toy (dim 32, codebook 64, patch 8, depth 1+1, VGG/discriminator shrunk) for tests.
 Settings after the variant, comma-separated (0 or absent = the variant's value):
   res=N     slice size N x N (model.image_size and the discriminator's)
@@ -52,7 +55,7 @@ from ctgen.train.optim import optimizer_config
 
 
 def get_config(arg: str = "paper"):
-    a = parse_arg(arg, variants=("paper", "demo", "small", "tiny"), res=0, slices=0, batch=0, steps=0)
+    a = parse_arg(arg, variants=("paper", "demo", "small", "phantom", "tiny"), res=0, slices=0, batch=0, steps=0)
     c = base_config()
     c.stage = "ctvit"
     variant = a.variant
@@ -67,6 +70,10 @@ def get_config(arg: str = "paper"):
                                  remat=True)
         tiny = LossNetworksConfig.tiny()
         nets = dataclasses.replace(tiny, discr=dataclasses.replace(tiny.discr, image_size=64))
+    elif variant == "phantom":
+        model = CTViTConfig.tiny(dim=128, codebook_size=512, heads=4, dim_head=32, image_size=64, max_slices=17,
+                                 spatial_depth=2, temporal_depth=2, remat=False)
+        nets = None
     else:
         model, nets = CTViTConfig.tiny(max_slices=17, remat=True), LossNetworksConfig.tiny()
     # GenerateCT's flat CTViT arguments: the autoencoder's, use_vgg_and_gan, vgg.*, discr.*
@@ -135,13 +142,29 @@ def get_config(arg: str = "paper"):
         t.checkpoint_every = 20
         t.eval_every = t.preview_every = 20
         t.eval_batches = 1
+    elif variant == "phantom":
+        loss.perceptual = loss.gan = False
+        t.phase_cycle = ("generator",)
+        d.num_slices = 17
+        d.eval_batch_size = t.batch_size = 8
+        t.steps = 3000
+        t.log_every = 50
+        t.checkpoint_every = 250
+        t.eval_every = t.preview_every = 500
+        t.eval_batches = 0
+        c.optim.generator = optimizer_config(learning_rate=1e-3, b1=0.9, b2=0.99, eps=1e-8, grad_clip_norm=1.0,
+                                             schedule="warmup_cosine", warmup_steps=200, decay_steps=2800,
+                                             end_learning_rate_factor=0.05)
+        del c.optim["discriminator"]
     if variant in ("small", "tiny"):
         c.optim.generator.learning_rate = 2e-3
         c.optim.discriminator.learning_rate = 1e-4
 
     # Keyword settings (0 = the variant's own value).
     if a.res:
-        c.model.image_size = c.model.discr.image_size = a.res
+        c.model.image_size = a.res
+        if "discr" in c.model:
+            c.model.discr.image_size = a.res
     if a.slices:
         d.num_slices = a.slices
         c.model.max_slices = max(c.model.max_slices, a.slices)

@@ -14,6 +14,9 @@ Variants:
          device (GenerateCT: batch 1 per process; 8 here). Text dropout 0.25 (see below).
   demo   dim 256, depth 4, 4 heads x 64, for the `small` CT-ViT (codebook 512, 64x64 slices): a
          17-slice grid of 9x8x8 tokens, batch 8.
+  phantom  the built-in demo cascade's MaskGIT (docs/demo_cascade.md): dim 192, depth 4, 4 heads x 48,
+         for the `phantom` CT-ViT (codebook 512, 17 x 64 x 64 -> 9 x 8 x 8 tokens) and the built-in
+         T5 (width 64); batch 8, Adam 5e-4 with warm-up and cosine decay over 5000 steps.
   tiny   dim 32, depth 2, for the `tiny` CT-ViT (codebook 64, 32x32 slices): tests.
 Settings after the variant (0 = the variant's value): batch=N (train and eval), steps=N.
 
@@ -45,13 +48,16 @@ from ctgen.train.optim import optimizer_config
 
 
 def get_config(arg: str = "paper"):
-    a = parse_arg(arg, variants=("paper", "demo", "tiny"), batch=0, steps=0)
+    a = parse_arg(arg, variants=("paper", "demo", "phantom", "tiny"), batch=0, steps=0)
     c = base_config()
     c.stage = "maskgit"
     if a.variant == "paper":
         model = MaskGITConfig.paper(dim_context=0)
     elif a.variant == "demo":
         model = MaskGITConfig.paper(num_tokens=512, max_seq_len=1024, dim=256, depth=4, heads=4, dim_head=64,
+                                    dim_context=0)
+    elif a.variant == "phantom":
+        model = MaskGITConfig.paper(num_tokens=512, max_seq_len=1024, dim=192, depth=4, heads=4, dim_head=48,
                                     dim_context=0)
     else:
         model = MaskGITConfig.tiny(dim_context=0)
@@ -96,6 +102,17 @@ def get_config(arg: str = "paper"):
         c.optim.main.decay_steps = 0
         t.checkpoint_every = t.eval_every = t.preview_every = 1000
         t.eval_batches = 4
+    elif a.variant == "phantom":
+        d.max_text_length = 64  # phantom prompts are at most ~50 built-in T5 tokens
+        t.steps = 5000
+        c.optim.main.learning_rate = 5e-4
+        c.optim.main.warmup_steps = 300
+        c.optim.main.decay_steps = 4700
+        c.optim.main.end_learning_rate_factor = 0.05
+        t.log_every = 50
+        t.checkpoint_every = 250
+        t.eval_every = t.preview_every = 1000
+        t.eval_batches = 0
     elif a.variant == "tiny":
         t.steps = 40
         t.log_every = 5

@@ -20,6 +20,9 @@ Variants:
          volume in 12 micro-batches of 16 (a batch that splits over 1, 2, 4, 8 or 16 devices).
   demo   a narrower U-Net (dim 32) on 128x128 slices from 32x32, 16 slices of 2 volumes per step:
          learns visibly on one CPU host within hours.
+  phantom  the built-in demo cascade's SR (docs/demo_cascade.md): the paper U-Net at dim 16, 64x64
+         CT-ViT reconstructions -> 128x128 phantom slices (2x), text width 64 (the built-in T5),
+         trained on random 64x64 crops, 16 slices of 2 volumes per step, Adam 1e-3, EMA.
   tiny   UNetConfig.tiny() on 32x32 slices from 8x8, text width 64 (ctgen's built-in test T5), 8
          slices per step, 4 sampling steps: for tests.
 Settings after the variant, comma-separated (0 or absent = the variant's value):
@@ -46,7 +49,7 @@ from ctgen.train.optim import optimizer_config
 
 
 def get_config(arg: str = "paper"):
-    a = parse_arg(arg, variants=("paper", "demo", "tiny"), lowres=0, batch=0, steps=0, text_dim=0,
+    a = parse_arg(arg, variants=("paper", "demo", "phantom", "tiny"), lowres=0, batch=0, steps=0, text_dim=0,
                   sample_steps=0)
     c = base_config()
     c.stage = "superres"
@@ -55,6 +58,8 @@ def get_config(arg: str = "paper"):
         model, lowres = UNetConfig.paper(remat=True), 128
     elif variant == "demo":
         model, lowres = UNetConfig.paper(dim=32, remat=True), 32
+    elif variant == "phantom":
+        model, lowres = UNetConfig.paper(dim=16, text_embed_dim=64, remat=False), 64
     else:
         model, lowres = UNetConfig.tiny(), 8
     if a.text_dim:
@@ -110,6 +115,20 @@ def get_config(arg: str = "paper"):
         t.steps = 20_000
         t.checkpoint_every = 500
         t.eval_every = t.preview_every = 1000
+        c.optim.main.ema_start = 11
+        c.optim.main.update_every = 1
+    elif variant == "phantom":
+        d.slices_per_volume = 8
+        d.random_crop = 64
+        d.max_text_length = 64
+        t.batch_size, t.accum_steps = 16, 1
+        t.steps = 4000
+        t.log_every = 50
+        t.checkpoint_every = 250
+        t.eval_every = t.preview_every = 1000
+        s.steps = 25
+        c.optim.main.learning_rate = 1e-3
+        c.optim.main.ema_decay = 0.999
         c.optim.main.ema_start = 11
         c.optim.main.update_every = 1
     elif variant == "tiny":
