@@ -103,7 +103,7 @@ def get_config(arg: str = "paper"):
         t.checkpoint_every = t.eval_every = t.preview_every = 1000
         t.eval_batches = 4
     elif a.variant == "phantom":
-        d.max_text_length = 64  # phantom prompts are at most ~50 built-in T5 tokens
+        d.max_text_length = 128  # phantom prompts: up to ~105 built-in T5 tokens
         t.steps = 5000
         c.optim.main.learning_rate = 5e-4
         c.optim.main.warmup_steps = 300

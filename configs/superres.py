@@ -120,7 +120,7 @@ def get_config(arg: str = "paper"):
     elif variant == "phantom":
         d.slices_per_volume = 8
         d.random_crop = 64
-        d.max_text_length = 64
+        d.max_text_length = 128  # phantom prompts: up to ~105 built-in T5 tokens
         t.batch_size, t.accum_steps = 16, 1
         t.steps = 4000
         t.log_every = 50

@@ -81,6 +81,11 @@ Generated volumes against reference volumes (distribution metrics, label-free ph
 measurements, prompt adherence; docs/eval.md):
 
   ctgen eval --generated DIR --reference DIR [--out DIR] [--features-weights FILE] [--prompts FILE]
+
+Prompt adherence alone (phantom-world rules; prompts from the provenance records `ctgen generate`
+wrote into DIR unless --prompts FILE is given):
+
+  ctgen eval --generated DIR [--prompts FILE] [--out DIR]
 """
 
 
@@ -101,8 +106,8 @@ def _run_eval(args, overrides) -> int:
     import json
 
     if args.generated or args.reference:
-        if not (args.generated and args.reference):
-            raise UserError("--generated and --reference go together (two directories of NIfTI volumes)")
+        if not args.generated:
+            raise UserError("--reference needs --generated (the directory of generated NIfTI volumes)")
         if args.config or args.weights or overrides:
             raise UserError("--generated/--reference compare volumes; --config, --weights and --config.* "
                             "overrides belong to the other mode of `ctgen eval`")

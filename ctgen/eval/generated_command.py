@@ -1,7 +1,9 @@
-"""`ctgen eval --generated DIR --reference DIR`: the report of `ctgen.eval.report.evaluate_generated`.
+"""`ctgen eval --generated DIR --reference DIR`: the report of `ctgen.eval.report.evaluate_generated`;
+without --reference, prompt adherence alone (`evaluate_adherence`).
 
     python -m ctgen.eval.generated_command --generated gen/ --reference real/ [--features-weights resnet50.pt]
         [--prompts prompts.csv] [--out eval_report/]
+    python -m ctgen.eval.generated_command --generated gen/ [--prompts prompts.csv] [--out eval_report/]
 
 `add_arguments(parser)` and `run(args)` let the `ctgen` CLI mount the same options.
 """
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> 
     """The options of this evaluation; `required=False` when they share a parser with another mode
     (`ctgen eval`, whose config mode takes --config/--weights instead)."""
     parser.add_argument("--generated", required=required, metavar="DIR", help="directory of generated NIfTI volumes")
-    parser.add_argument("--reference", required=required, metavar="DIR", help="directory of reference NIfTI volumes")
+    parser.add_argument("--reference", metavar="DIR",
+                        help="directory of reference NIfTI volumes (without it: prompt adherence only)")
     parser.add_argument("--out", default="eval_report", metavar="DIR",
                         help="where report.json, report.md and the PNG figures go (default: eval_report)")
     parser.add_argument("--features-weights", metavar="FILE",
@@ -42,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> 
                              "2.5D FID and the volume-level Frechet distance; without it only network-free "
                              "distances are computed")
     parser.add_argument("--prompts", metavar="FILE",
-                        help="JSON or CSV pairing generated volume names with their prompts, for prompt adherence")
+                        help="JSON or CSV pairing generated volume names with their prompts, for prompt adherence "
+                             "(default without --reference: the prompts in the provenance records of `ctgen generate`)")
     parser.add_argument("--grid", type=_grid, metavar="D,H,W",
                         help="pad/crop grid of the feature protocol (default: largest extent of both sets)")
     parser.add_argument("--slice-size", type=_positive, metavar="N", help="resize feature slices to NxN (default: native)")
@@ -50,7 +54,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctgen.eval.report import evaluate_generated
+    from ctgen.eval.report import evaluate_adherence, evaluate_generated
+
+    if not args.reference:
+        report = evaluate_adherence(args.generated, args.out, prompts=args.prompts)
+        ad = report["adherence"]
+        print(f"prompt adherence of {report['generated']['scored']} generated volumes (phantom-world rules, "
+              f"docs/eval.md): overall accuracy {ad['overall_accuracy']:.3f}")
+        for key, v in ad["per_attribute"].items():
+            if v["n"]:
+                print(f"  {key}: {v['accuracy']:.3f} ({v['correct']}/{v['n']})")
+        print(f"report: {report['files']['markdown']}")
+        return 0
 
     report = evaluate_generated(args.generated, args.reference, args.out, feature_weights=args.features_weights,
                                 prompts=args.prompts, grid=args.grid, slice_size=args.slice_size)

@@ -139,6 +139,87 @@ def _summary(rows: Sequence[dict]) -> dict:
     return out
 
 
+def provenance_prompts(generated_dir: str) -> dict[str, str]:
+    """{volume name: prompt} from the provenance records `ctgen generate` writes
+    (`<dir>/provenance/<name>.json`); UserError if there are none."""
+    folder = os.path.join(generated_dir, "provenance")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else []
+    out = {}
+    for n in names:
+        with open(os.path.join(folder, n), encoding="utf-8") as f:
+            record = json.load(f)
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            out[n[: -len(".json")]] = record["prompt"]
+    if not out:
+        raise UserError(f"--generated {generated_dir}: no provenance/*.json with prompts (written by `ctgen "
+                        "generate`); give --prompts FILE")
+    return out
+
+
+def evaluate_adherence(generated_dir: str, out_dir: str, *, prompts: str | Mapping[str, str] | None = None) -> dict:
+    """Prompt adherence alone (no reference set): measure every generated volume label-free and
+    score it against its prompt (`adherence.score`); prompts default to the generated folder's
+    provenance records. Writes adherence.json and adherence.md to `out_dir`; returns the JSON content."""
+    from ctgen.eval.adherence import score
+
+    files = list_volumes(generated_dir, "generated")
+    prompt_map = load_prompts(prompts) if prompts is not None else provenance_prompts(generated_dir)
+    rows = []
+    for path in files:
+        name = volume_name(path)
+        if name not in prompt_map:
+            continue
+        hu, spacing = read_volume(path)
+        rows.append({"name": name, "prompt": prompt_map[name], "shape": list(hu.shape),
+                     "measured": measure_volume(hu, spacing)})
+    if not rows:
+        raise UserError(f"no prompt names match the volumes of {generated_dir} (e.g. {volume_name(files[0])!r}; "
+                        f"prompt names like {next(iter(prompt_map), None)!r})")
+    result = score([r["prompt"] for r in rows], [r["measured"] for r in rows])
+    for r, pair in zip(rows, result["pairs"]):
+        pair["name"] = r["name"]
+    report = _jsonable({"generated": {"dir": generated_dir, "count": len(files), "scored": len(rows)},
+                        "adherence": result, "measured": {r["name"]: r["measured"] for r in rows}})
+    os.makedirs(out_dir, exist_ok=True)
+    files_out = {"json": os.path.join(out_dir, "adherence.json"), "markdown": os.path.join(out_dir, "adherence.md")}
+    with open(files_out["json"], "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    with open(files_out["markdown"], "w", encoding="utf-8") as f:
+        f.write(adherence_markdown(report))
+    report["files"] = files_out
+    return report
+
+
+def adherence_markdown(report: dict) -> str:
+    """Per-prompt and per-attribute tables of an `evaluate_adherence` report."""
+    ad, by_prompt = report["adherence"], {}
+    for p in ad["pairs"]:
+        by_prompt.setdefault(p["prompt"], []).append(p)
+    lines = [f"# Prompt adherence: {report['generated']['dir']}", "",
+             f"{report['generated']['scored']} volumes scored (of {report['generated']['count']}).", "",
+             "| prompt | volumes | " + " | ".join(k for k in ad["per_attribute"]) + " |",
+             "|---|---|" + "---|" * len(ad["per_attribute"])]
+    for prompt, pairs in by_prompt.items():
+        cells = []
+        for key in ad["per_attribute"]:
+            judged = [p["correct"][key] for p in pairs if p["correct"][key] is not None]
+            cells.append(f"{sum(judged)}/{len(judged)}" if judged else "-")
+        lines.append(f"| {prompt} | {len(pairs)} | " + " | ".join(cells) + " |")
+    lines += ["", "| attribute | accuracy | judged |", "|---|---|---|"]
+    lines += [f"| {k} | {_num(v['accuracy'])} | {v['n']} |" for k, v in ad["per_attribute"].items()]
+    s = ad["summary"]
+    lines += ["", f"overall accuracy {_num(ad['overall_accuracy'])}; all attributes right on "
+              f"{_num(ad['all_correct_fraction'])} of the volumes.", "",
+              f"- mean measured CTR: {_num(s['ctr_cardiomegaly_mean'])} for cardiomegaly prompts "
+              f"({s['n_cardiomegaly']}), {_num(s['ctr_normal_mean'])} for the others ({s['n_normal']}); "
+              f"gap {_num(s['ctr_gap'])}",
+              f"- right pleural effusion prompts with fluid measured on the right: "
+              f"{_num(s['right_effusion_detected_fraction'])} ({s['n_right_effusion']} prompts)",
+              f"- prompts without effusion with fluid measured: {_num(s['no_effusion_fluid_fraction'])} "
+              f"({s['n_no_effusion']} prompts)", ""]
+    return "\n".join(lines)
+
+
 def _grid(gen_rows: Sequence[dict], ref_rows: Sequence[dict]) -> tuple[int, int, int]:
     """Default feature grid: the largest extent along each axis over both sets (nothing is cropped)."""
     shapes = np.asarray([r["shape"] for r in list(gen_rows) + list(ref_rows)])

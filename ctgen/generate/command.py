@@ -220,7 +220,11 @@ def plan(samples, out_dir: str, requests: Mapping[str, dict], *, shard: tuple[in
 # ----------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> int:
     from ctgen.configuration import load
+    from ctgen.generate import demo_cascade
 
+    demo = demo_cascade.uses_demo(args.checkpoints, overrides)
+    if demo:  # the built-in demo's own settings first; the user's overrides and options win over them
+        overrides = demo_cascade.overrides() + list(overrides)
     config = load(args.config, overrides)
     apply_options(config, args)
     if args.print_config:
@@ -241,7 +245,7 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
     layout = resolve_layout(config.layout, stages["maskgit"].info)
     if layout == "generatect":
         axcodes_affine(config.generatect_axcodes)  # fails early on bad codes
-    return _generate(args, config, samples, stages, layout, out_dir)
+    return _generate(args, config, samples, stages, layout, out_dir, demo=demo)
 
 
 def _samples(args, config):
@@ -258,7 +262,7 @@ def _default_slices(config, ctvit) -> None:
     check_slices(config.slices, temporal_patch)
 
 
-def _generate(args, config, samples, stages, layout: str, out_dir: str) -> int:
+def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool = False) -> int:
     from ctgen.generate import cascade
     from ctgen.generate.provenance import checkpoint_record, environment
     from ctgen.generate.runtime import StageTimer, progress_enabled, setup_compile_cache
@@ -273,12 +277,21 @@ def _generate(args, config, samples, stages, layout: str, out_dir: str) -> int:
         shard = (jax.process_index(), jax.process_count())
     cache = setup_compile_cache(config.compile_cache.enabled, config.compile_cache.dir)
     hashes = checkpoint_record(stages)
+    if demo:
+        from ctgen.generate import demo_cascade
+
+        demo_cascade.verify(hashes, config.checkpoints.dir)
+        models = f"{demo_cascade.NAME}: {demo_cascade.DESCRIPTION}"
+    else:
+        models = f"--checkpoints {config.checkpoints.dir}" if config.checkpoints.dir else "per-stage checkpoints"
     settings = settings_record(config, layout)
     requests = {s.name: {"prompt": s.prompt, "seed": int(config.seed), "sample_seed": s.seed, "sample_index": s.index,
                          "settings": settings, "checkpoints": {k: v["sha256"] for k, v in hashes.items()}}
                 for s in samples}
     wanted = ["nifti"] + (["preview"] if config.outputs.preview else []) + (["dicom"] if config.outputs.dicom else [])
     todo, done, incomplete = plan(samples, out_dir, requests, shard=shard, wanted=wanted, overwrite=args.overwrite)
+    if demo and shard[0] == 0:
+        print(f"ctgen generate: no --checkpoints, using the {models}", flush=True)
     print(f"ctgen generate: {len(samples)} sample(s) -> {out_dir}; process {shard[0]} of {shard[1]}: "
           f"{len(todo)} to make, {len(done)} finished, {len(incomplete)} finished but missing outputs", flush=True)
     for sample, marker in incomplete:
@@ -290,11 +303,12 @@ def _generate(args, config, samples, stages, layout: str, out_dir: str) -> int:
     outputs = cascade.run_cascade(todo, config, stages, timer=timer,
                                   progress=progress_enabled(config.progress_bar, shard[0]))
     for result in outputs:
-        _write(out_dir, result, config, layout, requests[result.sample.name], hashes, env, cache)
+        _write(out_dir, result, config, layout, requests[result.sample.name], hashes, env, cache, models)
     return 0
 
 
-def _write(out_dir: str, result, config, layout: str, request: dict, hashes: dict, env: dict, cache) -> None:
+def _write(out_dir: str, result, config, layout: str, request: dict, hashes: dict, env: dict, cache,
+           models: str) -> None:
     from ctgen.generate.orientation import model_to_canonical
     from ctgen.generate.outputs import write_sample
     from ctgen.generate.provenance import peak_memory
@@ -304,7 +318,7 @@ def _write(out_dir: str, result, config, layout: str, request: dict, hashes: dic
     hu = model_to_canonical(result.hu_DxHxW, layout, config.generatect_axcodes)
     spacing = extent_spacing(hu.shape, config.geometry.extent_mm)
     record = {"prompt": sample.prompt, "prompt_source": sample.where, "prompt_name": sample.base, "request": request,
-              "checkpoints": hashes, "config": config.to_dict(), **env, "compile_cache": cache,
+              "models": models, "checkpoints": hashes, "config": config.to_dict(), **env, "compile_cache": cache,
               "seconds": {k: round(float(v), 3) for k, v in result.seconds.items()},
               "compile_seconds": {k: round(float(v), 3) for k, v in result.compile_seconds.items()},
               "peak_memory": peak_memory(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -102,10 +102,45 @@ def test_ctgen_eval_generated_mode(dirs, tmp_path, capsys):
     assert main(["eval", "--generated", str(dirs / "generated"), "--reference", str(dirs / "reference"),
                  "--out", str(out)]) == 0
     assert "HU Wasserstein-1" in capsys.readouterr().out and (out / "report.json").exists()
-    assert main(["eval", "--generated", str(dirs / "generated")]) == 2
-    assert "--generated and --reference go together" in capsys.readouterr().err
+    assert main(["eval", "--generated", str(dirs / "generated")]) == 2  # adherence only: needs prompts
+    assert "no provenance/*.json with prompts" in capsys.readouterr().err
+    assert main(["eval", "--reference", str(dirs / "reference")]) == 2
+    assert "--reference needs --generated" in capsys.readouterr().err
     assert main(["eval", "--generated", str(dirs / "generated"), "--reference", str(dirs / "reference"),
                  "--weights", "w"]) == 2
     assert "belong to the other mode" in capsys.readouterr().err
     assert main(["eval", "--config", "configs/ctvit.py:tiny"]) == 2
     assert "needs --config and --weights" in capsys.readouterr().err
+
+
+def test_adherence_only_from_provenance_or_prompt_file(dirs, tmp_path, capsys):
+    """Without --reference: prompt adherence of the generated volumes, prompts from the provenance
+    records `ctgen generate` writes, or from --prompts."""
+    from ctgen.cli import main
+
+    gen = tmp_path / "gen"
+    os.makedirs(gen / "provenance")
+    prompts = {}
+    for line in (dirs / "prompts.csv").read_text().splitlines()[1:]:
+        name, text = line.split(",", 1)
+        if (dirs / "generated" / name).exists():
+            prompts[name.replace(".nii.gz", "")] = text.strip('"')
+    for name, text in prompts.items():
+        os.link(dirs / "generated" / f"{name}.nii.gz", gen / f"{name}.nii.gz")
+        (gen / "provenance" / f"{name}.json").write_text(json.dumps({"prompt": text, "seed": 0}))
+    out = tmp_path / "adh"
+    assert main(["eval", "--generated", str(gen), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prompt adherence of 4 generated volumes" in printed and "effusion: 1.000 (4/4)" in printed
+    report = json.loads((out / "adherence.json").read_text())
+    assert report["generated"] == {"dir": str(gen), "count": 4, "scored": 4}
+    assert {p["name"] for p in report["adherence"]["pairs"]} == set(prompts)
+    md = (out / "adherence.md").read_text()
+    assert "| attribute | accuracy | judged |" in md and "| effusion | 1 | 4 |" in md
+    # a prompt file pairs by name too; a wrong prompt shows as a miss
+    wrong = dict(prompts)
+    right_effusion = next(n for n, t in prompts.items() if "right pleural effusion" in t.lower())
+    wrong[right_effusion] = "60 years old male: No significant pathology."
+    (tmp_path / "p.json").write_text(json.dumps(wrong))
+    assert main(["eval", "--generated", str(gen), "--prompts", str(tmp_path / "p.json"), "--out", str(out)]) == 0
+    assert "effusion: 0.750 (3/4)" in capsys.readouterr().out

@@ -1,0 +1,210 @@
+"""The built-in phantom demo cascade: what `ctgen generate` runs when no `--checkpoints` is given.
+
+It lives in `ctgen/assets/demo_cascade/`: `ctvit/`, `maskgit/` and `superres/` are ctgen weights
+directories (bfloat16 on disk, float32 once loaded); the text encoder is the built-in T5
+(`ctgen/assets/text/builtin_t5`). `demo_cascade.json` holds:
+
+    name, description     what it is (a phantom model, not a chest-CT model)
+    generate              generation settings that go with these weights (config field -> value),
+                          applied before the user's own --config.* overrides and options
+    stages                per stage: the training workdir and step it was packed from, parameters
+    quality               measured numbers (docs/demo_cascade.md)
+    files                 sha256 of every file of the three weights directories
+
+`verify` recomputes the hashes (`ctgen generate` does, through its provenance hashes) and fails
+naming the first file that differs, so a damaged install is never mistaken for the model.
+
+Packing (after the training commands in docs/demo_cascade.md):
+
+    python -m ctgen.generate.demo_cascade pack --ctvit D/ctvit --maskgit D/maskgit --superres D/superres \\
+        [--set superres.steps=20 ...] [--quality quality.json] --out ctgen/assets/demo_cascade
+
+takes each stage's latest checkpoint (the SR's EMA weights), casts its floating-point arrays to
+bfloat16 and writes the directory and its manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from ctgen.errors import UserError
+
+MANIFEST = "demo_cascade.json"
+NAME = "ctgen built-in phantom demo cascade"
+DESCRIPTION = ("a small cascade trained on ctgen's synthetic chest phantoms (docs/demo_cascade.md); a phantom "
+               "model, not a chest-CT model")
+STAGES = ("ctvit", "maskgit", "superres")
+# Generation settings packed with the weights (tunable at pack time with --set).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "slices": 17,
+    "text_max_length": 128,
+    "maskgit.steps": 18,
+    "maskgit.cond_scale": 3.0,
+    "superres.scale": 2,
+    "superres.sampler": "ddim",
+    "superres.steps": 20,
+    "geometry.extent_mm": (301.5, 350.0, 350.0),
+}
+
+
+def default_dir() -> str:
+    import ctgen
+
+    return os.path.join(os.path.dirname(os.path.abspath(ctgen.__file__)), "assets", "demo_cascade")
+
+
+def read_manifest(path: str | None = None) -> dict:
+    """The manifest of the demo cascade at `path` (default: the built-in one); UserError if absent."""
+    path = path or default_dir()
+    marker = os.path.join(path, MANIFEST)
+    if not os.path.exists(marker):
+        raise UserError(f"{path}: no built-in demo cascade here (no {MANIFEST}); give --checkpoints DIR "
+                        "(docs/generate.md) or reinstall ctgen")
+    with open(marker, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def uses_demo(checkpoints_option: str | None, overrides: Sequence[tuple[str, str]]) -> bool:
+    """Whether a `ctgen generate` call runs the demo: no --checkpoints and no checkpoints.* override."""
+    return not checkpoints_option and not any(k.split(".")[0] == "checkpoints" for k, _ in overrides)
+
+
+def overrides(path: str | None = None) -> list[tuple[str, str]]:
+    """The config overrides that select the demo cascade and its generation settings (put them
+    before the user's: later overrides win)."""
+    path = path or default_dir()
+    man = read_manifest(path)
+    out = [(k, v if isinstance(v, str) else repr(tuple(v) if isinstance(v, list) else v))
+           for k, v in man.get("generate", {}).items()]
+    return out + [("checkpoints.dir", path), ("checkpoints.text", "builtin")]
+
+
+def verify(record: Mapping[str, Mapping[str, Any]], path: str | None = None) -> None:
+    """Check the stages' file hashes (`provenance.checkpoint_record`) against the manifest."""
+    path = path or default_dir()
+    expected = read_manifest(path).get("files", {})
+    seen = {}
+    for stage in STAGES:
+        for rel, digest in (record.get(stage, {}).get("files") or {}).items():
+            seen[f"{stage}/{rel}"] = digest
+    for rel, digest in sorted(expected.items()):
+        if rel.split("/")[0] not in record:  # a stage this run does not use (--no-sr)
+            continue
+        if rel not in seen:
+            raise UserError(f"{os.path.join(path, rel)}: missing from the built-in demo cascade; reinstall ctgen")
+        if seen[rel] != digest:
+            raise UserError(f"{os.path.join(path, rel)}: content differs from the one shipped (sha256 {seen[rel][:12]}..., "
+                            f"expected {digest[:12]}...); reinstall ctgen")
+    extra = sorted(set(seen) - set(expected))
+    if extra:
+        raise UserError(f"{os.path.join(path, extra[0])}: not part of the built-in demo cascade; reinstall ctgen")
+
+
+# ----------------------------------------------------------------------------- packing
+def _bf16(tree):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16) if np.issubdtype(np.asarray(x).dtype, np.floating)
+                        else x, tree)
+
+
+def _count(tree) -> int:
+    import jax
+    import numpy as np
+
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def _files(root: str) -> dict[str, str]:
+    from ctgen.generate.provenance import sha256_file
+
+    out = {}
+    for stage in STAGES:
+        for dirpath, dirs, names in os.walk(os.path.join(root, stage)):
+            dirs.sort()
+            for n in sorted(names):
+                full = os.path.join(dirpath, n)
+                out[os.path.relpath(full, root)] = sha256_file(full)
+    return out
+
+
+def pack(ctvit: str, maskgit: str, superres: str, out: str, *, settings: Mapping[str, Any] | None = None,
+         quality: Mapping[str, Any] | None = None) -> dict:
+    """Write the demo cascade directory `out` from three training workdirs (or weights directories)."""
+    import shutil
+
+    from ctgen.convert import ctvit_store, maskgit_store, superres_store
+    from ctgen.generate.checkpoints import latest_step_dir
+
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    stages = {}
+    cfg, nets, states = ctvit_store.load_ctvit_state(ctvit)
+    state = states["ctvit"]
+    ctvit_store.save_ctvit_dir(os.path.join(out, "ctvit"), cfg, _bf16(state),
+                               info={"source": os.path.abspath(ctvit)})
+    stages["ctvit"] = {"from": latest_step_dir(ctvit) or ctvit, "parameters": _count(state)}
+
+    mcfg, mstate = maskgit_store.load_maskgit_state(maskgit)
+    maskgit_store.save_maskgit_dir(os.path.join(out, "maskgit"), mcfg, _bf16(mstate), tokenizer="../ctvit",
+                                   info={"source": os.path.abspath(maskgit)})
+    stages["maskgit"] = {"from": latest_step_dir(maskgit) or maskgit, "parameters": _count(mstate)}
+
+    ucfg, _, live, ema, step = superres_store.load_params(superres)
+    params = ema if ema is not None else live
+    superres_store.save_superres_dir(os.path.join(out, "superres"), ucfg, _bf16(params),
+                                     info={"source": os.path.abspath(superres), "weights": "ema" if ema is not None
+                                           else "live"})
+    stages["superres"] = {"from": latest_step_dir(superres) or superres, "parameters": _count(params),
+                          "weights": "ema" if ema is not None else "live"}
+
+    manifest = {"name": NAME, "description": DESCRIPTION, "packed": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "generate": {**DEFAULT_SETTINGS, **(settings or {})}, "stages": stages,
+                "quality": dict(quality or {}), "files": _files(out)}
+    manifest["bytes"] = sum(os.path.getsize(os.path.join(out, rel)) for rel in manifest["files"])
+    with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, default=list)
+        f.write("\n")
+    return manifest
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected FIELD=VALUE")
+    try:
+        return key, ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return key, raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctgen.generate.demo_cascade", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    k = sub.add_parser("pack", help="write the demo cascade directory from three training workdirs")
+    for stage in STAGES:
+        k.add_argument(f"--{stage}", required=True, metavar="DIR")
+    k.add_argument("--out", default=default_dir(), metavar="DIR")
+    k.add_argument("--set", dest="settings", action="append", type=_setting, default=[], metavar="FIELD=VALUE",
+                   help="generation setting stored with the weights (e.g. superres.steps=20)")
+    k.add_argument("--quality", metavar="JSON", help="measured numbers to record in the manifest")
+    args = p.parse_args(argv)
+    quality = {}
+    if args.quality:
+        with open(args.quality, encoding="utf-8") as f:
+            quality = json.load(f)
+    man = pack(args.ctvit, args.maskgit, args.superres, args.out, settings=dict(args.settings), quality=quality)
+    print(f"wrote {args.out}: {len(man['files'])} files, {man['bytes'] / 2**20:.2f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

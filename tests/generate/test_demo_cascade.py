@@ -1,0 +1,103 @@
+"""The built-in demo cascade mechanism: packing bfloat16 weights with a manifest, `ctgen generate`
+without --checkpoints running it with its own settings, provenance naming it, hashes checked."""
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ctgen.cli import main
+from ctgen.convert.ctvit_store import load_ctvit, save_ctvit_dir
+from ctgen.convert.maskgit_store import save_maskgit_dir
+from ctgen.convert.superres_store import save_superres_dir
+from ctgen.generate import demo_cascade
+from ctgen.models.ctvit import CTViT, CTViTConfig
+from ctgen.models.maskgit import MaskGIT, MaskGITConfig
+from ctgen.models.unet import UNet, UNetConfig
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """A tiny random cascade packed the way the shipped one is, with small generation settings."""
+    root = tmp_path_factory.mktemp("demo")
+    src = root / "src"
+    ctvit_cfg = CTViTConfig.tiny(max_slices=5)
+    ctvit = CTViT(ctvit_cfg, rngs=nnx.Rngs(0))
+    save_ctvit_dir(str(src / "ctvit"), ctvit_cfg, nnx.state(ctvit))
+    mcfg = MaskGITConfig.tiny(dim_context=64, num_tokens=64)
+    save_maskgit_dir(str(src / "maskgit"), mcfg, nnx.state(MaskGIT(mcfg, rngs=nnx.Rngs(1))))
+    ucfg = UNetConfig.tiny()
+    save_superres_dir(str(src / "superres"), ucfg, nnx.state(UNet(ucfg, rngs=nnx.Rngs(2)), nnx.Param))
+    out = str(root / "demo_cascade")
+    settings = {"slices": 3, "maskgit.steps": 2, "superres.steps": 2, "superres.scale": 2, "text_max_length": 32,
+                "maskgit.batch_size": 2}
+    man = demo_cascade.main(["pack", "--ctvit", str(src / "ctvit"), "--maskgit", str(src / "maskgit"),
+                             "--superres", str(src / "superres"), "--out", out]
+                            + [f"--set={k}={v}" for k, v in settings.items()])
+    assert man == 0
+    return out, ctvit
+
+
+def test_pack_writes_bfloat16_weights_and_a_manifest(packed):
+    out, ctvit = packed
+    man = demo_cascade.read_manifest(out)
+    assert man["name"] == demo_cascade.NAME and "not a chest-CT model" in man["description"]
+    assert man["generate"]["slices"] == 3 and man["generate"]["geometry.extent_mm"] == [301.5, 350.0, 350.0]
+    assert set(man["stages"]) == {"ctvit", "maskgit", "superres"}
+    assert all(rel.split("/")[0] in man["stages"] for rel in man["files"])
+    assert man["bytes"] == sum(os.path.getsize(os.path.join(out, rel)) for rel in man["files"])
+    # loaded back as float32: the bfloat16 rounding of the original, not the original itself
+    loaded = load_ctvit(os.path.join(out, "ctvit"))
+    import jax
+
+    pairs = zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(ctvit, nnx.Param))),
+                jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param))))
+    err = [(np.abs(np.asarray(a) - np.asarray(b)).max(), np.abs(np.asarray(a)).max(), np.asarray(b).dtype)
+           for a, b in pairs]
+    assert all(dtype == np.float32 for _, _, dtype in err)
+    assert 0 < max(e for e, _, _ in err) and all(e <= m * 2 ** -8 for e, m, _ in err)
+
+
+def test_generate_without_checkpoints_runs_the_demo(packed, tmp_path, capsys, monkeypatch):
+    out_dir, _ = packed
+    monkeypatch.setattr(demo_cascade, "default_dir", lambda: out_dir)
+    out = str(tmp_path / "out")
+    assert main(["generate", "64 years old female: Cardiomegaly.", "--name", "heart", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "using the ctgen built-in phantom demo cascade" in printed
+    prov = json.loads(open(os.path.join(out, "provenance", "heart.json")).read())
+    assert prov["models"].startswith(demo_cascade.NAME)
+    assert prov["config"]["slices"] == 3 and prov["config"]["superres"]["scale"] == 2
+    assert prov["config"]["checkpoints"]["dir"] == out_dir and prov["config"]["checkpoints"]["text"] == "builtin"
+    import nibabel as nib
+
+    assert sorted(nib.load(os.path.join(out, "heart.nii.gz")).shape) == [3, 64, 64]
+    # the user's options win over the demo's settings
+    assert main(["generate", "Cardiomegaly.", "--name", "five", "--out", out, "--slices", "5", "--no-sr"]) == 0
+    prov = json.loads(open(os.path.join(out, "provenance", "five.json")).read())
+    assert prov["config"]["slices"] == 5 and prov["config"]["superres"]["enabled"] is False
+
+
+def test_a_damaged_demo_is_refused(packed, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(packed[0], broken)
+    marker = os.path.join(broken, "maskgit", "ctgen_weights.json")
+    with open(marker, "a") as f:
+        f.write(" ")
+    monkeypatch.setattr(demo_cascade, "default_dir", lambda: broken)
+    assert main(["generate", "Cardiomegaly.", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "maskgit/ctgen_weights.json: content differs from the one shipped" in err and "reinstall" in err
+    os.remove(os.path.join(broken, demo_cascade.MANIFEST))
+    assert main(["generate", "Cardiomegaly.", "--out", str(tmp_path / "o")]) == 2
+    assert "no built-in demo cascade here" in capsys.readouterr().err
+
+
+def test_which_runs_use_the_demo():
+    assert demo_cascade.uses_demo(None, [])
+    assert demo_cascade.uses_demo(None, [("maskgit.steps", "4")])
+    assert not demo_cascade.uses_demo("ckpt/", [])
+    assert not demo_cascade.uses_demo(None, [("checkpoints.maskgit", "'m/'")])
