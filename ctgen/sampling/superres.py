@@ -18,7 +18,8 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Sequence
+import time
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,8 @@ class SliceSampler:
         self.state = state
         self.shards = batch_shards(mesh, self.rules)
         self._bytes: dict[tuple, int | None] = {}
+        self._compiled: dict[tuple, Any] = {}
+        self.compile_seconds = 0.0  # ahead-of-time compilation, apart from sampling
 
         def run(state, lowres, text, mask, keys):
             with axes_lib.activation_sharding(mesh, self.rules):
@@ -134,9 +137,27 @@ class SliceSampler:
         names = ("batch",) + (None,) * (x.ndim - 1)
         return jax.device_put(x, axes_lib.logical_sharding(names, x.shape, self.rules, self.mesh))
 
+    def _spec(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        sharding = None
+        if self.mesh is not None:
+            names = ("batch",) + (None,) * (len(shape) - 1)
+            sharding = axes_lib.logical_sharding(names, shape, self.rules, self.mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    def compiled(self, specs: Sequence[jax.ShapeDtypeStruct]):
+        """The executable for arguments of these shapes (compiled once per shape, ahead of time, its
+        time added to `compile_seconds`)."""
+        key = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in specs)
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = self.fn.lower(self.state, *specs).compile()
+            self.compile_seconds += time.perf_counter() - start
+        return self._compiled[key]
+
     def __call__(self, lowres, text, mask, keys) -> np.ndarray:
         args = [self._put(np.asarray(a)) for a in (lowres, text, mask, jax.device_get(keys))]
-        return np.asarray(jax.device_get(self.fn(self.state, *args)))
+        run = self.compiled([self._spec(a.shape, a.dtype) for a in args])
+        return np.asarray(jax.device_get(run(self.state, *args)))
 
     def bytes_per_batch(self, batch: int, lowres_hw, text_le) -> int | None:
         """XLA's temporary memory of one call at `batch` (per device), or None if unknown."""
@@ -146,12 +167,10 @@ class SliceSampler:
         return self._bytes[key]
 
     def _measure(self, batch: int, lowres_hw, text_le) -> int | None:
-        shapes = [jax.ShapeDtypeStruct((batch, *lowres_hw), jnp.float32),
-                  jax.ShapeDtypeStruct((batch, *text_le), jnp.float32),
-                  jax.ShapeDtypeStruct((batch, text_le[0]), jnp.bool_),
-                  jax.ShapeDtypeStruct((batch, 2), jnp.uint32)]
+        shapes = [self._spec((batch, *lowres_hw), jnp.float32), self._spec((batch, *text_le), jnp.float32),
+                  self._spec((batch, text_le[0]), jnp.bool_), self._spec((batch, 2), jnp.uint32)]
         try:
-            stats = self.fn.lower(self.state, *shapes).compile().memory_analysis()
+            stats = self.compiled(shapes).memory_analysis()
         except Exception:  # memory analysis is not available on every backend
             return None
         return None if stats is None else int(stats.temp_size_in_bytes + stats.argument_size_in_bytes)
