@@ -68,7 +68,7 @@ def _open_source(dataset_dir: str):
 def build_embedding_cache(
     dataset_dir: str, out_dir: str, encoder_path: str = "builtin", *, batch_size: int = 64,
     dtype: str = "bfloat16", split: str | Sequence[str] | None = None, max_length: int = 256,
-    mesh=None, overwrite: bool = False,
+    mesh=None, overwrite: bool = False, progress: bool = True,
 ) -> str:
     """Encode every example's `prompt` of the TFDS dataset at `dataset_dir`; write the side dataset.
 
@@ -111,7 +111,7 @@ def build_embedding_cache(
 
     def encode_split(name):
         src = source.as_data_source(name, decoders=skip)
-        with tqdm(total=len(src), desc=f"T5 embeddings [{name}]", unit="ex") as bar:
+        with tqdm(total=len(src), desc=f"T5 embeddings [{name}]", unit="ex", disable=not progress) as bar:
             for start in range(0, len(src), batch_size):
                 rows = [src[i] for i in range(start, min(start + batch_size, len(src)))]
                 prompts = [as_text(r["prompt"]) for r in rows]
@@ -179,7 +179,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_prepare(args: argparse.Namespace) -> int:
     out = build_embedding_cache(args.dataset, args.out, args.encoder, batch_size=args.batch_size, dtype=args.dtype,
-                                split=args.split, max_length=args.max_length, overwrite=args.overwrite)
+                                split=args.split, max_length=args.max_length, overwrite=args.overwrite,
+                                progress=not getattr(args, "no_progress", False))
     print(f"wrote T5 embedding cache to {out}")
     return 0
 

@@ -58,7 +58,7 @@ def _slice_window(volume_DxHxW: np.ndarray, num_slices: int) -> np.ndarray:
 
 
 def build_token_dataset(dataset_dir: str, out_dir: str, encoder: TokenEncoder, *, split=None, num_slices: int = 0,
-                        overwrite: bool = False, tokenizer_name: str = "") -> str:
+                        overwrite: bool = False, tokenizer_name: str = "", progress: bool = True) -> str:
     """Encode every volume of the TFDS dataset at `dataset_dir` with `encoder` (the frozen CT-ViT,
     loaded above the data layer: `ctgen.stages.maskgit_tokens`) and write the token side dataset to
     `out_dir` (see the module docstring); returns `out_dir`."""
@@ -90,7 +90,7 @@ def build_token_dataset(dataset_dir: str, out_dir: str, encoder: TokenEncoder, *
         skip = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
                 if k not in _NEEDED and isinstance(f, tfds.features.Tensor)}  # e.g. phantom label maps
         src = builder.as_data_source(name, decoders=skip)
-        with tqdm(total=len(src), desc=f"CT-ViT tokens [{name}]", unit="vol") as bar:
+        with tqdm(total=len(src), desc=f"CT-ViT tokens [{name}]", unit="vol", disable=not progress) as bar:
             for start in range(0, len(src), chunk):
                 rows = [src[i] for i in range(start, min(start + chunk, len(src)))]
                 vols = [hu_to_model(_slice_window(np.asarray(r["volume"]), num_slices)) for r in rows]

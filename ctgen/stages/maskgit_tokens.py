@@ -62,6 +62,6 @@ def run_prepare(args: argparse.Namespace) -> int:
                         "run it on one host, which shards encoding over that host's devices")
     out = build_token_dataset(args.dataset, args.out, ctvit_encoder(args.tokenizer, args.token_batch_size),
                               split=args.split, num_slices=args.token_slices, overwrite=args.overwrite,
-                              tokenizer_name=args.tokenizer)
+                              tokenizer_name=args.tokenizer, progress=not getattr(args, "no_progress", False))
     print(f"wrote CT-ViT token dataset to {out}")
     return 0
