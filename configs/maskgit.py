@@ -16,7 +16,7 @@ Variants:
          17-slice grid of 9x8x8 tokens, batch 8.
   phantom  the built-in demo cascade's MaskGIT (docs/demo_cascade.md): dim 192, depth 4, 4 heads x 48,
          for the `phantom` CT-ViT (codebook 512, 17 x 64 x 64 -> 9 x 8 x 8 tokens) and the built-in
-         T5 (width 64); batch 8, Adam 5e-4 with warm-up and cosine decay over 5000 steps.
+         T5 (width 64); batch 8, Adam 5e-4 with warm-up and cosine decay over 4000 steps.
   tiny   dim 32, depth 2, for the `tiny` CT-ViT (codebook 64, 32x32 slices): tests.
 Settings after the variant (0 = the variant's value): batch=N (train and eval), steps=N.
 
@@ -104,10 +104,10 @@ def get_config(arg: str = "paper"):
         t.eval_batches = 4
     elif a.variant == "phantom":
         d.max_text_length = 128  # phantom prompts: up to ~105 built-in T5 tokens
-        t.steps = 5000
+        t.steps = 4000
         c.optim.main.learning_rate = 5e-4
         c.optim.main.warmup_steps = 300
-        c.optim.main.decay_steps = 4700
+        c.optim.main.decay_steps = 3700
         c.optim.main.end_learning_rate_factor = 0.05
         t.log_every = 50
         t.checkpoint_every = 250

@@ -22,7 +22,7 @@ Variants:
          learns visibly on one CPU host within hours.
   phantom  the built-in demo cascade's SR (docs/demo_cascade.md): the paper U-Net at dim 16, 64x64
          CT-ViT reconstructions -> 128x128 phantom slices (2x), text width 64 (the built-in T5),
-         trained on random 64x64 crops, 16 slices of 2 volumes per step, Adam 1e-3, EMA.
+         trained on random 64x64 crops, 16 slices of 2 volumes per step, 3000 steps, Adam 1e-3, EMA 0.999.
   tiny   UNetConfig.tiny() on 32x32 slices from 8x8, text width 64 (ctgen's built-in test T5), 8
          slices per step, 4 sampling steps: for tests.
 Settings after the variant, comma-separated (0 or absent = the variant's value):
@@ -122,7 +122,7 @@ def get_config(arg: str = "paper"):
         d.random_crop = 64
         d.max_text_length = 128  # phantom prompts: up to ~105 built-in T5 tokens
         t.batch_size, t.accum_steps = 16, 1
-        t.steps = 4000
+        t.steps = 3000
         t.log_every = 50
         t.checkpoint_every = 250
         t.eval_every = t.preview_every = 1000
