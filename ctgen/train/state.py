@@ -118,11 +118,20 @@ def init_ema(params, phase: Phase):
     return jax.tree.map(jnp.copy, nnx.filter_state(params, phase.trains))
 
 
+# XLA:CPU compiles the threefry random-number kernels of a parameter init slowly (the phantom SR
+# U-Net's init: 282 s with the default options, 128 s with these, under the same load); the init runs
+# once, so its speed does not matter.
+CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
 def create_state(stage, config, setup: Setup) -> TrainState:
     """Initialise the train state directly into its shardings (no host-side full copy)."""
     init = make_init_fn(stage, config.seed, setup.phases, setup.optimizers, setup.ema_cfg)
     with jax.set_mesh(setup.mesh):
-        return jax.jit(init, out_shardings=setup.shardings)()
+        jitted = jax.jit(init, out_shardings=setup.shardings)
+        if setup.mesh.devices.flat[0].platform == "cpu":
+            return jitted.lower().compile(compiler_options=CPU_INIT_COMPILER_OPTIONS)()
+        return jitted()
 
 
 def eval_params(state: TrainState, use_ema: bool):
