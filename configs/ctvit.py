@@ -16,9 +16,10 @@ Variants:
          windows, batch 2: learns visibly on one CPU host within hours.
   small  tiny's layout at 64x64 widened to dim 128, codebook 512, 4 heads x 32, on 17-slice windows,
          batch 4, 300 steps with eval/previews/checkpoints every 100: what `ctgen demo` trains.
-  phantom  the built-in demo cascade's tokenizer (docs/demo_cascade.md): small's layout with depth
-         2+2 on 17x64x64 phantoms, no VGG/GAN (reconstruction + commitment only, which is what the
-         PSNR bar measures), batch 8, Adam 1e-3 with warm-up and cosine decay over 3000 steps.
+  phantom  the built-in demo cascade's tokenizer (docs/demo_cascade.md): dim 128, codebook 512, depth
+         2+2, patch 4 on 17x32x32 phantoms (9x8x8 ids), no VGG/GAN (reconstruction + commitment only,
+         which is what the PSNR bar measures), batch 8, Adam 1e-3 with warm-up and cosine decay over
+         3000 steps.
   tiny   a 32x32 toy (dim 32, codebook 64, patch 8, depth 1+1, VGG/discriminator shrunk) for tests.
 Settings after the variant, comma-separated (0 or absent = the variant's value):
   res=N     slice size N x N (model.image_size and the discriminator's)
@@ -71,8 +72,8 @@ def get_config(arg: str = "paper"):
         tiny = LossNetworksConfig.tiny()
         nets = dataclasses.replace(tiny, discr=dataclasses.replace(tiny.discr, image_size=64))
     elif variant == "phantom":
-        model = CTViTConfig.tiny(dim=128, codebook_size=512, heads=4, dim_head=32, image_size=64, max_slices=17,
-                                 spatial_depth=2, temporal_depth=2, remat=False)
+        model = CTViTConfig.tiny(dim=128, codebook_size=512, heads=4, dim_head=32, image_size=32, patch_size=4,
+                                 max_slices=17, spatial_depth=2, temporal_depth=2, remat=False)
         nets = None
     else:
         model, nets = CTViTConfig.tiny(max_slices=17, remat=True), LossNetworksConfig.tiny()

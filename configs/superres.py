@@ -20,8 +20,9 @@ Variants:
          volume in 12 micro-batches of 16 (a batch that splits over 1, 2, 4, 8 or 16 devices).
   demo   a narrower U-Net (dim 32) on 128x128 slices from 32x32, 16 slices of 2 volumes per step:
          learns visibly on one CPU host within hours.
-  phantom  the built-in demo cascade's SR (docs/demo_cascade.md): the paper U-Net at dim 16, 64x64
-         CT-ViT reconstructions -> 128x128 phantom slices (2x), text width 64 (the built-in T5),
+  phantom  the built-in demo cascade's SR (docs/demo_cascade.md): the paper U-Net at dim 16, 32x32
+         CT-ViT reconstructions -> 128x128 phantom slices (4x, as GenerateCT's 128 -> 512), text
+         width 64 (the built-in T5),
          trained on random 64x64 crops, 16 slices of 2 volumes per step, 3000 steps, Adam 1e-3, EMA 0.999.
   tiny   UNetConfig.tiny() on 32x32 slices from 8x8, text width 64 (ctgen's built-in test T5), 8
          slices per step, 4 sampling steps: for tests.
@@ -59,7 +60,7 @@ def get_config(arg: str = "paper"):
     elif variant == "demo":
         model, lowres = UNetConfig.paper(dim=32, remat=True), 32
     elif variant == "phantom":
-        model, lowres = UNetConfig.paper(dim=16, text_embed_dim=64, remat=False), 64
+        model, lowres = UNetConfig.paper(dim=16, text_embed_dim=64, remat=False), 32
     else:
         model, lowres = UNetConfig.tiny(), 8
     if a.text_dim:

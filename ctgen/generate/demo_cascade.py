@@ -44,7 +44,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "text_max_length": 128,
     "maskgit.steps": 18,
     "maskgit.cond_scale": 3.0,
-    "superres.scale": 2,
+    "superres.scale": 4,
     "superres.sampler": "ddim",
     "superres.steps": 20,
     "geometry.extent_mm": (301.5, 350.0, 350.0),
