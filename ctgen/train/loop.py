@@ -241,7 +241,14 @@ def _initial_state(stage, config, setup, ckpt, data_it):
         log.info("resuming from %s step %d", ckpt.directory, latest)
         if config.init_from:
             log.info("init_from=%s ignored: the workdir already has checkpoints", config.init_from)
-        state, data_state = ckpt.restore(latest, setup.abstract)
+        try:
+            state, data_state = ckpt.restore(latest, setup.abstract)
+        except ValueError as e:  # Orbax: a stored array of another shape (a different model config)
+            if "shape" not in str(e):
+                raise
+            raise UserError(f"{ckpt.directory}: the checkpoint at step {latest} does not fit the model this config "
+                            f"builds ({str(e).splitlines()[0]}); train in a new --workdir, or resume with the config "
+                            "the run was started with") from None
         if data_state is not None:
             ckpt_lib.set_iterator_state(data_it, data_state)
         return state

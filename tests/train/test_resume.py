@@ -138,3 +138,11 @@ def test_retention_keeps_the_newest(tmp_path):
     train(cfg, str(tmp_path), ToyStage(cfg))
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [6, 8]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["6", "8"]
+
+
+def test_resuming_with_another_model_is_one_clear_error(tmp_path):
+    cfg = _cfg(**{"train.steps": 2})
+    train(cfg, str(tmp_path), ToyStage(cfg))
+    other = _cfg(**{"train.steps": 4, "model.hidden": 32})
+    with pytest.raises(UserError, match=r"checkpoint at step 2 does not fit the model .* new --workdir"):
+        train(other, str(tmp_path), ToyStage(other))
