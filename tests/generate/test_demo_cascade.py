@@ -73,10 +73,12 @@ def test_generate_without_checkpoints_runs_the_demo(packed, tmp_path, capsys, mo
     import nibabel as nib
 
     assert sorted(nib.load(os.path.join(out, "heart.nii.gz")).shape) == [3, 64, 64]
-    # the user's options win over the demo's settings
-    assert main(["generate", "Cardiomegaly.", "--name", "five", "--out", out, "--slices", "5", "--no-sr"]) == 0
-    prov = json.loads(open(os.path.join(out, "provenance", "five.json")).read())
-    assert prov["config"]["slices"] == 5 and prov["config"]["superres"]["enabled"] is False
+    # the user's options and overrides win over the demo's settings
+    assert main(["generate", "Cardiomegaly.", "--out", out, "--slices", "5", "--no-sr", "--config.superres.scale=3",
+                 "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "slices: 5" in printed and "scale: 3" in printed and "enabled: false" in printed
+    assert "text_max_length: 32" in printed  # the demo's own setting where the user gave none
 
 
 def test_a_damaged_demo_is_refused(packed, tmp_path, capsys, monkeypatch):
