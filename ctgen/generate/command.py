@@ -325,9 +325,14 @@ def _write(out_dir: str, result, config, layout: str, request: dict, hashes: dic
     prov = write_sample(out_dir, sample, hu, spacing, record, dicom=_series_info(sample) if config.outputs.dicom
                         else None, preview=config.outputs.preview)
     total = sum(result.seconds.values())
-    print(f"{sample.name}: {os.path.relpath(os.path.join(out_dir, prov['outputs']['nifti']['path']))} "
-          f"{'x'.join(str(n) for n in hu.shape)} in {total:.1f} s (+{sum(result.compile_seconds.values()):.1f} s "
-          f"compile)", flush=True)
+    from ctgen.generate.outputs import output_paths
+
+    paths = output_paths(out_dir, sample.name)
+    shown = [("volume", paths.nifti)] + [(k, getattr(paths, k)) for k in ("preview", "dicom") if k in prov["outputs"]]
+    shown.append(("provenance", paths.provenance))
+    print(f"{sample.name}: {'x'.join(str(n) for n in hu.shape)} voxels in {total:.1f} s "
+          f"(+{sum(result.compile_seconds.values()):.1f} s compile)\n"
+          + "".join(f"  {label:<10} {os.path.relpath(path)}\n" for label, path in shown), end="", flush=True)
 
 
 def _series_info(sample):

@@ -3,6 +3,7 @@ work split, resume after an interruption, provenance hashes. The cascade is repl
 that makes a seed-determined volume, so everything but the models runs for real."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -94,7 +95,9 @@ def test_provenance_records_the_run(tmp_path, checkpoints, capsys, monkeypatch):
     rc, stdout, _ = _run(capsys, "Cardiomegaly (mild).", "--name", "heart", "--out", out, "--checkpoints", checkpoints,
                          "--seed", "5", "--steps", "7", "--config.maskgit.steps=9", "--slices", "5", "--no-sr",
                          "--no-compile-cache")
-    assert rc == 0 and "heart: " in stdout and "5x12x12" in stdout
+    assert rc == 0 and "heart: 5x12x12 voxels" in stdout
+    for label, path in (("volume", "heart.nii.gz"), ("preview", "previews/heart.png"), ("provenance", "provenance/heart.json")):
+        assert re.search(rf"^  {label} +\S*{re.escape(path)}$", stdout, re.M), stdout
     prov = json.load(open(output_paths(out, "heart").provenance))
     assert prov["prompt"] == "Cardiomegaly mild." and prov["name"] == "heart"
     req = prov["request"]
