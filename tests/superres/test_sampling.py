@@ -135,3 +135,19 @@ def test_volume_sampling_batched_over_8_devices_equals_slice_by_slice(tiny_model
     np.testing.assert_allclose(hu[1], sr_to_hu(batched[1]), atol=0.05)
     with pytest.raises(UserError, match="multiple of the 8 batch shards"):
         upsample_volumes(tiny_model, vols, texts, masks, mesh=mesh, batch=4, sampler=sampler, progress=False)
+
+
+def test_memory_bounded_batch_follows_free_memory(tiny_model, monkeypatch):
+    """batch=0: the batch is as many slices as fit the free memory, measured from the compiled loop
+    at one slice per device (the same executable then runs: compiled once per shape)."""
+    from ctgen.sampling import superres as sr
+
+    mesh = make_mesh({"data": 8, "fsdp": 1})
+    sampler = sr.SliceSampler(tiny_model, SamplerConfig(sampler="ddim", steps=2), (32, 32), mesh, None)
+    per_device = sampler.bytes_per_batch(8, (8, 8), (6, 64))
+    assert per_device and per_device > 0
+    compiled_once = sampler.compile_seconds
+    for slices_per_device, total, expected in ((3, 40, 24), (1, 40, 8), (0.2, 40, 8), (100, 20, 24)):
+        monkeypatch.setattr(sr, "_available_bytes", lambda: int(per_device * slices_per_device / 0.6) + 1)
+        assert sr.choose_batch(sampler, total, (8, 8), (6, 64)) == expected, slices_per_device
+    assert sampler.compile_seconds == compiled_once  # measured once per shape, not per call
