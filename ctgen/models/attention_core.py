@@ -145,12 +145,19 @@ def _fused(q, k, v, scale, bias, mask_BxM, num_prefix):
     return jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale).astype(v.dtype)
 
 
+def _balanced(units: int, most: int) -> int:
+    """Units per block for `units` in blocks of at most `most`, with as few blocks as that allows."""
+    return math.ceil(units / math.ceil(units / most)) if units else most
+
+
 def _blocked(q, k, v, scale, bias, mask_BxM, num_prefix, block_size):
     b, n, h, d = q.shape
     m = k.shape[1] - num_prefix
     relative = isinstance(bias, RelativeBias)
     f = bias.frame_size if relative else 1
-    frames_q = frames_k = max(1, block_size // f)  # frames per block
+    # Frames per block: at most block_size tokens, balanced so that padding is under one frame per
+    # block (9 frames of 64 tokens: 2 blocks of 5 frames, not of 8 padded to 16).
+    frames_q, frames_k = (_balanced(length // f, max(1, block_size // f)) for length in (n, m))
     nq, nk = math.ceil(n // f / frames_q), math.ceil(m // f / frames_k)
     bq, bk = frames_q * f, frames_k * f
     qb = jnp.pad(q, ((0, 0), (0, nq * bq - n), (0, 0), (0, 0))).reshape(b, nq, bq, h, d)

@@ -161,3 +161,11 @@ def test_gradients_are_finite_with_zero_padded_text_states():
     for text_mask in (mask, jnp.zeros_like(mask)):
         grads = nnx.grad(loss)(model, text_mask)
         assert all(np.isfinite(np.asarray(v[...])).all() for _, v in nnx.to_flat_state(grads))
+
+
+def test_blocks_are_balanced_to_pad_little():
+    from ctgen.models.attention_core import _balanced
+
+    assert _balanced(9, 8) == 5  # the demo MaskGIT's 9 frames: 2 blocks of 5 (10 frames), not 2 of 8 (16)
+    assert _balanced(101, 8) == 8  # 201 slices: 13 blocks of 8 frames
+    assert _balanced(576, 512) == 288 and _balanced(512, 512) == 512 and _balanced(3, 8) == 3
