@@ -93,6 +93,30 @@ def rate_fields(flops: float, seconds: float, peak_gflops: float) -> dict:
     return {"gflops_per_s": rate, "mfu": rate / peak_gflops}
 
 
+def compile_timed(jitted, *args):
+    """(compiled program, seconds to lower and compile it) of a `jax.jit` function for `args`."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def flop_fields(compiled, seconds: float, peak: float | None = None) -> dict:
+    """FLOPs per call of `compiled` (loop-corrected XLA cost analysis), the float32 matmul peak
+    measured now in this process (unless given), and the rate / MFU of one call taking `seconds`."""
+    f = compiled_flops(compiled)
+    peak = matmul_peak_gflops() if peak is None else peak
+    return {"xla_flops": f["flops"], "xla_flops_raw": f["xla"], "peak_gflops": peak,
+            **rate_fields(f["flops"], seconds, peak)}
+
+
+def flop_line(r: dict, indent: int = 12) -> str:
+    """The printed line for `flop_fields` results."""
+    f = r["xla_flops"]
+    amount = f"{f / 1e12:.3f} TFLOP" if f >= 1e11 else f"{f / 1e9:.3g} GFLOP"
+    return (f"{'':{indent}s}{amount} per call (XLA cost analysis, loops expanded) -> "
+            f"{r['gflops_per_s']:.1f} GFLOP/s; matmul peak {r['peak_gflops']:.1f} GFLOP/s -> MFU {r['mfu']:.1%}")
+
+
 def spread(values: list[float]) -> dict:
     """Median, min, max and n of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
