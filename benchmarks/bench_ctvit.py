@@ -111,7 +111,8 @@ def run_ctgen(args) -> dict:
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
     # first = compilation + first call (as a plain jit call would take); compile reported apart too
-    return {"impl": "ctgen", "first": compile_s + times[0], "compile": compile_s, "steady": times[1:],
+    return {"impl": "ctgen", "first": compile_s + times[0], "compile": compile_s, "first_call": times[0],
+            "steady": times[1:],
             "peak_gb": _peak_gb(), "note": f"remat={remat} dtype={args.dtype}" + (" model=tiny" if args.model == "tiny" else ""),
             **flop_fields(compiled, statistics.median(times[1:] or times))}
 

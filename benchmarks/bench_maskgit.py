@@ -138,6 +138,8 @@ def run_ctgen(args) -> dict:
         extra["flops"] = model_flops(cfg, ids.shape[0], ids.shape[1], TEXT_LEN)
         note += " remat=projections"
     first, steady = _timed(call, args.steps)
+    if compiled is not None:
+        extra["first_call"] = first  # the first call after compilation
     if args.workload == "forward":
         first += extra["compile"]  # as the first call of a plain jit would take
     if args.workload == "train":

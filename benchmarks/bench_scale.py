@@ -46,6 +46,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import _common  # noqa: E402  (shared benchmark plumbing)
 
+from ctgen.errors import UserError  # noqa: E402
+
 STAGES = ("ctvit", "maskgit", "superres")
 LAYOUTS = {
     8: ("data8", "fsdp8", "data2xfsdp4", "fsdp4xtensor2"),
@@ -62,16 +64,8 @@ SR_SCALE = 4  # GenerateCT's 128 -> 512
 GIB = 2**30
 
 
-class ScaleError(ValueError):
+class ScaleError(UserError):
     """Bad benchmark arguments (one line, exit code 2)."""
-
-
-def _user_error():
-    try:
-        from ctgen.errors import UserError
-        return UserError
-    except ImportError:  # pragma: no cover - benchmarks run from a source checkout
-        return ScaleError
 
 
 # --- layouts and batches --------------------------------------------------------------------------
@@ -165,6 +159,8 @@ def measure(stage_name: str, variant: str, layout: str, remat: bool, args) -> li
     sizes = parse_layout(layout, devices)
     config = _load_config(stage_name, variant)
     paper_batch, paper_accum = config.train.batch_size, config.train.accum_steps
+    if remat is None:  # --remat config: the config's own setting
+        remat = bool(config.model.remat)
     config.model.remat = remat
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes["data"], sizes["fsdp"], sizes["tensor"]
     if stage_name == "maskgit":  # the text width otherwise comes from an embedding cache
@@ -294,7 +290,7 @@ def project(row: dict, acc: dict, mfu: float, price: float) -> dict:
 
 
 def _gib(b: float) -> str:
-    return f"{b / GIB:.2f}"
+    return f"{b / GIB:.3g}"
 
 
 def _mesh_name(row) -> str:
@@ -314,9 +310,9 @@ def markdown(rows: list[dict], args, acc: dict) -> str:
                       f"{r['batch']} ({r['accum_steps']})", _gib(b["params"]), _gib(b["opt_state"]),
                       _gib(b["other_state"]), _gib(b["batch"]), _gib(b["temporaries"]),
                       _gib(b["outputs_not_aliased"]), _gib(b["total"]), "**yes**" if r["over_hbm"] else "no",
-                      f"{r['flops_per_device'] / 1e12:.3f}", f"{r['xla_cost_analysis_flops'] / 1e12:.3f}",
+                      f"{r['flops_per_device'] / 1e12:.4g}", f"{r['xla_cost_analysis_flops'] / 1e12:.4g}",
                       f"{r['compile_seconds']:.0f}", f"{p['step_seconds']:.3g}", f"{p['run_chip_hours']:.3g}",
-                      f"{p['run_cost']:,.0f}"])
+                      f"{p['run_cost']:,.0f}" if p["run_cost"] >= 1 else f"{p['run_cost']:.2g}"])
     out = [_common.markdown_table(head, table)]
     for r in rows:
         if "error" in r:
@@ -338,7 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--devices", nargs="+", type=int, default=None, help="device counts (default: 8 64; --tiny: 8)")
     ap.add_argument("--layouts", nargs="+", help="mesh layouts such as data2xfsdp4 (default: four per device count)")
-    ap.add_argument("--remat", default="both", choices=("both", "on", "off"))
+    ap.add_argument("--remat", default="both", choices=("both", "on", "off", "config"),
+                    help="compile with and without remat (both), one of them, or as the config has it")
     ap.add_argument("--phases", nargs="+", help="only these phases (e.g. generator); default: every phase")
     ap.add_argument("--slices", type=int, default=0, help="MaskGIT: slices of the token grid (default: the CT-ViT "
                                                           "config's, 201 for paper)")
@@ -353,13 +350,10 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", help="write the table here")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.remat_values = {"both": (True, False), "on": (True,), "off": (False,)}[args.remat]
+    args.remat_values = {"both": (True, False), "on": (True,), "off": (False,), "config": (None,)}[args.remat]
     if args.child:
         return _child(args)
-    try:
-        _check(args)
-    except ScaleError as e:
-        raise _user_error()(str(e)) from None
+    _check(args)
     acc = ACCELERATORS[args.accelerator]
     price = args.price or acc["price"]
     devices = args.devices or ([8] if args.tiny else [8, 64])
@@ -385,7 +379,7 @@ def main(argv=None) -> int:
             print(f"  {row['stage']:8s} {row['phase']:13s} {row['devices']:3d} {row['layout']:20s} remat="
                   f"{'on ' if row['remat'] else 'off'} total {_gib(b['total'])} GiB (temps {_gib(b['temporaries'])})"
                   f"{' OVER ' + format(args.hbm_gib, 'g') + ' GiB' if row['over_hbm'] else ''}  "
-                  f"{row['flops_per_device'] / 1e12:.3f} TFLOP/device  compiled in {row['compile_seconds']:.0f} s",
+                  f"{row['flops_per_device'] / 1e12:.4g} TFLOP/device  compiled in {row['compile_seconds']:.0f} s",
                   flush=True)
         else:
             print(f"  FAILED {row.get('stage', '')} {row.get('layout', '')} devices={row.get('devices')}: "
@@ -425,8 +419,6 @@ def _check(args) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as e:  # UserError / ScaleError: one line, exit code 2
-        if type(e).__name__ not in ("UserError", "ScaleError"):
-            raise
+    except UserError as e:  # bad arguments: one line, exit code 2
         print(f"bench_scale: error: {e}", file=sys.stderr)
         sys.exit(2)
