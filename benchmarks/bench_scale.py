@@ -297,6 +297,23 @@ def _mesh_name(row) -> str:
     return row["layout"] + ("" if row.get("remat") else " (no remat)") if "layout" in row else "?"
 
 
+def _run_table(good: list[dict], acc: dict) -> str:
+    """The paper's whole training run per stage, device count, layout and remat (all phases summed)."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in good:
+        runs.setdefault((r["stage"], r["devices"], r["layout"], r["remat"]), []).append(r)
+    table = []
+    for (stage, devices, layout, remat), rs in runs.items():
+        p = [r["projection"] for r in rs]
+        steps = " + ".join(f"{q['run_steps']:,.0f} {r['phase']}" for r, q in zip(rs, p))
+        table.append([stage, devices, layout, "on" if remat else "off", steps,
+                      f"{sum(q['run_wall_hours'] for q in p) / 24:.3g}", f"{sum(q['run_chip_hours'] for q in p):,.0f}",
+                      f"{sum(q['run_cost'] for q in p):,.0f}"])
+    return (f"Paper training run, projection on {acc['name']} (every compiled phase; steps from the config):\n\n"
+            + _common.markdown_table(["stage", "devices", "layout", "remat", "steps", "wall days (projection)",
+                                      "chip-hours (projection)", "$ (projection)"], table))
+
+
 def markdown(rows: list[dict], args, acc: dict) -> str:
     good = [r for r in rows if "error" not in r]
     head = ["stage", "phase", "devices", "layout", "remat", "batch (accum)", "params GiB", "opt GiB",
@@ -313,7 +330,7 @@ def markdown(rows: list[dict], args, acc: dict) -> str:
                       f"{r['flops_per_device'] / 1e12:.4g}", f"{r['xla_cost_analysis_flops'] / 1e12:.4g}",
                       f"{r['compile_seconds']:.0f}", f"{p['step_seconds']:.3g}", f"{p['run_chip_hours']:.3g}",
                       f"{p['run_cost']:,.0f}" if p["run_cost"] >= 1 else f"{p['run_cost']:.2g}"])
-    out = [_common.markdown_table(head, table)]
+    out = [_common.markdown_table(head, table), "", _run_table(good, acc)]
     for r in rows:
         if "error" in r:
             out.append(f"- FAILED {r.get('stage', '')} {r.get('layout', '')} devices={r.get('devices')} "
