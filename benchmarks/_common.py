@@ -109,12 +109,13 @@ def flop_fields(compiled, seconds: float, peak: float | None = None) -> dict:
             **rate_fields(f["flops"], seconds, peak)}
 
 
-def flop_line(r: dict, indent: int = 12) -> str:
-    """The printed line for `flop_fields` results."""
+def flop_lines(r: dict, indent: int = 12) -> str:
+    """The printed lines (after a result line) for a result with `compile` and `flop_fields`."""
     f = r["xla_flops"]
     amount = f"{f / 1e12:.3f} TFLOP" if f >= 1e11 else f"{f / 1e9:.3g} GFLOP"
-    return (f"{'':{indent}s}{amount} per call (XLA cost analysis, loops expanded) -> "
-            f"{r['gflops_per_s']:.1f} GFLOP/s; matmul peak {r['peak_gflops']:.1f} GFLOP/s -> MFU {r['mfu']:.1%}")
+    return (f"\n{'':{indent}s}compile {r['compile']:.1f} s\n{'':{indent}s}{amount} per call (XLA cost analysis, "
+            f"loops expanded) -> {r['gflops_per_s']:.1f} GFLOP/s; matmul peak {r['peak_gflops']:.1f} GFLOP/s -> "
+            f"MFU {r['mfu']:.1%}")
 
 
 def spread(values: list[float]) -> dict:
@@ -312,6 +313,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_results(path: str, benchmark: str, args, results, **extra) -> None:
+    """A benchmark script's --json file: its name, arguments, the machine, `extra` and `results`."""
+    write_json(path, {"benchmark": benchmark, "args": vars(args), "machine": machine_info(), **extra,
+                      "results": results})
 
 
 def write_json(path: str, payload) -> None:

@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     reference = reference_status()
     mode = "smoke (tiny sizes, 1 repeat)" if args.smoke else "small sizes"
     print(f"benchmark suite, {mode}: {', '.join(names)} -> {out}\nreference comparisons: {reference}", flush=True)
-    payload = {"suite": "ctgen benchmarks", "mode": mode, "command": command, "out": out,
+    payload = {"suite": "ctgen benchmarks", "mode": mode, "command": command, "argv": sys.argv, "out": out,
                "machine": machine_info(), "reference": reference, "load_avg_start": os.getloadavg()[0],
                "not_run": {n: "no --smoke size" for n in not_smoke}, "benchmarks": {}}
     payload["jobs"] = args.jobs

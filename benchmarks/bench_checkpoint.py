@@ -18,7 +18,7 @@ from ctgen.parallel.mesh import make_mesh
 from ctgen.train.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, spread, write_json  # noqa: E402  (shared benchmark plumbing)
+from _common import save_results, spread  # noqa: E402  (shared benchmark plumbing)
 
 
 def state_of(mb: int, mesh):
@@ -79,8 +79,7 @@ def main():
 
 def _write(args, mesh, results: dict) -> None:
     if args.json:
-        write_json(args.json, {"benchmark": "checkpoint", "args": vars(args), "machine": machine_info(),
-                               "devices": mesh.size, "platform": jax.devices()[0].platform, "results": results})
+        save_results(args.json, "checkpoint", args, results, devices=mesh.size, platform=jax.devices()[0].platform)
 
 
 if __name__ == "__main__":

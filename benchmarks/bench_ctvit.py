@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 sys.path.insert(0, HERE)
-from _common import compile_timed, flop_fields, flop_line, machine_info, run_child, write_json  # noqa: E402
+from _common import compile_timed, flop_fields, flop_lines, run_child, save_results  # noqa: E402
 from _common import peak_gb as _peak_gb, pin as _pin  # noqa: E402  (shared benchmark plumbing)
 
 
@@ -187,7 +187,7 @@ def _fmt(r: dict) -> str:
     line = (f"{r['impl']:>10s}: steady {statistics.median(s):7.2f} s (min {min(s):.2f}, max {max(s):.2f}, n={len(s)})"
             f"  first {r['first']:7.2f} s  peak RSS {r['peak_gb']:5.2f} GB  [{r['note']}]")
     if "xla_flops" in r:
-        line += f"\n{'':12s}compile {r['compile']:.1f} s\n" + flop_line(r)
+        line += flop_lines(r)
     return line
 
 
@@ -251,9 +251,8 @@ def main(argv=None) -> int:
                 print(f"  => ctgen is {tr / tc:.2f}x the reference's speed, at {mc / mr:.2f}x its peak memory")
             print(f"  load avg {os.getloadavg()[0]:.2f}")
     if args.json:
-        write_json(args.json, {"benchmark": "ctvit", "args": vars(args), "machine": machine_info(),
-                               "reference": "GenerateCT at " + rt.checkout_dir() if not reason else f"skipped ({reason})",
-                               "results": records})
+        save_results(args.json, "ctvit", args, records,
+                     reference="GenerateCT at " + rt.checkout_dir() if not reason else f"skipped ({reason})")
     return 0
 
 

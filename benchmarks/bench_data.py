@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, write_json  # noqa: E402  (shared benchmark plumbing)
+from _common import save_results  # noqa: E402  (shared benchmark plumbing)
 
 
 def _phantom_times(n: int, big: bool = True) -> dict:
@@ -163,7 +163,7 @@ def main() -> None:
         results["loader"] = _loader_throughput(args.work, args.phantoms, args.batches,
                                                [int(w) for w in args.loader_workers.split(",")])
     if args.json:
-        write_json(args.json, {"benchmark": "data", "args": vars(args), "machine": machine_info(), "results": results})
+        save_results(args.json, "data", args, results)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 TEXT_LEN = 64
 sys.path.insert(0, HERE)
-from _common import compile_timed, flop_fields, flop_line, machine_info, matmul_peak_gflops, run_child  # noqa: E402
-from _common import peak_gb as _peak_gb, write_json  # noqa: E402  (shared benchmark plumbing)
+from _common import compile_timed, flop_fields, flop_lines, matmul_peak_gflops, run_child  # noqa: E402
+from _common import peak_gb as _peak_gb, save_results  # noqa: E402  (shared benchmark plumbing)
 
 
 def _grid(slices: int) -> tuple[int, int, int]:
@@ -220,7 +220,7 @@ def _fmt(r: dict, workload: str, args) -> str:
         line += (f"\n{'':12s}{r['flops'] / 1e12:.3f} TFLOP per step -> {rate:.1f} GFLOP/s; matmul peak "
                  f"{r['peak_gflops']:.1f} GFLOP/s -> MFU {rate / r['peak_gflops']:.1%}")
     if "xla_flops" in r:
-        line += f"\n{'':12s}compile {r['compile']:.1f} s\n" + flop_line(r)
+        line += flop_lines(r)
     return line
 
 
@@ -275,9 +275,8 @@ def main(argv=None) -> int:
                       f"{ok['ctgen']['peak_gb'] / ok['reference']['peak_gb']:.2f}x its peak memory")
             print(f"  load avg {os.getloadavg()[0]:.2f}")
     if args.json:
-        write_json(args.json, {"benchmark": "maskgit", "args": vars(args), "machine": machine_info(),
-                               "reference": "GenerateCT at " + rt.checkout_dir() if not reason else f"skipped ({reason})",
-                               "results": records})
+        save_results(args.json, "maskgit", args, records,
+                     reference="GenerateCT at " + rt.checkout_dir() if not reason else f"skipped ({reason})")
     return 0
 
 

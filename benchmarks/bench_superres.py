@@ -34,7 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 sys.path.insert(0, HERE)
-from _common import compile_timed, flop_fields, flop_line, machine_info, run_child, write_json  # noqa: E402
+from _common import compile_timed, flop_fields, flop_lines, run_child, save_results  # noqa: E402
 from _common import peak_gb as _peak_gb, pin as _pin  # noqa: E402  (shared benchmark plumbing)
 
 TEXT_LEN, TEXT_DIM = 20, 768
@@ -229,7 +229,7 @@ def _report(workload: str, r: dict, args) -> str:
         per_slice = s / r.get("slices_per_call", args.batch)
         line += f"\n{'':12s}{per_slice:.2f} s per slice, {per_slice * 201 / 60:.1f} min per 201-slice volume"
     if "xla_flops" in r:
-        line += f"\n{'':12s}compile {r['compile']:.1f} s\n" + flop_line(r)
+        line += flop_lines(r)
     return line
 
 
@@ -284,8 +284,7 @@ def main(argv=None) -> int:
                 print(_report(workload, runs[impl][-1], args), flush=True)
         records.append({"workload": workload, "runs": runs})
     if args.json:
-        write_json(args.json, {"benchmark": "superres", "args": vars(args), "machine": machine_info(),
-                               "reference": "GenerateCT" if not reason else f"skipped ({reason})", "results": records})
+        save_results(args.json, "superres", args, records, reference="GenerateCT" if not reason else f"skipped ({reason})")
     return 0
 
 

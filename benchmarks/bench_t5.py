@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info, write_json  # noqa: E402  (shared benchmark plumbing)
+from _common import save_results  # noqa: E402  (shared benchmark plumbing)
 
 
 def encoder_flops(cfg, length: int) -> float:
@@ -116,13 +116,12 @@ def main() -> None:
         print(f"{name:<40}{t:>10.3f}{args.batch / t:>12.1f}{flops / t / 1e9:>10.1f}{flops / t / matmul_rate:>10.0%}")
     if args.json:
         per_round = {k: {"min": min(v), "max": max(v), "n": len(v)} for k, v in times.items() if v}
-        write_json(args.json, {
-            "benchmark": "t5", "args": vars(args), "machine": machine_info(),
-            "reference": "transformers (torch)" if run_theirs is not None else "skipped (--no-torch)",
-            "flops_per_batch": flops, "matmul_gflops": {"jnp": jnp_rate / 1e9, "numpy": np_rate / 1e9},
-            "seconds_per_batch": per_round,  # best of --calls calls per round, over --repeats rounds
-            "results": [{"impl": name, "seconds_per_batch": t, "prompts_per_s": args.batch / t,
-                         "gflops_per_s": flops / t / 1e9, "of_matmul": flops / t / matmul_rate} for name, t in rows]})
+        save_results(args.json, "t5", args,
+                     [{"impl": name, "seconds_per_batch": t, "prompts_per_s": args.batch / t,
+                       "gflops_per_s": flops / t / 1e9, "of_matmul": flops / t / matmul_rate} for name, t in rows],
+                     reference="transformers (torch)" if run_theirs is not None else "skipped (--no-torch)",
+                     flops_per_batch=flops, matmul_gflops={"jnp": jnp_rate / 1e9, "numpy": np_rate / 1e9},
+                     seconds_per_batch=per_round)  # best of --calls calls per round, over --repeats rounds
 
 
 if __name__ == "__main__":
