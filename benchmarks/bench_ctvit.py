@@ -23,23 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
-
-
-def _pin(threads: int) -> None:
-    cores = sorted(os.sched_getaffinity(0))[:threads]
-    os.sched_setaffinity(0, cores)
-
-
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+sys.path.insert(0, HERE)
+from _common import compile_timed, flop_fields, flop_lines, run_child, save_results  # noqa: E402
+from _common import peak_gb as _peak_gb, pin as _pin  # noqa: E402  (shared benchmark plumbing)
 
 
 # --- ctgen ----------------------------------------------------------------------------------------
@@ -55,10 +47,15 @@ def run_ctgen(args) -> dict:
     from ctgen.stages.ctvit import CTViTTrainer
 
     remat = args.remat if args.remat is not None else args.workload != "infer"
-    cfg = CTViTConfig.paper(max_slices=max(args.slices, 201), remat=remat, dtype=args.dtype)
-    nets = LossNetworksConfig() if args.workload != "infer" else None
+    if args.model == "tiny":
+        cfg = CTViTConfig.tiny(max_slices=max(args.slices, 17), remat=remat, dtype=args.dtype)
+        nets = LossNetworksConfig.tiny() if args.workload != "infer" else None
+    else:
+        cfg = CTViTConfig.paper(max_slices=max(args.slices, 201), remat=remat, dtype=args.dtype)
+        nets = LossNetworksConfig() if args.workload != "infer" else None
     graphdef, params, rest = nnx.split(CTViTTrainer(cfg, nets, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    vol = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (args.batch, args.slices, 128, 128)).astype(np.float32))
+    size = cfg.image_size
+    vol = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (args.batch, args.slices, size, size)).astype(np.float32))
     if args.workload == "infer":
         @jax.jit
         def fn(params, rest, vol):
@@ -66,8 +63,10 @@ def run_ctgen(args) -> dict:
             ids = m.encode(vol)
             return ids, m.decode(ids)
 
+        compiled, compile_s = compile_timed(fn, params, rest, vol)
+
         def call():
-            return fn(params, rest, vol)
+            return compiled(params, rest, vol)
     else:
         def loss_fn(m, batch, rng):
             if args.workload == "gen":
@@ -95,10 +94,11 @@ def run_ctgen(args) -> dict:
             return loss, grads, rest, opt_state
 
         state = {"trainable": trainable, "rest": rest, "opt": opt_state, "i": 0}
+        compiled, compile_s = compile_timed(step, trainable, frozen, rest, opt_state, jax.random.key(0), vol)
 
         def call():
-            loss, out, new_rest, new_opt = step(state["trainable"], frozen, state["rest"], state["opt"],
-                                                jax.random.key(state["i"]), vol)
+            loss, out, new_rest, new_opt = compiled(state["trainable"], frozen, state["rest"], state["opt"],
+                                                    jax.random.key(state["i"]), vol)
             state["i"] += 1
             state["rest"], state["opt"] = new_rest, new_opt
             if opt is not None:
@@ -110,8 +110,11 @@ def run_ctgen(args) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t0)
-    return {"impl": "ctgen", "first": times[0], "steady": times[1:], "peak_gb": _peak_gb(),
-            "note": f"remat={remat} dtype={args.dtype}"}
+    # first = compilation + first call (as a plain jit call would take); compile reported apart too
+    return {"impl": "ctgen", "first": compile_s + times[0], "compile": compile_s, "first_call": times[0],
+            "steady": times[1:],
+            "peak_gb": _peak_gb(), "note": f"remat={remat} dtype={args.dtype}" + (" model=tiny" if args.model == "tiny" else ""),
+            **flop_fields(compiled, statistics.median(times[1:] or times))}
 
 
 # --- GenerateCT -----------------------------------------------------------------------------------
@@ -166,43 +169,10 @@ def _child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-_LOAD = """
-import os, sys, numpy as np
-os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:int(sys.argv[1])])
-a = np.ones((384, 384), np.float32)
-while True:
-    a = np.tanh(a @ a * 1e-3)
-"""
-
-
-def run_child(cmd: list[str], impl: str, threads: int, background_load: int = 0) -> dict:
-    """One measurement in a fresh process (`threads` BLAS/OpenMP threads, `background_load` CPU-bound
-    processes beside it): the JSON of its `RESULT ` line, or an error with the tail of its output."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    load = _start_load(background_load, threads)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    finally:
-        for p in load:
-            p.kill()
-            p.wait()
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-    return {"impl": impl, "error": f"exit {proc.returncode}: {tail}"}
-
-
-def _start_load(n: int, threads: int) -> list:
-    """`n` single-threaded CPU-bound processes on the benchmark's cores (a shared machine)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return [subprocess.Popen([sys.executable, "-c", _LOAD, str(threads)], env=env) for _ in range(n)]
-
-
 def _spawn(impl: str, workload: str, slices: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--workload", workload,
            "--slices", str(slices), "--steps", str(args.steps), "--threads", str(args.threads),
-           "--batch", str(args.batch), "--dtype", args.dtype]
+           "--batch", str(args.batch), "--dtype", args.dtype, "--model", args.model]
     if args.optimizer:
         cmd.append("--optimizer")
     if args.remat is not None:
@@ -214,8 +184,11 @@ def _fmt(r: dict) -> str:
     if "error" in r:
         return f"{r['impl']:>10s}: FAILED {r['error']}"
     s = r["steady"]
-    return (f"{r['impl']:>10s}: steady {statistics.median(s):7.2f} s (min {min(s):.2f}, max {max(s):.2f}, n={len(s)})"
+    line = (f"{r['impl']:>10s}: steady {statistics.median(s):7.2f} s (min {min(s):.2f}, max {max(s):.2f}, n={len(s)})"
             f"  first {r['first']:7.2f} s  peak RSS {r['peak_gb']:5.2f} GB  [{r['note']}]")
+    if "xla_flops" in r:
+        line += flop_lines(r)
+    return line
 
 
 def main(argv=None) -> int:
@@ -234,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="measure ctgen only")
     ap.add_argument("--background-load", type=int, default=0,
                     help="run N CPU-bound single-thread processes on the same cores during each measurement")
+    ap.add_argument("--model", default="paper", choices=("paper", "tiny"),
+                    help="tiny: CTViTConfig.tiny (32x32 slices, ctgen only), for smoke runs")
+    ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=("ctgen", "reference"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -248,18 +224,21 @@ def main(argv=None) -> int:
     import generatect_runtime as rt
 
     reason = None if not args.no_reference else "--no-reference"
-    reason = reason or rt.skip_reason()
+    reason = reason or ("--model tiny" if args.model == "tiny" else None) or rt.skip_reason()
     impls = ["ctgen"] + ([] if reason else ["reference"])
     print(f"CT-ViT benchmark: threads={args.threads} batch={args.batch} optimizer={args.optimizer} "
           f"background_load={args.background_load} "
           f"load avg {os.getloadavg()[0]:.2f}; reference: {'GenerateCT at ' + rt.checkout_dir() if not reason else 'off (' + reason + ')'}")
+    records = []
+    side = 8 if args.model == "paper" else 4
     for workload, counts in zip(workloads, slices):
         for f in counts:
             results = {impl: [] for impl in impls}
             for _ in range(args.rounds):
                 for impl in impls:
                     results[impl].append(_spawn(impl, workload, f, args))
-            print(f"\n== {workload}, {f} slices ({1 + (f - 1) // 2} x 8 x 8 tokens) ==")
+            records.append({"workload": workload, "slices": f, "runs": results})
+            print(f"\n== {workload}, {f} slices ({1 + (f - 1) // 2} x {side} x {side} tokens) ==")
             merged = {}
             for impl, runs in results.items():
                 ok = [r for r in runs if "error" not in r]
@@ -271,6 +250,9 @@ def main(argv=None) -> int:
                 (tc, mc), (tr, mr) = merged["ctgen"], merged["reference"]
                 print(f"  => ctgen is {tr / tc:.2f}x the reference's speed, at {mc / mr:.2f}x its peak memory")
             print(f"  load avg {os.getloadavg()[0]:.2f}")
+    if args.json:
+        save_results(args.json, "ctvit", args, records,
+                     reference="GenerateCT at " + rt.checkout_dir() if not reason else f"skipped ({reason})")
     return 0
 
 

@@ -18,23 +18,34 @@ import argparse
 import csv
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import save_results  # noqa: E402  (shared benchmark plumbing)
 
-def _phantom_times(n: int) -> None:
+
+def _phantom_times(n: int, big: bool = True) -> dict:
     from ctgen.data.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, make_phantom
 
     make_phantom(0, DEFAULT_SHAPE, DEFAULT_SPACING)  # warm-up (imports, caches)
-    t = time.perf_counter()
+    times = []
     for s in range(n):
+        t = time.perf_counter()
         make_phantom(100 + s, DEFAULT_SHAPE, DEFAULT_SPACING)
-    per = (time.perf_counter() - t) / n
+        times.append(time.perf_counter() - t)
+    per = sum(times) / n
     print(f"phantom 201x128x128: {per:.2f} s per phantom ({1 / per:.2f} phantoms/s, 1 process, mean of {n})")
-    t = time.perf_counter()
-    make_phantom(1, (300, 512, 512), (1.0, 0.75, 0.75))
-    print(f"phantom 300x512x512 (0.75 mm in-plane, 1 mm slices): {time.perf_counter() - t:.1f} s (1 sample)")
+    out = {"phantom_201x128x128_s": {"mean": per, "min": min(times), "max": max(times), "n": n}}
+    if big:
+        t = time.perf_counter()
+        make_phantom(1, (300, 512, 512), (1.0, 0.75, 0.75))
+        dt = time.perf_counter() - t
+        print(f"phantom 300x512x512 (0.75 mm in-plane, 1 mm slices): {dt:.1f} s (1 sample)")
+        out["phantom_300x512x512_s"] = dt
+    return out
 
 
 def _make_inputs(work: str, n: int) -> str:
@@ -68,13 +79,14 @@ def _make_inputs(work: str, n: int) -> str:
     return csv_path
 
 
-def _prepare_throughput(work: str, csv_path: str, workers: list[int]) -> None:
+def _prepare_throughput(work: str, csv_path: str, workers: list[int]) -> list[dict]:
     from ctgen.data.features import DatasetConfig
     from ctgen.data.preprocess import GridConfig
     from ctgen.data.sources import NiftiCsvSource
     from ctgen.data.writer import build
 
     n = sum(1 for _ in open(csv_path)) - 1
+    out = []
     for w in workers:
         out = os.path.join(work, f"prepared_w{w}")
         shutil.rmtree(out, ignore_errors=True)
@@ -84,9 +96,11 @@ def _prepare_throughput(work: str, csv_path: str, workers: list[int]) -> None:
         dt = time.perf_counter() - t
         how = "in-process" if w == 0 else f"{w} worker process(es)"
         print(f"prepare 512x512x300 -> 201x128x128, {how}: {n / dt:.2f} volumes/s ({dt:.1f} s for {n})")
+        out.append({"workers": w, "volumes": n, "seconds": dt, "volumes_per_s": n / dt})
+    return out
 
 
-def _loader_throughput(work: str, n_phantoms: int, batches: int, workers: list[int]) -> None:
+def _loader_throughput(work: str, n_phantoms: int, batches: int, workers: list[int]) -> list[dict]:
     from ctgen.data.features import DatasetConfig
     from ctgen.data.pipelines import LoaderOptions, volume_pipeline
     from ctgen.data.preprocess import GridConfig
@@ -101,6 +115,7 @@ def _loader_throughput(work: str, n_phantoms: int, batches: int, workers: list[i
     dt = time.perf_counter() - t
     if dt > 1:
         print(f"prepare {n_phantoms} phantoms 201x128x128 with labels, 2 processes: {n_phantoms / dt:.2f} phantoms/s")
+    out = []
     for w in workers:
         it = volume_pipeline(summary["path"], "train", global_batch_size=4, seed=0,
                              options=LoaderOptions(worker_count=w, read_threads=2, prefetch_batches=2))
@@ -113,8 +128,10 @@ def _loader_throughput(work: str, n_phantoms: int, batches: int, workers: list[i
         rate = batches / dt
         print(f"loader batch 4x201x128x128, {w} grain workers: {rate:.2f} batches/s = {4 * rate:.1f} volumes/s "
               f"(vs ~{4 / 15:.2f} volumes/s consumed by a 15 s step: {4 * rate / (4 / 15):.0f}x)")
+        out.append({"grain_workers": w, "batches": batches, "batches_per_s": rate, "volumes_per_s": 4 * rate})
         if hasattr(it, "close"):
             it.close()
+    return out
 
 
 def main() -> None:
@@ -126,8 +143,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=30, help="loader batches timed")
     p.add_argument("--prepare-workers", default="0,1,2", help="0 = convert in the calling process")
     p.add_argument("--loader-workers", default="0,2")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: phantom,prepare,loader")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: phantom,phantom512,prepare,loader "
+                                              "(phantom512: the one 300x512x512 phantom)")
+    p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    results = {}
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
@@ -135,12 +155,15 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs (shared; numbers vary with load)")
     if "phantom" not in skip:
-        _phantom_times(args.phantom_samples)
+        results["phantom"] = _phantom_times(args.phantom_samples, big="phantom512" not in skip)
     if "prepare" not in skip:
         csv_path = _make_inputs(args.work, args.volumes)
-        _prepare_throughput(args.work, csv_path, [int(w) for w in args.prepare_workers.split(",")])
+        results["prepare"] = _prepare_throughput(args.work, csv_path, [int(w) for w in args.prepare_workers.split(",")])
     if "loader" not in skip:
-        _loader_throughput(args.work, args.phantoms, args.batches, [int(w) for w in args.loader_workers.split(",")])
+        results["loader"] = _loader_throughput(args.work, args.phantoms, args.batches,
+                                               [int(w) for w in args.loader_workers.split(",")])
+    if args.json:
+        save_results(args.json, "data", args, results)
 
 
 if __name__ == "__main__":

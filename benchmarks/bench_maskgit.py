@@ -31,20 +31,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 TEXT_LEN = 64
 sys.path.insert(0, HERE)
-from bench_ctvit import _peak_gb, run_child  # noqa: E402  (shared benchmark plumbing)
+from _common import compile_timed, flop_fields, flop_lines, matmul_peak_gflops, run_child  # noqa: E402
+from _common import peak_gb as _peak_gb, save_results  # noqa: E402  (shared benchmark plumbing)
 
 
 def _grid(slices: int) -> tuple[int, int, int]:
     return (1 + (slices - 1) // 2, 8, 8)
 
 
-def _inputs(batch: int, slices: int):
+def _inputs(batch: int, slices: int, vocab: int = 8193, width: int = 768):
     import numpy as np
 
     rng = np.random.default_rng(0)
     n = 64 * _grid(slices)[0]
-    ids = rng.integers(0, 8193, (batch, n))
-    ctx = rng.normal(size=(batch, TEXT_LEN, 768)).astype(np.float32)
+    ids = rng.integers(0, vocab, (batch, n))
+    ctx = rng.normal(size=(batch, TEXT_LEN, width)).astype(np.float32)
     mask = np.ones((batch, TEXT_LEN), bool)
     mask[batch // 2:] = False  # the null half of a CFG pair
     return ids, ctx, mask
@@ -60,18 +61,6 @@ def _timed(call, steps: int) -> tuple[float, list[float]]:
 
 
 # --- ctgen ----------------------------------------------------------------------------------------
-def _matmul_peak_gflops() -> float:
-    """float32 matmul rate of this process's cores (2048^3, best of 5)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    best = min(_timed(lambda: jax.block_until_ready(f(a)), 5)[1])
-    return 2 * 2048**3 / best / 1e9
-
-
 def model_flops(cfg, batch: int, n: int, text_len: int) -> float:
     """Useful FLOPs of one training step (forward + backward = 3 x forward, recomputation not
     counted): every matmul and both attention products. Counted by hand because XLA's cost analysis
@@ -98,18 +87,23 @@ def run_ctgen(args) -> dict:
     from ctgen.sampling.mask_schedule import training_mask
     from ctgen.stages.maskgit import masked_ce
 
-    cfg = MaskGITConfig.paper(attention=args.attention, attention_block=args.block, remat=args.workload == "train",
-                              remat_policy="projections")
+    preset = MaskGITConfig.tiny if args.model == "tiny" else MaskGITConfig.paper
+    cfg = preset(attention=args.attention, attention_block=args.block, remat=args.workload == "train",
+                 remat_policy="projections")
     model = MaskGIT(cfg, rngs=nnx.Rngs(0))
     grid = _grid(args.slices)
-    ids, ctx, mask = (jnp.asarray(x) for x in _inputs(args.batch, args.slices))
-    note = f"attention={args.attention} block={args.block}"
+    ids, ctx, mask = (jnp.asarray(x) for x in _inputs(args.batch, args.slices, cfg.num_tokens + 1, cfg.dim_context))
+    note = f"attention={args.attention} block={args.block}" + (" model=tiny" if args.model == "tiny" else "")
     extra = {}
+    compiled = None
     if args.workload == "forward":
-        fwd = nnx.jit(lambda m, i, c, k: m(i, grid, c, k))
+        graphdef, weights = nnx.split(model)
+        fwd = jax.jit(lambda w, i, c, k: nnx.merge(graphdef, w)(i, grid, c, k))
+        compiled, compile_s = compile_timed(fwd, weights, ids, ctx, mask)
+        extra["compile"] = compile_s
 
         def call():
-            jax.block_until_ready(fwd(model, ids, ctx, mask))
+            jax.block_until_ready(compiled(weights, ids, ctx, mask))
     elif args.workload == "sample":
         opts = SampleConfig(steps=args.decode_steps)
 
@@ -133,7 +127,7 @@ def run_ctgen(args) -> dict:
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
-        compiled = step.lower(params, opt_state, jax.random.key(0)).compile()
+        compiled, extra["compile"] = compile_timed(step, params, opt_state, jax.random.key(0))
         state = {"p": params, "o": opt_state, "i": 0}
 
         def call():
@@ -144,8 +138,14 @@ def run_ctgen(args) -> dict:
         extra["flops"] = model_flops(cfg, ids.shape[0], ids.shape[1], TEXT_LEN)
         note += " remat=projections"
     first, steady = _timed(call, args.steps)
+    if compiled is not None:
+        extra["first_call"] = first  # the first call after compilation
+    if args.workload == "forward":
+        first += extra["compile"]  # as the first call of a plain jit would take
     if args.workload == "train":
-        extra["peak_gflops"] = _matmul_peak_gflops()
+        extra["peak_gflops"] = matmul_peak_gflops()
+    if compiled is not None:
+        extra.update(flop_fields(compiled, statistics.median(steady or [first]), extra.get("peak_gflops")))
     return {"impl": "ctgen", "first": first, "steady": steady, "peak_gb": _peak_gb(), "note": note, **extra}
 
 
@@ -199,7 +199,8 @@ def run_reference(args) -> dict:
 def _spawn(impl: str, workload: str, slices: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--workload", workload, "--slices",
            str(slices), "--steps", str(args.steps), "--threads", str(args.threads), "--batch", str(args.batch),
-           "--decode-steps", str(args.decode_steps), "--attention", args.attention, "--block", str(args.block)]
+           "--decode-steps", str(args.decode_steps), "--attention", args.attention, "--block", str(args.block),
+           "--model", args.model]
     if not args.chunkcpb:
         cmd.append("--no-chunkcpb")
     return run_child(cmd, impl, args.threads)
@@ -218,6 +219,8 @@ def _fmt(r: dict, workload: str, args) -> str:
         rate = r["flops"] / med / 1e9
         line += (f"\n{'':12s}{r['flops'] / 1e12:.3f} TFLOP per step -> {rate:.1f} GFLOP/s; matmul peak "
                  f"{r['peak_gflops']:.1f} GFLOP/s -> MFU {rate / r['peak_gflops']:.1%}")
+    if "xla_flops" in r:
+        line += flop_lines(r)
     return line
 
 
@@ -235,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-chunkcpb", dest="chunkcpb", action="store_false",
                     help="run GenerateCT's original N^2 position bias (fails at 201 slices on 24 GB)")
     ap.add_argument("--no-reference", action="store_true", help="measure ctgen only")
+    ap.add_argument("--model", default="paper", choices=("paper", "tiny"),
+                    help="tiny: MaskGITConfig.tiny (ctgen only, at most 15 slices), for smoke runs")
+    ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=("ctgen", "reference"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -250,13 +256,15 @@ def main(argv=None) -> int:
     sys.path.insert(0, REF_HELPER)
     import generatect_runtime as rt
 
-    reason = "--no-reference" if args.no_reference else rt.skip_reason()
+    reason = "--no-reference" if args.no_reference else ("--model tiny" if args.model == "tiny" else rt.skip_reason())
     print(f"MaskGIT benchmark: threads={args.threads} batch={args.batch} load avg {os.getloadavg()[0]:.2f}; "
           f"reference: {'GenerateCT at ' + rt.checkout_dir() if not reason else 'off (' + reason + ')'}")
+    records = []
     for workload, counts in zip(workloads, slices):
         for f in counts:
             impls = ["ctgen"] + (["reference"] if workload == "forward" and not reason else [])
             results = {impl: _spawn(impl, workload, f, args) for impl in impls}
+            records.append({"workload": workload, "slices": f, "runs": results})
             print(f"\n== {workload}, {f} slices ({_grid(f)[0] * 64} tokens) ==")
             for r in results.values():
                 print("  " + _fmt(r, workload, args))
@@ -266,6 +274,9 @@ def main(argv=None) -> int:
                 print(f"  => ctgen is {tr / tc:.2f}x the reference's speed, at "
                       f"{ok['ctgen']['peak_gb'] / ok['reference']['peak_gb']:.2f}x its peak memory")
             print(f"  load avg {os.getloadavg()[0]:.2f}")
+    if args.json:
+        save_results(args.json, "maskgit", args, records,
+                     reference="GenerateCT at " + rt.checkout_dir() if not reason else f"skipped ({reason})")
     return 0
 
 

@@ -34,18 +34,19 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 sys.path.insert(0, HERE)
-from bench_ctvit import _peak_gb, _pin, run_child  # noqa: E402  (shared benchmark plumbing)
+from _common import compile_timed, flop_fields, flop_lines, run_child, save_results  # noqa: E402
+from _common import peak_gb as _peak_gb, pin as _pin  # noqa: E402  (shared benchmark plumbing)
 
 TEXT_LEN, TEXT_DIM = 20, 768
 
 
-def _inputs(args):
+def _inputs(args, text_dim: int = TEXT_DIM):
     import numpy as np
 
     rng = np.random.default_rng(0)
     b, s = args.batch, args.size
     return (rng.standard_normal((b, s, s, 1)).astype(np.float32), rng.uniform(-1, 1, (b, s, s, 1)).astype(np.float32),
-            rng.standard_normal((b, TEXT_LEN, TEXT_DIM)).astype(np.float32), np.ones((b, TEXT_LEN), bool))
+            rng.standard_normal((b, TEXT_LEN, text_dim)).astype(np.float32), np.ones((b, TEXT_LEN), bool))
 
 
 def _conv_shapes(size):
@@ -84,14 +85,21 @@ def run_ctgen(args) -> dict:
     from ctgen.sampling import diffusion as df
     from ctgen.sampling.superres import SamplerConfig, sample_slices
 
-    cfg = UNetConfig.paper(dim=args.dim, remat=args.workload == "train", dtype=args.dtype)
+    if args.model == "tiny":
+        cfg = UNetConfig.tiny(remat=args.workload == "train", dtype=args.dtype)
+    else:
+        cfg = UNetConfig.paper(dim=args.dim, remat=args.workload == "train", dtype=args.dtype)
     model = UNet(cfg, rngs=nnx.Rngs(0))
-    x, low, text, mask = (jnp.asarray(a) for a in _inputs(args))
+    x, low, text, mask = (jnp.asarray(a) for a in _inputs(args, cfg.text_embed_dim))
     log_snr = df.cosine_log_snr(jnp.full((args.batch,), 0.5))
     low_snr = df.linear_log_snr(jnp.full((args.batch,), 0.1))
+    compiled = None
     if args.workload == "fwd":
-        f = nnx.jit(lambda m: m(x, log_snr, low, low_snr, text, mask))
-        call = lambda: f(model).block_until_ready()  # noqa: E731
+        graphdef, weights = nnx.split(model)
+        f = jax.jit(lambda w, *a: nnx.merge(graphdef, w)(*a))
+        inputs = (weights, x, log_snr, low, low_snr, text, mask)
+        compiled, compile_s = compile_timed(f, *inputs)
+        call = lambda: compiled(*inputs).block_until_ready()  # noqa: E731
     elif args.workload == "train":
         graphdef, params = nnx.split(model, nnx.Param)
 
@@ -101,7 +109,8 @@ def run_ctgen(args) -> dict:
                 return jnp.mean(jnp.square(nnx.merge(graphdef, p)(x, log_snr, low, low_snr, text, mask) - x))
             return jax.value_and_grad(loss)(params)
 
-        call = lambda: jax.block_until_ready(step(params))  # noqa: E731
+        compiled, compile_s = compile_timed(step, params)
+        call = lambda: jax.block_until_ready(compiled(params))  # noqa: E731
     else:
         sampler = SamplerConfig(sampler=args.sampler, steps=args.sample_steps)
         keys = jax.random.split(jax.random.PRNGKey(0), args.batch)
@@ -109,8 +118,12 @@ def run_ctgen(args) -> dict:
         f = nnx.jit(lambda m: sample_slices(m, lowres, text, mask, keys, (args.size, args.size), sampler))
         call = lambda: f(model).block_until_ready()  # noqa: E731
     times = _timed(call, args.steps)
-    return {"impl": "ctgen", "first": times[0], "steady": times[1:], "peak_gb": _peak_gb(),
-            "note": f"{args.dtype}, remat={cfg.remat}"}
+    out = {"impl": "ctgen", "first": times[0], "steady": times[1:], "peak_gb": _peak_gb(),
+           "note": f"{args.dtype}, remat={cfg.remat}" + (", model=tiny" if args.model == "tiny" else "")}
+    if compiled is not None:  # first = compilation + first call, as a plain jit call would take
+        out.update(first=compile_s + times[0], compile=compile_s, first_call=times[0],
+                   **flop_fields(compiled, statistics.median(times[1:] or times)))
+    return out
 
 
 # --- GenerateCT -----------------------------------------------------------------------------------
@@ -200,7 +213,8 @@ def run_quality(args) -> None:
 def _spawn(impl: str, workload: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--workload", workload, "--size", str(args.size),
            "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads), "--dim",
-           str(args.dim), "--dtype", args.dtype, "--sampler", args.sampler, "--sample-steps", str(args.sample_steps)]
+           str(args.dim), "--dtype", args.dtype, "--sampler", args.sampler, "--sample-steps", str(args.sample_steps),
+           "--model", args.model]
     return run_child(cmd, impl, args.threads, args.background_load)
 
 
@@ -214,6 +228,8 @@ def _report(workload: str, r: dict, args) -> str:
     if workload == "sample":
         per_slice = s / r.get("slices_per_call", args.batch)
         line += f"\n{'':12s}{per_slice:.2f} s per slice, {per_slice * 201 / 60:.1f} min per 201-slice volume"
+    if "xla_flops" in r:
+        line += flop_lines(r)
     return line
 
 
@@ -233,6 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--background-load", type=int, default=0, help="N CPU-bound processes on the same cores")
     ap.add_argument("--quality", action="store_true", help="fast sampler vs 25-step PSNR/SSIM (needs --weights)")
     ap.add_argument("--weights", help="--quality: a trained or imported SR U-Net")
+    ap.add_argument("--model", default="paper", choices=("paper", "tiny"),
+                    help="tiny: UNetConfig.tiny (ctgen only; --dim is ignored), for smoke runs")
+    ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", choices=("ctgen", "reference"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -249,17 +268,23 @@ def main(argv=None) -> int:
     sys.path.insert(0, REF_HELPER)
     import generatect_superres_runtime as rt
 
-    reason = "--no-reference" if args.no_reference else rt.skip_reason()
+    reason = "--no-reference" if args.no_reference else ("--model tiny" if args.model == "tiny" else rt.skip_reason())
     impls = ["ctgen"] + ([] if reason else ["reference"])
     print(f"SR benchmark: size={args.size} batch={args.batch} dim={args.dim} threads={args.threads} "
           f"dtype={args.dtype} load avg {os.getloadavg()[0]:.2f}; reference: "
           f"{'GenerateCT' if not reason else 'off (' + reason + ')'}")
+    records = []
     for workload in args.workload:
         label = f"{args.sampler} {args.sample_steps} steps" if workload == "sample" else ""
         print(f"\n== {workload} {label}==")
+        runs = {impl: [] for impl in impls}
         for _ in range(args.rounds):
             for impl in impls:
-                print(_report(workload, _spawn(impl, workload, args), args), flush=True)
+                runs[impl].append(_spawn(impl, workload, args))
+                print(_report(workload, runs[impl][-1], args), flush=True)
+        records.append({"workload": workload, "runs": runs})
+    if args.json:
+        save_results(args.json, "superres", args, records, reference="GenerateCT" if not reason else f"skipped ({reason})")
     return 0
 
 

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import save_results  # noqa: E402  (shared benchmark plumbing)
 
 
 def encoder_flops(cfg, length: int) -> float:
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the best is reported (default: 5)")
     parser.add_argument("--calls", type=int, default=3, help="encoder calls per timed round (default: 3)")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     import jax
@@ -109,6 +114,14 @@ def main() -> None:
         rows.append((f"transformers {transformers.__version__} (torch {torch.__version__})", min(times["theirs"])))
     for name, t in rows:
         print(f"{name:<40}{t:>10.3f}{args.batch / t:>12.1f}{flops / t / 1e9:>10.1f}{flops / t / matmul_rate:>10.0%}")
+    if args.json:
+        per_round = {k: {"min": min(v), "max": max(v), "n": len(v)} for k, v in times.items() if v}
+        save_results(args.json, "t5", args,
+                     [{"impl": name, "seconds_per_batch": t, "prompts_per_s": args.batch / t,
+                       "gflops_per_s": flops / t / 1e9, "of_matmul": flops / t / matmul_rate} for name, t in rows],
+                     reference="transformers (torch)" if run_theirs is not None else "skipped (--no-torch)",
+                     flops_per_batch=flops, matmul_gflops={"jnp": jnp_rate / 1e9, "numpy": np_rate / 1e9},
+                     seconds_per_batch=per_round)  # best of --calls calls per round, over --repeats rounds
 
 
 if __name__ == "__main__":
