@@ -223,13 +223,15 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
     from ctgen.generate import demo_cascade
 
     demo = demo_cascade.uses_demo(args.checkpoints, overrides)
-    if demo:  # the built-in demo's own settings first; the user's overrides and options win over them
+    if demo and demo_cascade.available():  # its own settings first; the user's overrides and options win
         overrides = demo_cascade.overrides() + list(overrides)
     config = load(args.config, overrides)
     apply_options(config, args)
     if args.print_config:
         print(config)
         return 0
+    if demo:
+        demo_cascade.read_manifest()  # without the demo's weights: one line asking for --checkpoints
     check_settings(config)
     if not args.out:
         raise UserError("--out DIR is required (where the volumes go)")

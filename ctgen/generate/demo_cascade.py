@@ -57,6 +57,11 @@ def default_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(ctgen.__file__)), "assets", "demo_cascade")
 
 
+def available(path: str | None = None) -> bool:
+    """Whether a demo cascade (its manifest) is at `path` (default: the built-in one)."""
+    return os.path.exists(os.path.join(path or default_dir(), MANIFEST))
+
+
 def read_manifest(path: str | None = None) -> dict:
     """The manifest of the demo cascade at `path` (default: the built-in one); UserError if absent."""
     path = path or default_dir()

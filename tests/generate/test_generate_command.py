@@ -209,7 +209,7 @@ def test_input_errors(tmp_path, checkpoints, prompts_csv, capsys):
         (["x", "--prompts", prompts_csv, "--out", out, "--checkpoints", checkpoints], "either a prompt or --prompts"),
         (["--out", out, "--checkpoints", checkpoints], "nothing to generate"),
         (["x", "--checkpoints", checkpoints], "--out DIR is required"),
-        (["x", "--out", out], "no text/ weights: give --checkpoints DIR"),
+        (["x", "--out", out], "no built-in demo cascade here .*give --checkpoints DIR"),
         (["x", "--out", out, "--checkpoints", os.path.join(checkpoints, "ctvit")], "this is one model's directory"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--steps", "0"], "maskgit.steps=0: must be at least 1"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--config.superres.sampler=euler"], "superres.sampler"),
