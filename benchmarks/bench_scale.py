@@ -42,6 +42,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +150,27 @@ def _phase_steps(config, phase: str) -> int:
     return config.train.steps * cycle.count(phase) // len(cycle)
 
 
-def measure(stage_name: str, variant: str, layout: str, remat: bool, args) -> list[dict]:
+class _WarningCounter:
+    """How often XLA's SPMD partitioner wrote "Involuntary full rematerialization" (it replicates a
+    tensor to reshard it) to this process's stderr file since the last call (-1 without one)."""
+
+    TEXT = "Involuntary full rematerialization"
+
+    def __init__(self, path: str | None):
+        self.path, self.pos = path, 0
+
+    def __call__(self) -> int:
+        if not self.path:
+            return -1
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            f.seek(self.pos)
+            text = f.read()
+            self.pos = f.tell()
+        return text.count(self.TEXT)
+
+
+def measure(stage_name: str, variant: str, layout: str, remat: bool | None, args,
+            warnings=lambda: -1) -> list[dict]:
     """Compile one stage's training step(s) for one layout and remat setting; one row per phase."""
     import jax
 
@@ -200,6 +221,7 @@ def measure(stage_name: str, variant: str, layout: str, remat: bool, args) -> li
             lowered = jitted.lower(state, abstract_batch)
         compiled = lowered.compile()
         seconds = time.perf_counter() - t0
+        spmd_warnings = warnings()
         mem = compiled.memory_analysis()
         flops = _common.compiled_flops(compiled)
         out_free = mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -217,7 +239,7 @@ def measure(stage_name: str, variant: str, layout: str, remat: bool, args) -> li
                 "total": mem.argument_size_in_bytes + mem.temp_size_in_bytes + out_free},
             "flops_per_device": flops["flops"], "xla_cost_analysis_flops": flops["xla"],
             "dot_conv_flops": flops["dot_conv"], "loops_without_trip_count": flops["unknown_loops"],
-            "compile_seconds": seconds,
+            "compile_seconds": seconds, "spmd_full_remat_warnings": spmd_warnings,
         })
     return rows
 
@@ -229,11 +251,13 @@ def _child(args) -> int:
     if jax.device_count() != args.child:
         print(f"FAILED this process has {jax.device_count()} devices, expected {args.child}", flush=True)
         return 1
+    warnings = _WarningCounter(args.stderr_log)
     for stage in args.stages:
         for layout in args.layouts or LAYOUTS[args.child]:
             for remat in args.remat_values:
+                warnings()  # skip what model building wrote
                 try:
-                    rows = measure(stage, variant, layout, remat, args)
+                    rows = measure(stage, variant, layout, remat, args, warnings)
                 except Exception as e:  # noqa: BLE001 - reported per configuration, the others go on
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     rows = [{"stage": stage, "variant": variant, "devices": args.child, "layout": layout,
@@ -267,17 +291,21 @@ def run_devices(devices: int, args, on_row) -> None:
         cmd += ["--layouts", *args.layouts]
     if args.phases:
         cmd += ["--phases", *args.phases]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_child_env(devices, args.fast_compile))
-    for line in proc.stdout:
-        if line.startswith("ROW "):
-            on_row(json.loads(line[4:]))
-        elif line.startswith("FAILED "):
-            on_row({"devices": devices, "error": line[7:].strip()})
-    err = proc.stderr.read()
-    if proc.wait() != 0:
-        tail = " | ".join(err.strip().splitlines()[-3:])
-        on_row({"devices": devices, "error": f"child exit {proc.returncode}: {tail[-800:]}"})
+    # The child's stderr goes to a file, not a pipe: XLA's SPMD partitioner can write megabytes of
+    # warnings, which would fill a pipe nobody reads while the child runs. The child counts them.
+    with tempfile.NamedTemporaryFile("w+", prefix="bench_scale_stderr_", suffix=".log") as log:
+        cmd += ["--stderr-log", log.name]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env=_child_env(devices, args.fast_compile))
+        for line in proc.stdout:
+            if line.startswith("ROW "):
+                on_row(json.loads(line[4:]))
+            elif line.startswith("FAILED "):
+                on_row({"devices": devices, "error": line[7:].strip()})
+        if proc.wait() != 0:
+            log.seek(0)
+            tail = " | ".join(log.read().strip().splitlines()[-3:])
+            on_row({"devices": devices, "error": f"child exit {proc.returncode}: {tail[-800:]}"})
 
 
 def project(row: dict, acc: dict, mfu: float, price: float) -> dict:
@@ -290,6 +318,10 @@ def project(row: dict, acc: dict, mfu: float, price: float) -> dict:
     return {"accelerator": acc["name"], "assumed_mfu": mfu, "peak_tflops_bf16": acc["peak_tflops"],
             "price_per_chip_hour": price, "step_seconds": step_s, "run_steps": steps,
             "run_wall_hours": step_s * steps / 3600, "run_chip_hours": chip_hours, "run_cost": chip_hours * price}
+
+
+def _amount(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def _gib(b: float) -> str:
@@ -310,8 +342,8 @@ def _run_table(good: list[dict], acc: dict) -> str:
         p = [r["projection"] for r in rs]
         steps = " + ".join(f"{q['run_steps']:,.0f} {r['phase']}" for r, q in zip(rs, p))
         table.append([stage, devices, layout, "on" if remat else "off", steps,
-                      f"{sum(q['run_wall_hours'] for q in p) / 24:.3g}", f"{sum(q['run_chip_hours'] for q in p):,.0f}",
-                      f"{sum(q['run_cost'] for q in p):,.0f}"])
+                      f"{sum(q['run_wall_hours'] for q in p) / 24:.3g}", _amount(sum(q['run_chip_hours'] for q in p)),
+                      _amount(sum(q['run_cost'] for q in p))])
     return (f"Paper training run, projection on {acc['name']} (every compiled phase; steps from the config):\n\n"
             + _common.markdown_table(["stage", "devices", "layout", "remat", "steps", "wall days (projection)",
                                       "chip-hours (projection)", "$ (projection)"], table))
@@ -321,7 +353,7 @@ def markdown(rows: list[dict], args, acc: dict) -> str:
     good = [r for r in rows if "error" not in r]
     head = ["stage", "phase", "devices", "layout", "remat", "batch (accum)", "params GiB", "opt GiB",
             "other GiB", "batch GiB", "temps GiB", "outputs GiB", "total GiB", f"> {args.hbm_gib:g} GiB",
-            "TFLOP/step/device", "XLA cost_analysis TFLOP", "compile s",
+            "TFLOP/step/device", "XLA cost_analysis TFLOP", "compile s", "SPMD full-remat warnings",
             f"step s on {acc['name']} (projection)", "run chip-h (projection)", "run $ (projection)"]
     table = []
     for r in good:
@@ -331,8 +363,8 @@ def markdown(rows: list[dict], args, acc: dict) -> str:
                       _gib(b["other_state"]), _gib(b["batch"]), _gib(b["temporaries"]),
                       _gib(b["outputs_not_aliased"]), _gib(b["total"]), "**yes**" if r["over_hbm"] else "no",
                       f"{r['flops_per_device'] / 1e12:.4g}", f"{r['xla_cost_analysis_flops'] / 1e12:.4g}",
-                      f"{r['compile_seconds']:.0f}", f"{p['step_seconds']:.3g}", f"{p['run_chip_hours']:.3g}",
-                      f"{p['run_cost']:,.0f}" if p["run_cost"] >= 1 else f"{p['run_cost']:.2g}"])
+                      f"{r['compile_seconds']:.0f}", r.get("spmd_full_remat_warnings", "–"),
+                      f"{p['step_seconds']:.3g}", _amount(p["run_chip_hours"]), _amount(p["run_cost"])])
     out = [_common.markdown_table(head, table), "", _run_table(good, acc)]
     for r in rows:
         if "error" in r:
@@ -370,6 +402,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows and settings here")
     ap.add_argument("--markdown", help="write the table here")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--stderr-log", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.remat_values = {"both": (True, False), "on": (True,), "off": (False,), "config": (None,)}[args.remat]
     if args.child:

@@ -110,6 +110,7 @@ def test_suite_smoke(tmp_path):
     assert abs(b["params"] + b["opt_state"] + b["other_state"] + b["batch"] - b["arguments"]) <= 64
     assert b["total"] == b["arguments"] + b["temporaries"] + b["outputs_not_aliased"]
     assert r["flops_per_device"] >= r["xla_cost_analysis_flops"] > 0
+    assert r["spmd_full_remat_warnings"] >= 0  # the child's stderr log was read
     p = r["projection"]
     assert p["step_seconds"] > 0 and p["run_cost"] > 0 and p["run_steps"] == 40  # maskgit tiny: 40 steps
     assert r["over_hbm"] is False
