@@ -15,7 +15,7 @@ Variants:
   demo   dim 256, depth 4, 4 heads x 64, for the `small` CT-ViT (codebook 512, 64x64 slices): a
          17-slice grid of 9x8x8 tokens, batch 8.
   phantom  the built-in demo cascade's MaskGIT (docs/demo_cascade.md): dim 192, depth 4, 4 heads x 48,
-         for the `phantom` CT-ViT (codebook 512, 17 x 32 x 32 -> 9 x 8 x 8 tokens) and the built-in
+         for the `phantom` CT-ViT (codebook 2048, 17 x 32 x 32 -> 9 x 8 x 8 tokens) and the built-in
          T5 (width 64); batch 8, Adam 5e-4 with warm-up and cosine decay over 4000 steps.
   tiny   dim 32, depth 2, for the `tiny` CT-ViT (codebook 64, 32x32 slices): tests.
 Settings after the variant (0 = the variant's value): batch=N (train and eval), steps=N.
@@ -57,7 +57,7 @@ def get_config(arg: str = "paper"):
         model = MaskGITConfig.paper(num_tokens=512, max_seq_len=1024, dim=256, depth=4, heads=4, dim_head=64,
                                     dim_context=0)
     elif a.variant == "phantom":
-        model = MaskGITConfig.paper(num_tokens=512, max_seq_len=1024, dim=192, depth=4, heads=4, dim_head=48,
+        model = MaskGITConfig.paper(num_tokens=2048, max_seq_len=1024, dim=192, depth=4, heads=4, dim_head=48,
                                     dim_context=0)
     else:
         model = MaskGITConfig.tiny(dim_context=0)

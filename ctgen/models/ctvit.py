@@ -40,6 +40,8 @@ class CTViTConfig:
       recomputed). On XLA:CPU both cost about the same time (the backward pass is bound by other
       work), so "full" is the default.
     dtype: compute dtype of the matmuls ("float32" or "bfloat16"); parameters stay float32.
+    vq_dead_code_threshold: 0 (GenerateCT) or the EMA cluster size below which a code is replaced by
+      a batch vector in training (`ctgen.models.vq`); the weights' layout does not change.
     """
 
     dim: int = 512
@@ -54,6 +56,7 @@ class CTViTConfig:
     ff_mult: float = 4.0
     max_slices: int = 201
     vq_decay: float = 0.8
+    vq_dead_code_threshold: float = 0.0
     commitment_weight: float = 1.0
     remat: bool = False
     remat_policy: str = "full"
@@ -146,7 +149,7 @@ class CTViT(nnx.Module):
         self.enc_spatial = transformer(cfg.spatial_depth)
         self.enc_temporal = transformer(cfg.temporal_depth)
         self.vq = VectorQuantizer(d, cfg.codebook_size, decay=cfg.vq_decay, commitment_weight=cfg.commitment_weight,
-                                  rngs=rngs)
+                                  dead_code_threshold=cfg.vq_dead_code_threshold, rngs=rngs)
         self.dec_spatial = transformer(cfg.spatial_depth)
         self.dec_temporal = transformer(cfg.temporal_depth)
         self.first_to_pixels = Dense(d, p * p, axes=("embed", None), dtype=dtype, rngs=rngs)

@@ -11,6 +11,15 @@ dead-code expiry, commitment weight 1, argmax assignment. Forward, always in flo
          target_k = l2(mean of l2(x) assigned to k)   (kept l2(embed_k) if k got nothing)
          embed <- lerp(embed, target, 0.2)
 
+Departure (a switch, off by default and in every GenerateCT-shaped config): `dead_code_threshold`
+> 0 expires dead codes as vector-quantize-pytorch's `threshold_ema_dead_code` does. After the EMA
+update, every code whose `cluster_size` is below the threshold is replaced by an l2-normalised
+encoder output of the current batch and its `cluster_size` is set to the threshold. Each dead code
+takes a different batch vector (a random permutation when the batch has at least as many vectors
+as the codebook has codes). The key is derived from the batch's ids, so the choice is deterministic
+and the same on every replica. Only the training-time codebook update changes: the weights keep
+GenerateCT's layout.
+
 The codebook statistics are global reductions (segment sums over every token of the global
 batch), so under `jit` on a data-parallel mesh they are summed across replicas before the update
 and every replica ends with the same codebook.
@@ -52,8 +61,11 @@ class VectorQuantizer(nnx.Module):
     """EMA cosine-similarity codebook; `embed`, `cluster_size` and `initted` are `Buffer`s."""
 
     def __init__(self, dim: int, codebook_size: int, *, decay: float = 0.8, commitment_weight: float = 1.0,
-                 rngs: nnx.Rngs):
+                 dead_code_threshold: float = 0.0, rngs: nnx.Rngs):
+        if dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
         self.decay = decay
+        self.dead_code_threshold = dead_code_threshold
         self.commitment_weight = commitment_weight
         self.codebook_size = codebook_size
         self.embed = param(_kaiming_uniform_l2(rngs.params(), codebook_size, dim), "codebook", "embed", cls=Buffer)
@@ -97,3 +109,17 @@ class VectorQuantizer(nnx.Module):
         means = l2_normalize(sums / jnp.where(zero, 1.0, bins_K)[:, None])
         target = jnp.where(zero[:, None], l2_normalize(embed), means)
         self.embed[...] = embed + w * (target - embed)
+        if self.dead_code_threshold > 0:
+            self._expire_dead_codes(x_NxD, ids_N)
+
+    def _expire_dead_codes(self, x_NxD: jax.Array, ids_N: jax.Array) -> None:
+        n, k = x_NxD.shape[0], self.codebook_size
+        key = jax.random.fold_in(jax.random.key(0x5EED), jnp.sum(ids_N.astype(jnp.uint32)))
+        if n >= k:
+            pick = jax.random.permutation(key, n)[:k]
+        else:
+            pick = jax.random.randint(key, (k,), 0, n)
+        dead = self.cluster_size[...] < self.dead_code_threshold
+        samples = l2_normalize(jnp.take(x_NxD, pick, axis=0))
+        self.embed[...] = jnp.where(dead[:, None], samples, self.embed[...])
+        self.cluster_size[...] = jnp.where(dead, jnp.float32(self.dead_code_threshold), self.cluster_size[...])

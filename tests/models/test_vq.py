@@ -115,3 +115,52 @@ def test_ema_update_identical_on_a_data_parallel_mesh(mesh_shape):
     for copies in shards.values():
         for c in copies[1:]:
             np.testing.assert_array_equal(c, copies[0])
+
+
+@pytest.mark.parametrize("n_tokens", [40, 7])  # more batch vectors than codes (a permutation) and fewer
+def test_dead_code_expiry_replaces_only_dead_codes_with_batch_vectors(n_tokens):
+    thr = 0.5
+    vq = VectorQuantizer(D, K, dead_code_threshold=thr, rngs=nnx.Rngs(0))
+    ref = VectorQuantizer(D, K, rngs=nnx.Rngs(0))  # same codebook, no expiry
+    x = np.random.default_rng(1).normal(size=(n_tokens, D)).astype(np.float32)
+    # Codes 0..3 were busy before this step (they stay above the threshold), the rest never used.
+    busy = np.zeros(K, np.float32)
+    busy[:4] = 10.0
+    vq.cluster_size[...] = jnp.asarray(busy)
+    ref.cluster_size[...] = jnp.asarray(busy)
+    out = vq(jnp.asarray(x), train=True)
+    ref_out = ref(jnp.asarray(x), train=True)
+    ref_cluster, ref_embed = np.asarray(ref.cluster_size[...]), np.asarray(ref.embed[...])
+    dead = ref_cluster < thr
+    assert 0 < dead.sum() < K and not dead[:4].any()
+    cluster, embed = np.asarray(vq.cluster_size[...]), np.asarray(vq.embed[...])
+    # Live codes: exactly the EMA update without expiry. Dead ones: reset to the threshold and
+    # replaced by unit-norm vectors of this batch (distinct ones when the batch is large enough).
+    np.testing.assert_allclose(embed[~dead], ref_embed[~dead], atol=1e-6)
+    np.testing.assert_allclose(cluster[~dead], ref_cluster[~dead], atol=1e-6)
+    np.testing.assert_allclose(cluster[dead], thr)
+    batch = _l2(x)
+    match = np.abs(embed[dead] @ batch.T - 1.0).min(axis=1)
+    assert match.max() < 1e-5, "every replaced code is a normalised batch vector"
+    if n_tokens >= K:
+        picked = np.argmin(np.abs(embed[dead] @ batch.T - 1.0), axis=1)
+        assert len(set(picked.tolist())) == int(dead.sum())
+    # The step's own outputs are those of the pre-update codebook: expiry only changes the next step.
+    np.testing.assert_array_equal(np.asarray(out.ids), np.asarray(ref_out.ids))
+    np.testing.assert_allclose(np.asarray(out.quantized), np.asarray(ref_out.quantized), atol=1e-6)
+
+
+def test_dead_code_expiry_is_deterministic_and_raises_usage():
+    x = np.random.default_rng(2).normal(size=(64, D)).astype(np.float32)
+    a = VectorQuantizer(D, K, dead_code_threshold=1.0, rngs=nnx.Rngs(0))
+    b = VectorQuantizer(D, K, dead_code_threshold=1.0, rngs=nnx.Rngs(0))
+    off = VectorQuantizer(D, K, rngs=nnx.Rngs(0))
+    for _ in range(5):
+        a(jnp.asarray(x), train=True)
+        b(jnp.asarray(x), train=True)
+        off(jnp.asarray(x), train=True)
+    np.testing.assert_array_equal(np.asarray(a.embed[...]), np.asarray(b.embed[...]))
+    used = lambda vq: len(np.unique(np.asarray(vq.assign(jnp.asarray(x)))))  # noqa: E731
+    assert used(a) > used(off)
+    with pytest.raises(ValueError, match="dead_code_threshold"):
+        VectorQuantizer(D, K, dead_code_threshold=-1.0, rngs=nnx.Rngs(0))
