@@ -2,8 +2,8 @@
 record each generated volume carries.
 
 Sizes (random weights made once under --workdir; timing does not depend on the values):
-  demo   the built-in demo cascade's architectures (configs/*.py:phantom, built-in T5): 17 x 64 x 64
-         low-res -> 17 x 128 x 128
+  demo   the built-in demo cascade's architectures (configs/*.py:phantom, built-in T5) and generation
+         settings (ctgen.generate.demo_cascade.DEFAULT_SETTINGS): 17 x 32 x 32 -> 17 x 128 x 128
   paper  GenerateCT's: T5 v1.1 base (random), CT-ViT and MaskGIT paper, SR U-Net paper: --slices x
          128 x 128 -> x 512 x 512 (default 201 slices)
 
@@ -88,8 +88,11 @@ def _run(args, ckpt: str, out: str, cache: str) -> dict:
     cmd = [sys.executable, "-m", "ctgen", "generate", PROMPT, "--name", "bench", "--out", out, "--checkpoints", ckpt,
            "--slices", str(args.slices), "--steps", str(args.steps), "--sr-steps", str(args.sr_steps),
            "--seed", "0", f"--config.compile_cache.dir={cache}", "--config.progress_bar=false"]
-    if args.size == "demo":
-        cmd += ["--config.superres.scale=2", "--config.text_max_length=128", "--sr-sampler", "ddim"]
+    if args.size == "demo":  # the demo cascade's own generation settings (the CLI flags above win)
+        from ctgen.generate.demo_cascade import DEFAULT_SETTINGS
+
+        cmd += [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
+                for k, v in DEFAULT_SETTINGS.items() if k not in ("slices", "maskgit.steps", "superres.steps")]
     cmd += args.extra
     env = dict(os.environ)
     t0 = time.perf_counter()
