@@ -10,11 +10,13 @@ Sizes (random weights made once under --workdir; timing does not depend on the v
 Each run is `ctgen generate` in a fresh process with a fresh JAX compilation cache, run twice: cold
 (everything compiled) and warm (the persistent cache from the cold run), as a user's first and
 second call. Reported per stage: steady seconds (compilation excluded) and compile seconds, plus the
-process's peak RSS. --steps / --sr-steps shorten sampling for the paper size on a CPU; the table
+process's peak RSS. --sr-slices K splits a run: the cascade at --slices without the SR, then the
+whole cascade at K slices; the SR time at --slices is projected from K slices (labelled). --steps / --sr-steps shorten sampling for the paper size on a CPU; the table
 then also extrapolates the stage times linearly to GenerateCT's 18 / 25 steps (labelled as such).
 
     python benchmarks/bench_generate.py --size demo
     python benchmarks/bench_generate.py --size paper --slices 201 --steps 2 --sr-steps 1 --runs cold
+    python benchmarks/bench_generate.py --size paper --slices 201 --sr-slices 3 --steps 2 --sr-steps 1 --runs cold
     ctgen bench generate --size demo --json results/generate.json
 
 GenerateCT's own cascade is not run: its three scripts need an 80 GB GPU at 201 slices (its MaskGIT
@@ -84,15 +86,17 @@ def _make_weights(size: str, root: str) -> None:
     save_superres_dir(os.path.join(root, "superres"), ucfg, nnx.state(UNet(ucfg, rngs=nnx.Rngs(2)), nnx.Param))
 
 
-def _run(args, ckpt: str, out: str, cache: str) -> dict:
+def _run(args, ckpt: str, out: str, cache: str, *, slices: int = 0, sr: bool = True) -> dict:
     cmd = [sys.executable, "-m", "ctgen", "generate", PROMPT, "--name", "bench", "--out", out, "--checkpoints", ckpt,
-           "--slices", str(args.slices), "--steps", str(args.steps), "--sr-steps", str(args.sr_steps),
+           "--slices", str(slices or args.slices), "--steps", str(args.steps), "--sr-steps", str(args.sr_steps),
            "--seed", "0", f"--config.compile_cache.dir={cache}", "--config.progress_bar=false"]
     if args.size == "demo":  # the demo cascade's own generation settings (the CLI flags above win)
         from ctgen.generate.demo_cascade import DEFAULT_SETTINGS
 
         cmd += [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
                 for k, v in DEFAULT_SETTINGS.items() if k not in ("slices", "maskgit.steps", "superres.steps")]
+    if not sr:
+        cmd.append("--no-sr")
     cmd += args.extra
     env = dict(os.environ)
     t0 = time.perf_counter()
@@ -120,12 +124,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=PAPER_STEPS, help="MaskGIT steps")
     p.add_argument("--sr-steps", type=int, default=0, help="SR steps (default: 20 demo DDIM, 25 paper ancestral)")
     p.add_argument("--runs", nargs="+", choices=("cold", "warm"), default=["cold", "warm"])
+    p.add_argument("--sr-slices", type=int, default=0,
+                   help="split each run in two: --slices without SR, then the whole cascade at this many slices; "
+                        "the SR time at --slices is projected per slice (the SR of 201 512x512 slices takes "
+                        "hours on a CPU)")
     p.add_argument("--workdir", default="", help="keep the random weights here (default: a temporary folder)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("extra", nargs="*", help="further `ctgen generate` arguments (after --)")
     args = p.parse_args(argv)
     args.slices = args.slices or (17 if args.size == "demo" else 201)
     args.sr_steps = args.sr_steps or (20 if args.size == "demo" else PAPER_SR_STEPS)
+    if args.sr_slices and not (args.sr_slices < args.slices and args.sr_slices % 2 == 1):
+        p.error(f"--sr-slices must be an odd slice count below --slices ({args.slices}), got {args.sr_slices}")
 
     tmp = tempfile.mkdtemp(prefix="bench_generate_")
     ckpt = os.path.join(args.workdir or tmp, f"weights_{args.size}")
@@ -136,8 +146,13 @@ def main(argv=None) -> int:
     results = {}
     try:
         for run in args.runs:
-            out = os.path.join(tmp, f"out_{run}")
-            results[run] = _run(args, ckpt, out, cache)
+            if args.sr_slices:
+                results[f"{run}, {args.slices} slices, no SR"] = _run(args, ckpt, os.path.join(tmp, f"out_{run}_nosr"),
+                                                                      cache, sr=False)
+                results[f"{run}, {args.sr_slices} slices"] = _run(args, ckpt, os.path.join(tmp, f"out_{run}_sr"), cache,
+                                                                  slices=args.sr_slices)
+            else:
+                results[run] = _run(args, ckpt, os.path.join(tmp, f"out_{run}"), cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -153,9 +168,21 @@ def main(argv=None) -> int:
         print(f"| {run} | {'x'.join(map(str, r['shape']))} | " + " | ".join(cells)
               + f" | {r['wall_seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
     scale = {"maskgit": PAPER_STEPS / args.steps, "superres": PAPER_SR_STEPS / args.sr_steps}
-    if args.size == "paper" and (args.steps != PAPER_STEPS or args.sr_steps != PAPER_SR_STEPS):
-        r = results[args.runs[0]]
-        proj = {s: r["seconds"].get(s, 0) * scale.get(s, 1.0) for s in stages}
+    first = args.runs[0]
+    if args.sr_slices:
+        # Stages before the SR from the run at --slices; the SR's steady seconds per slice from the
+        # short run, times --slices (the SR works slice by slice in fixed-size batches).
+        r = dict(results[f"{first}, {args.slices} slices, no SR"]["seconds"])
+        per_slice = results[f"{first}, {args.sr_slices} slices"]["seconds"].get("superres", 0) / args.sr_slices
+        r["superres"] = per_slice * args.slices
+        print(f"SR at {args.slices} slices (projection from {args.sr_slices} slices, not measured): "
+              f"{per_slice:.1f} s per slice x {args.slices} = {r['superres']:.0f} s at {args.sr_steps} steps")
+        results["superres_projection"] = {"slices": args.slices, "from_slices": args.sr_slices,
+                                          "seconds_per_slice": per_slice, "seconds": r["superres"]}
+    else:
+        r = results[first]["seconds"]
+    if args.size == "paper" and (args.steps != PAPER_STEPS or args.sr_steps != PAPER_SR_STEPS or args.sr_slices):
+        proj = {s: r.get(s, 0) * scale.get(s, 1.0) for s in stages}
         print("projection (linear in the step count, not measured) to 18 MaskGIT / 25 SR steps: "
               + ", ".join(f"{s} {v:.0f} s" for s, v in proj.items()) + f"; total {sum(proj.values()) / 60:.1f} min")
     if args.json:
