@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from ctgen.errors import UserError
+
 PROMPT = "64 years old female: Cardiomegaly. Bilateral pleural effusion, more on the right."
 PAPER_STEPS, PAPER_SR_STEPS = 18, 25
 
@@ -90,11 +92,11 @@ def _run(args, ckpt: str, out: str, cache: str, *, slices: int = 0, sr: bool = T
     cmd = [sys.executable, "-m", "ctgen", "generate", PROMPT, "--name", "bench", "--out", out, "--checkpoints", ckpt,
            "--slices", str(slices or args.slices), "--steps", str(args.steps), "--sr-steps", str(args.sr_steps),
            "--seed", "0", f"--config.compile_cache.dir={cache}", "--config.progress_bar=false"]
-    if args.size == "demo":  # the demo cascade's own generation settings (the CLI flags above win)
-        from ctgen.generate.demo_cascade import DEFAULT_SETTINGS
+    if args.size == "demo":  # the demo cascade's generation settings, except those the flags above set
+        from ctgen.generate.demo_cascade import DEFAULT_SETTINGS, settings_overrides
 
-        cmd += [f"--config.{k}={v!r}" if not isinstance(v, str) else f"--config.{k}={v}"
-                for k, v in DEFAULT_SETTINGS.items() if k not in ("slices", "maskgit.steps", "superres.steps")]
+        cmd += [f"--config.{k}={v}" for k, v in settings_overrides(DEFAULT_SETTINGS)
+                if k not in ("slices", "maskgit.steps", "superres.steps")]
     if not sr:
         cmd.append("--no-sr")
     cmd += args.extra
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     args.slices = args.slices or (17 if args.size == "demo" else 201)
     args.sr_steps = args.sr_steps or (20 if args.size == "demo" else PAPER_SR_STEPS)
     if args.sr_slices and not (args.sr_slices < args.slices and args.sr_slices % 2 == 1):
-        p.error(f"--sr-slices must be an odd slice count below --slices ({args.slices}), got {args.sr_slices}")
+        raise UserError(f"--sr-slices must be an odd slice count below --slices ({args.slices}), got {args.sr_slices}")
 
     tmp = tempfile.mkdtemp(prefix="bench_generate_")
     ckpt = os.path.join(args.workdir or tmp, f"weights_{args.size}")
@@ -192,4 +194,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:  # bad arguments: one line, exit code 2
+        print(f"bench_generate: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -37,6 +37,9 @@ Departures from GenerateCT, each a switch (the paper variant keeps GenerateCT's 
   model.remat=True (all variants): recompute transformer activations in the backward pass.
       Same numbers; ~1/3 more transformer compute for ~5x less activation memory (201 slices:
       step peak 4 GB instead of 9).
+  model.vq_dead_code_threshold=0 (0.1 in `phantom`): above 0, codes whose EMA cluster size falls
+      below it are replaced by batch vectors in training (vector-quantize-pytorch's
+      threshold_ema_dead_code); the weights keep GenerateCT's layout.
   loss.adaptive_weight_ref="recon" is used automatically when there is no perceptual loss,
       because GenerateCT's weight ||dL_perc/dW|| / ||dL_gan/dW|| would be 0 and silently turn
       the GAN off.

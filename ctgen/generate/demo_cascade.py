@@ -83,9 +83,14 @@ def overrides(path: str | None = None) -> list[tuple[str, str]]:
     before the user's: later overrides win)."""
     path = path or default_dir()
     man = read_manifest(path)
-    out = [(k, v if isinstance(v, str) else repr(tuple(v) if isinstance(v, list) else v))
-           for k, v in man.get("generate", {}).items()]
-    return out + [("checkpoints.dir", path), ("checkpoints.text", "builtin")]
+    return settings_overrides(man.get("generate", {})) + [("checkpoints.dir", path), ("checkpoints.text", "builtin")]
+
+
+def settings_overrides(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Generation settings ({"maskgit.cond_scale": 3.0, ...}) as `--config.KEY=VALUE` override pairs
+    (strings as they are, other values as Python literals; JSON lists become tuples)."""
+    return [(k, v if isinstance(v, str) else repr(tuple(v) if isinstance(v, list) else v))
+            for k, v in settings.items()]
 
 
 def verify(record: Mapping[str, Mapping[str, Any]], path: str | None = None) -> None:

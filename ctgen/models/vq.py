@@ -14,10 +14,10 @@ dead-code expiry, commitment weight 1, argmax assignment. Forward, always in flo
 Departure (a switch, off by default and in every GenerateCT-shaped config): `dead_code_threshold`
 > 0 expires dead codes as vector-quantize-pytorch's `threshold_ema_dead_code` does. After the EMA
 update, every code whose `cluster_size` is below the threshold is replaced by an l2-normalised
-encoder output of the current batch and its `cluster_size` is set to the threshold. Each dead code
-takes a different batch vector (a random permutation when the batch has at least as many vectors
-as the codebook has codes). The key is derived from the batch's ids, so the choice is deterministic
-and the same on every replica. Only the training-time codebook update changes: the weights keep
+encoder output of the current batch and its `cluster_size` is set to the threshold. The vectors
+are drawn without replacement when the batch has at least as many as the codebook has codes (so
+no two codes get the same one), with replacement otherwise. The key is derived from the batch's
+ids, so the choice is deterministic and the same on every replica. Only the training-time codebook update changes: the weights keep
 GenerateCT's layout.
 
 The codebook statistics are global reductions (segment sums over every token of the global
@@ -105,21 +105,22 @@ class VectorQuantizer(nnx.Module):
         cluster = self.cluster_size[...]
         self.cluster_size[...] = cluster + w * (bins_K - cluster)
         zero = bins_K == 0
-        sums = jax.ops.segment_sum(l2_normalize(x_NxD), ids_N, num_segments=self.codebook_size)
+        xn_NxD = l2_normalize(x_NxD)
+        sums = jax.ops.segment_sum(xn_NxD, ids_N, num_segments=self.codebook_size)
         means = l2_normalize(sums / jnp.where(zero, 1.0, bins_K)[:, None])
         target = jnp.where(zero[:, None], l2_normalize(embed), means)
         self.embed[...] = embed + w * (target - embed)
         if self.dead_code_threshold > 0:
-            self._expire_dead_codes(x_NxD, ids_N)
+            self._expire_dead_codes(xn_NxD, ids_N)
 
-    def _expire_dead_codes(self, x_NxD: jax.Array, ids_N: jax.Array) -> None:
-        n, k = x_NxD.shape[0], self.codebook_size
+    def _expire_dead_codes(self, xn_NxD: jax.Array, ids_N: jax.Array) -> None:
+        """Replace codes below the threshold with rows of the l2-normalised batch `xn_NxD`."""
+        n, k = xn_NxD.shape[0], self.codebook_size
         key = jax.random.fold_in(jax.random.key(0x5EED), jnp.sum(ids_N.astype(jnp.uint32)))
         if n >= k:
             pick = jax.random.permutation(key, n)[:k]
         else:
             pick = jax.random.randint(key, (k,), 0, n)
         dead = self.cluster_size[...] < self.dead_code_threshold
-        samples = l2_normalize(jnp.take(x_NxD, pick, axis=0))
-        self.embed[...] = jnp.where(dead[:, None], samples, self.embed[...])
+        self.embed[...] = jnp.where(dead[:, None], jnp.take(xn_NxD, pick, axis=0), self.embed[...])
         self.cluster_size[...] = jnp.where(dead, jnp.float32(self.dead_code_threshold), self.cluster_size[...])

@@ -71,6 +71,7 @@ def test_scale_batches_and_layouts():
     (["bench_scale.py", "--layouts", "data3"], "bench_scale: error: layout 'data3' uses 3 devices, not 8"),
     (["bench_all.py", "--only", "nope"], "bench_all: error: unknown benchmark 'nope'"),
     (["bench_all.py", "--smoke", "--only", "generate"], "bench_all: error: generate has no --smoke size"),
+    (["bench_generate.py", "--sr-slices", "4"], "bench_generate: error: --sr-slices must be an odd slice count"),
 ])
 def test_bad_arguments_fail_in_one_line(argv, message):
     proc = subprocess.run([sys.executable, os.path.join(BENCH, argv[0]), *argv[1:]], capture_output=True, text=True,
