@@ -4,6 +4,9 @@ Workloads (paper U-Net unless --dim, random weights, --size x --size slices, bat
 width text of 20 tokens):
   conv    one 3x3 convolution at each U-Net level's shape (size, 64 ch), (size/2, 128), (size/4, 256):
           XLA (NHWC) against torch.nn.functional.conv2d (NCHW), forward only
+  conv-grad  the backward pass of the same convolutions: input gradient (dx) and weight gradient
+          (dw) of autodiff through XLA's convolution ("xla") and of ctgen's conv2d (custom
+          backward, "ctgen") against torch's convolution_backward (NCHW)
   fwd     U-Net forward (no gradients)
   train   forward + backward of the v-prediction MSE (GenerateCT: `loss.backward()`)
   sample  full sampling of --batch slices: ctgen's 25-step ancestral sampler (`--sampler ancestral
@@ -81,14 +84,33 @@ def run_ctgen(args) -> dict:
         return {"impl": "ctgen", "convs": out, "first": 0.0, "steady": [sum(out.values())], "peak_gb": _peak_gb(),
                 "note": "XLA conv NHWC"}
 
+    if args.workload == "conv-grad":
+        from ctgen.models.layers import conv2d
+
+        plain = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = {}
+        for size, ch in _conv_shapes(args.size):
+            rng = np.random.default_rng(0)
+            x, dy = (jnp.asarray(rng.standard_normal((args.batch, size, size, ch)), jnp.float32) for _ in range(2))
+            k = jnp.asarray(rng.standard_normal((3, 3, ch, ch)) * 0.05, jnp.float32)
+            for name, conv in (("xla", plain), ("ctgen", lambda x, k: conv2d(x, k, None, 1))):
+                fdx = jax.jit(lambda x, k, dy, conv=conv: jax.vjp(lambda x: conv(x, k), x)[1](dy)[0])
+                fdw = jax.jit(lambda x, k, dy, conv=conv: jax.vjp(lambda k: conv(x, k), k)[1](dy)[0])
+                for grad, f in (("dx", fdx), ("dw", fdw)):
+                    times = _timed(lambda: f(x, k, dy).block_until_ready(), args.steps)
+                    out[f"{size}x{ch} {grad} {name}"] = statistics.median(times[1:])
+        return {"impl": "ctgen", "convs": out, "first": 0.0, "peak_gb": _peak_gb(), "note": "NHWC",
+                "steady": [sum(v for key, v in out.items() if key.endswith("ctgen"))]}
+
     from ctgen.models.unet import UNet, UNetConfig
     from ctgen.sampling import diffusion as df
     from ctgen.sampling.superres import SamplerConfig, sample_slices
 
     if args.model == "tiny":
-        cfg = UNetConfig.tiny(remat=args.workload == "train", dtype=args.dtype)
+        cfg = UNetConfig.tiny(remat=args.workload == "train" and not args.no_remat, dtype=args.dtype)
     else:
-        cfg = UNetConfig.paper(dim=args.dim, remat=args.workload == "train", dtype=args.dtype)
+        cfg = UNetConfig.paper(dim=args.dim, remat=args.workload == "train" and not args.no_remat, dtype=args.dtype)
     model = UNet(cfg, rngs=nnx.Rngs(0))
     x, low, text, mask = (jnp.asarray(a) for a in _inputs(args, cfg.text_embed_dim))
     log_snr = df.cosine_log_snr(jnp.full((args.batch,), 0.5))
@@ -144,6 +166,18 @@ def run_reference(args) -> dict:
             out[f"{size}x{ch}"] = statistics.median(times[1:])
         return {"impl": "GenerateCT", "convs": out, "first": 0.0, "steady": [sum(out.values())],
                 "peak_gb": _peak_gb(), "note": "torch conv2d NCHW"}
+    if args.workload == "conv-grad":
+        out = {}
+        for size, ch in _conv_shapes(args.size):
+            x, dy = torch.randn(args.batch, ch, size, size), torch.randn(args.batch, ch, size, size)
+            k = torch.randn(ch, ch, 3, 3) * 0.05
+            for grad, mask in (("dx", [True, False, False]), ("dw", [False, True, False])):
+                with torch.no_grad():
+                    times = _timed(lambda: torch.ops.aten.convolution_backward(
+                        dy, x, k, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask), args.steps)
+                out[f"{size}x{ch} {grad}"] = statistics.median(times[1:])
+        return {"impl": "GenerateCT", "convs": out, "first": 0.0, "steady": [sum(out.values())],
+                "peak_gb": _peak_gb(), "note": "torch convolution_backward NCHW"}
     ref = rt.build_superres(dict(rt.PAPER_UNET, dim=args.dim), image_sizes=(args.size // 4, args.size))
     unet = ref.unets[1]
     x, low, text, mask = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2) if a.ndim == 4 else a))
@@ -213,8 +247,8 @@ def run_quality(args) -> None:
 def _spawn(impl: str, workload: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--workload", workload, "--size", str(args.size),
            "--batch", str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads), "--dim",
-           str(args.dim), "--dtype", args.dtype, "--sampler", args.sampler, "--sample-steps", str(args.sample_steps),
-           "--model", args.model]
+           str(args.dim), "--dtype", args.dtype, "--sampler", args.sampler, "--sample-steps",
+           str(args.sample_steps), "--model", args.model, *(["--no-remat"] if args.no_remat else [])]
     return run_child(cmd, impl, args.threads, args.background_load)
 
 
@@ -223,7 +257,7 @@ def _report(workload: str, r: dict, args) -> str:
         return f"{r['impl']:>10s}: FAILED {r['error']}"
     s = statistics.median(r["steady"])
     line = f"{r['impl']:>10s}: steady {s:8.3f} s  first {r['first']:7.2f} s  peak RSS {r['peak_gb']:5.2f} GB  [{r['note']}]"
-    if workload == "conv":
+    if workload in ("conv", "conv-grad"):
         line += "  " + ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in r["convs"].items())
     if workload == "sample":
         per_slice = s / r.get("slices_per_call", args.batch)
@@ -235,7 +269,7 @@ def _report(workload: str, r: dict, args) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", nargs="+", choices=("conv", "fwd", "train", "sample"), default=["fwd"])
+    ap.add_argument("--workload", nargs="+", choices=("conv", "conv-grad", "fwd", "train", "sample"), default=["fwd"])
     ap.add_argument("--size", type=int, default=512, help="slice size (output of the SR U-Net)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dim", type=int, default=64, help="U-Net base width (paper: 64)")
@@ -243,6 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="alternating ctgen/reference process pairs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--no-remat", action="store_true", help="train: no recomputation of the resnet blocks")
     ap.add_argument("--sampler", default="ancestral", choices=("ancestral", "ddim"))
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--no-reference", action="store_true", help="measure ctgen only")

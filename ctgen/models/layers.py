@@ -217,11 +217,97 @@ class PEG(nnx.Module):
         return y.reshape(shape)
 
 
+def _lax_conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCinxCout: jax.Array, padding: int) -> jax.Array:
+    """XLA's stride-1 NHWC/HWIO cross-correlation with `padding` zeros on every side."""
+    return jax.lax.conv_general_dilated(
+        x_BxHxWxC, kernel_KxKxCinxCout, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Target size of one im2col block in the weight gradient (bytes). At the SR U-Net's shapes one
+# output row of patches is 1.2 MB (512 x 9 x 64 floats, likewise 256 x 9 x 128 and 128 x 9 x 256),
+# so this gives one row per block; measured at 512^2x64 (load ~5, docs/superres.md): 1 row 0.49-0.56 s,
+# 3 rows 0.63 s, 14 rows 0.83 s, the whole 576 MB patch matrix at once 1.34 s.
+_WGRAD_BLOCK_BYTES = 2 << 20
+
+
+def conv2d_weight_grad(x_BxHxWxC: jax.Array, dy_BxHoxWoxCout: jax.Array, k: int, padding: int) -> jax.Array:
+    """d/dkernel of sum(dy * conv(x, kernel)) for a stride-1 k x k convolution: (k, k, Cin, Cout).
+
+    dkernel[a, b, i, o] = sum over (n, y, x) of x_padded[n, y + a, x + b, i] * dy[n, y, x, o], i.e.
+    one GEMM dy^T (Cout, N) @ patches (N, k*k*Cin) over all N = B*Ho*Wo output positions. The
+    positions are taken a block of output rows at a time (about `_WGRAD_BLOCK_BYTES` of patches)
+    in a loop that accumulates in float32, so the patch matrix is never materialised whole.
+    """
+    b, c = x_BxHxWxC.shape[0], x_BxHxWxC.shape[-1]
+    ho, wo, c_out = dy_BxHoxWoxCout.shape[1:]
+    if dy_BxHoxWoxCout.size == 0 or x_BxHxWxC.size == 0:
+        return jnp.zeros((k, k, c, c_out), jnp.float32)
+    rows = int(min(ho, max(1, _WGRAD_BLOCK_BYTES // max(1, b * wo * k * k * c * x_BxHxWxC.dtype.itemsize))))
+    n_blocks = -(-ho // rows)
+    # Zero rows past the end (dy's padding rows contribute nothing); xp has k - 1 more rows than dy.
+    xp = jnp.pad(x_BxHxWxC, ((0, 0), (padding, padding + n_blocks * rows - ho), (padding, padding), (0, 0)))
+    dy = jnp.pad(dy_BxHoxWoxCout, ((0, 0), (0, n_blocks * rows - ho), (0, 0), (0, 0)))
+
+    def block(i, acc):
+        xb = jax.lax.dynamic_slice_in_dim(xp, i * rows, rows + k - 1, axis=1)
+        db = jax.lax.dynamic_slice_in_dim(dy, i * rows, rows, axis=1).reshape(b * rows * wo, c_out)
+        patches = jnp.concatenate([xb[:, u:u + rows, v:v + wo] for u in range(k) for v in range(k)], axis=-1)
+        return acc + jax.lax.dot_general(db, patches.reshape(b * rows * wo, k * k * c), (((0,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    acc = jnp.zeros((c_out, k * k * c), jnp.float32)
+    acc = block(0, acc) if n_blocks == 1 else jax.lax.fori_loop(0, n_blocks, block, acc)
+    return acc.T.reshape(k, k, c, c_out)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d_blocked_wgrad(x_BxHxWxC: jax.Array, kernel_KxKxCinxCout: jax.Array, padding: int) -> jax.Array:
+    """`_lax_conv2d` with a hand-written backward pass (x and kernel share a dtype).
+
+    XLA:CPU computes autodiff's kernel gradient as a convolution whose "kernel" is the whole
+    output gradient; at the SR U-Net's shapes that ran 3-6x slower than PyTorch's
+    (e.g. 2.1-2.7 s vs 0.41-0.64 s at 512^2x64, docs/superres.md). Here the kernel gradient is a blocked im2col GEMM
+    (`conv2d_weight_grad`); the input gradient is the usual full correlation of dy with the kernel
+    flipped in space and transposed in/out (the same convolution autodiff would emit).
+    """
+    return _lax_conv2d(x_BxHxWxC, kernel_KxKxCinxCout, padding)
+
+
+def _conv2d_fwd(x, kernel, padding):
+    return _lax_conv2d(x, kernel, padding), (x, kernel)
+
+
+def _conv2d_bwd(padding, res, dy):
+    x, kernel = res
+    k = kernel.shape[0]
+    dx = _lax_conv2d(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), k - 1 - padding)
+    return dx, conv2d_weight_grad(x, dy, k, padding).astype(kernel.dtype)
+
+
+_conv2d_blocked_wgrad.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _blocked_wgrad_backend() -> bool:
+    """Whether conv2d's blocked weight gradient is used: on XLA:CPU only (see conv2d)."""
+    return jax.default_backend() == "cpu"
+
+
 def conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCinxCout: jax.Array, bias: jax.Array | None, padding: int) -> jax.Array:
-    """Stride-1 NHWC 2-D convolution (cross-correlation, zero padding)."""
-    y = jax.lax.conv_general_dilated(
-        x_BxHxWxC, kernel_KxKxCinxCout.astype(x_BxHxWxC.dtype), window_strides=(1, 1),
-        padding=((padding, padding), (padding, padding)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    """Stride-1 NHWC 2-D convolution (cross-correlation, zero padding).
+
+    On XLA:CPU, square kernels with 0 <= padding <= k - 1 (every convolution in ctgen) take the
+    custom backward pass of `_conv2d_blocked_wgrad`; values and gradients equal the plain XLA
+    convolution's up to float32 summation order. (A custom_vjp has no forward-mode derivative:
+    jax.jvp through conv2d raises on CPU; nothing in ctgen uses one.) On GPU and TPU the vendor's
+    native convolution backward is the fast one, so autodiff of the plain convolution is kept.
+    """
+    kernel = kernel_KxKxCinxCout.astype(x_BxHxWxC.dtype)
+    k = kernel.shape[0]
+    if _blocked_wgrad_backend() and kernel.shape[1] == k and 0 <= padding <= k - 1:
+        y = _conv2d_blocked_wgrad(x_BxHxWxC, kernel, padding)
+    else:
+        y = _lax_conv2d(x_BxHxWxC, kernel, padding)
     if bias is not None:
         y = y + bcast(bias.astype(y.dtype), 4)
     return y
