@@ -160,50 +160,57 @@ def _blocked(q, k, v, scale, bias, mask_BxM, num_prefix, block_size):
     frames_q, frames_k = (_balanced(length // f, max(1, block_size // f)) for length in (n, m))
     nq, nk = math.ceil(n // f / frames_q), math.ceil(m // f / frames_k)
     bq, bk = frames_q * f, frames_k * f
-    qb = jnp.pad(q, ((0, 0), (0, nq * bq - n), (0, 0), (0, 0))).reshape(b, nq, bq, h, d)
-    kp, vp = k[:, :num_prefix], v[:, :num_prefix]
-    kb = jnp.pad(k[:, num_prefix:], ((0, 0), (0, nk * bk - m), (0, 0), (0, 0))).reshape(b, nk, bk, h, d)
-    vb = jnp.pad(v[:, num_prefix:], ((0, 0), (0, nk * bk - m), (0, 0), (0, 0))).reshape(b, nk, bk, h, v.shape[-1])
+    # Heads-major layout (B, H, blocks, tokens, D), laid out once here, so that every block's two
+    # matmuls read contiguous operands; the scale is folded into q.
+    def heads_major(x, blocks, size):
+        x = jnp.pad(x, ((0, 0), (0, blocks * size - x.shape[1]), (0, 0), (0, 0)))
+        return jnp.transpose(x, (0, 2, 1, 3)).reshape(b, h, blocks, size, x.shape[-1])
+
+    qb = heads_major(q * jnp.asarray(scale, q.dtype), nq, bq)
+    kp, vp = (jnp.transpose(x[:, :num_prefix], (0, 2, 1, 3)) for x in (k, v))
+    kb, vb = (heads_major(x[:, num_prefix:], nk, bk) for x in (k, v))
     key_mask = None
-    if mask_BxM is not None or (nk * bk != m and not relative):
+    if mask_BxM is not None or nk * bk != m:
         key_mask = mask_BxM if mask_BxM is not None else jnp.ones((1, m), bool)
         key_mask = jnp.pad(key_mask, ((0, 0), (0, nk * bk - m))).reshape(-1, nk, bk)
     if relative:
         t = bias.num_frames
-        # One more slab after the last offset: the bias of padding keys (never attended).
-        table = jnp.concatenate([bias.by_frame_offset.astype(jnp.float32),
-                                 jnp.full((h, 1, f, f), NEG, jnp.float32)], axis=1)
+        # by_frame_offset[h, d, p, q] with d = fq - fk + t - 1, re-laid out as table[h, p, r, q] with
+        # r = fk - fq + t - 1 + pad_left: for one query frame, the bias of a run of consecutive key
+        # frames is then one contiguous slice (h, F, frames_k, F), no per-element gather. Padding
+        # frames (queries past t are dropped, keys past t are masked) read zeros.
+        pad_left, pad_right = nq * frames_q - t, nk * frames_k - t
+        table = jnp.transpose(jnp.flip(bias.by_frame_offset.astype(jnp.float32), 1), (0, 2, 1, 3))
+        table = jnp.pad(table, ((0, 0), (0, 0), (pad_left, pad_right), (0, 0)))
     elif bias is not None:
         dense = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, nq * bq - n), (0, nk * bk - m)))
         dense = dense.reshape(h, nq, bq, nk, bk)
 
     def bias_block(i, j):
         if relative:
-            fq = i * frames_q + np.arange(frames_q)
-            fk = j * frames_k + np.arange(frames_k)
-            off = jnp.where(fk[None, :] < t, jnp.clip(fq[:, None] - fk[None, :] + t - 1, 0, 2 * t - 2), 2 * t - 1)
-            e = table[:, off]  # (H, frames_q, frames_k, F, F)
-            return jnp.transpose(e, (0, 1, 3, 2, 4)).reshape(h, bq, bk)[None]
+            starts = j * frames_k - (i * frames_q + jnp.arange(frames_q)) + t - 1 + pad_left
+            e = jax.vmap(lambda r: jax.lax.dynamic_slice_in_dim(table, r, frames_k, axis=2), out_axes=1)(starts)
+            return e.reshape(h, bq, bk)[None]  # (H, frames_q, F, frames_k, F) -> (1, H, bq, bk)
         return dense[:, i, :, j][None]
 
     def scores(qi, kj):
-        return jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+        return jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32)
 
     def row(i):
-        qi = jax.lax.dynamic_index_in_dim(qb, i, axis=1, keepdims=False)
+        qi = jax.lax.dynamic_index_in_dim(qb, i, axis=2, keepdims=False)
         if num_prefix:
             s = scores(qi, kp)
             mx = jnp.max(s, axis=-1)
             p = jnp.exp(s - mx[..., None])
             carry = (mx, jnp.sum(p, axis=-1),
-                     jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vp, preferred_element_type=jnp.float32))
+                     jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vp, preferred_element_type=jnp.float32))
         else:
             carry = (jnp.full((b, h, bq), NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
                      jnp.zeros((b, h, bq, v.shape[-1]), jnp.float32))
 
         def step(carry, j):
             mx, total, acc = carry
-            s = scores(qi, jax.lax.dynamic_index_in_dim(kb, j, axis=1, keepdims=False))
+            s = scores(qi, jax.lax.dynamic_index_in_dim(kb, j, axis=2, keepdims=False))
             if bias is not None:
                 s = s + bias_block(i, j)
             if key_mask is not None:
@@ -212,8 +219,8 @@ def _blocked(q, k, v, scale, bias, mask_BxM, num_prefix, block_size):
             new = jnp.maximum(mx, jnp.max(s, axis=-1))
             p = jnp.exp(s - new[..., None])
             c = jnp.exp(mx - new)
-            vj = jax.lax.dynamic_index_in_dim(vb, j, axis=1, keepdims=False)
-            acc = acc * c[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vj,
+            vj = jax.lax.dynamic_index_in_dim(vb, j, axis=2, keepdims=False)
+            acc = acc * c[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vj,
                                                   preferred_element_type=jnp.float32)
             return (new, total * c + jnp.sum(p, axis=-1), acc), None
 
