@@ -23,7 +23,9 @@ Fields:
   prompt_template        "paper", "findings" or a build_prompt template (use the one the model was trained with)
   text_max_length        T5 tokens per prompt (GenerateCT: 256; longer prompts are cut)
   maskgit.*              steps, cond_scale, temperature, batch_size (prompts decoded together, split over
-                         the local devices; 0 = one per batch shard of the mesh)
+                         the local devices; 0 = one per batch shard of the mesh), attention_block (tokens
+                         per block of the CPU's blocked attention, whatever the model trained with; 0 = the
+                         model's own; 2048 measured fastest at 201 slices, docs/maskgit.md)
   superres.*             enabled, sampler ("ancestral" | "ddim"), steps, cond_scale, lowres_noise_level,
                          batch_size (slices per SR batch over all local devices; 0 = as many as memory allows),
                          scale (output size / CT-ViT image size; GenerateCT: 128 -> 512 = 4)
@@ -56,7 +58,7 @@ def get_config(arg: str = "paper"):
     c.prompt_template = "paper"
     c.text_max_length = 256
     c.maskgit = ml_collections.ConfigDict({"steps": a.steps or 18, "cond_scale": 5.0, "temperature": 0.9,
-                                           "batch_size": 0})
+                                           "batch_size": 0, "attention_block": 2048})
     c.superres = ml_collections.ConfigDict({
         "enabled": True, "sampler": "ancestral", "steps": a.sr_steps or 25, "cond_scale": 1.0,
         "lowres_noise_level": 0.1, "batch_size": 0, "scale": 4})

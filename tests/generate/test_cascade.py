@@ -77,3 +77,23 @@ def test_models_that_do_not_fit_together_are_named(tmp_path, checkpoints, capsys
     rc, captured = _generate(capsys, "Cardiomegaly.", "--out", str(tmp_path / "out"), "--checkpoints", root, "--no-sr")
     assert rc == 2
     assert "maskgit" in captured.err and "16-wide" in captured.err and "64-wide" in captured.err
+
+
+def test_generation_sets_the_maskgit_attention_block(tmp_path, checkpoints, capsys, monkeypatch):
+    """maskgit.attention_block (an inference-only knob, default 2048) reaches the loaded MaskGIT; 0
+    keeps the block the model was saved with (MaskGITConfig's 512)."""
+    import ctgen.convert.maskgit_store as store
+
+    seen, real = [], store.load_maskgit
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen.append(model.cfg.attention_block)
+        return model
+
+    monkeypatch.setattr(store, "load_maskgit", spy)
+    for i, setting in enumerate(([], ["--config.maskgit.attention_block=0"])):
+        rc, captured = _generate(capsys, "Cardiomegaly.", "--out", str(tmp_path / f"out{i}"), "--checkpoints",
+                                 checkpoints, "--no-sr", *setting)
+        assert rc == 0, captured.err
+    assert seen == [2048, 512]
