@@ -72,7 +72,7 @@ def load_models(config, stages: Mapping[str, StageWeights], mesh, rules) -> Mode
 
     text, tokenizer, text_cfg = load_text_encoder(stages["text"].path, mesh=mesh, rules=rules)
     ctvit = load_ctvit(stages["ctvit"].path, mesh=mesh, rules=rules)
-    block = int(config.maskgit.get("attention_block", 0))
+    block = int(config.maskgit.attention_block)
     maskgit = load_maskgit(stages["maskgit"].path, mesh=mesh, rules=rules, **({"attention_block": block} if block else {}))
     where = {k: v.path for k, v in stages.items()}
     if maskgit.cfg.dim_context != text_cfg.d_model:

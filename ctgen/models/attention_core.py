@@ -160,25 +160,20 @@ def _blocked(q, k, v, scale, bias, mask_BxM, num_prefix, block_size):
     frames_q, frames_k = (_balanced(length // f, max(1, block_size // f)) for length in (n, m))
     nq, nk = math.ceil(n // f / frames_q), math.ceil(m // f / frames_k)
     bq, bk = frames_q * f, frames_k * f
-    # Heads-major layout (B, H, blocks, tokens, D), laid out once here, so that every block's two
-    # matmuls read contiguous operands; the scale is folded into q.
-    def heads_major(x, blocks, size):
-        x = jnp.pad(x, ((0, 0), (0, blocks * size - x.shape[1]), (0, 0), (0, 0)))
-        return jnp.transpose(x, (0, 2, 1, 3)).reshape(b, h, blocks, size, x.shape[-1])
-
-    qb = heads_major(q * jnp.asarray(scale, q.dtype), nq, bq)
-    kp, vp = (jnp.transpose(x[:, :num_prefix], (0, 2, 1, 3)) for x in (k, v))
-    kb, vb = (heads_major(x[:, num_prefix:], nk, bk) for x in (k, v))
+    qb = jnp.pad(q, ((0, 0), (0, nq * bq - n), (0, 0), (0, 0))).reshape(b, nq, bq, h, d)
+    kp, vp = k[:, :num_prefix], v[:, :num_prefix]
+    kb = jnp.pad(k[:, num_prefix:], ((0, 0), (0, nk * bk - m), (0, 0), (0, 0))).reshape(b, nk, bk, h, d)
+    vb = jnp.pad(v[:, num_prefix:], ((0, 0), (0, nk * bk - m), (0, 0), (0, 0))).reshape(b, nk, bk, h, v.shape[-1])
     key_mask = None
     if mask_BxM is not None or nk * bk != m:
         key_mask = mask_BxM if mask_BxM is not None else jnp.ones((1, m), bool)
         key_mask = jnp.pad(key_mask, ((0, 0), (0, nk * bk - m))).reshape(-1, nk, bk)
     if relative:
         t = bias.num_frames
-        # by_frame_offset[h, d, p, q] with d = fq - fk + t - 1, re-laid out as table[h, p, r, q] with
+        # by_frame_offset[h, d, p, q] with d = fq - fk + t - 1, re-laid out once as table[h, p, r, q] with
         # r = fk - fq + t - 1 + pad_left: for one query frame, the bias of a run of consecutive key
-        # frames is then one contiguous slice (h, F, frames_k, F), no per-element gather. Padding
-        # frames (queries past t are dropped, keys past t are masked) read zeros.
+        # frames is then one contiguous slice (H, F, frames_k, F), no per-element gather. Padding
+        # frames read zeros (queries past t are dropped, keys past t are masked by key_mask).
         pad_left, pad_right = nq * frames_q - t, nk * frames_k - t
         table = jnp.transpose(jnp.flip(bias.by_frame_offset.astype(jnp.float32), 1), (0, 2, 1, 3))
         table = jnp.pad(table, ((0, 0), (0, 0), (pad_left, pad_right), (0, 0)))
@@ -194,23 +189,23 @@ def _blocked(q, k, v, scale, bias, mask_BxM, num_prefix, block_size):
         return dense[:, i, :, j][None]
 
     def scores(qi, kj):
-        return jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=jnp.float32)
+        return jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
 
     def row(i):
-        qi = jax.lax.dynamic_index_in_dim(qb, i, axis=2, keepdims=False)
+        qi = jax.lax.dynamic_index_in_dim(qb, i, axis=1, keepdims=False)
         if num_prefix:
             s = scores(qi, kp)
             mx = jnp.max(s, axis=-1)
             p = jnp.exp(s - mx[..., None])
             carry = (mx, jnp.sum(p, axis=-1),
-                     jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vp, preferred_element_type=jnp.float32))
+                     jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vp, preferred_element_type=jnp.float32))
         else:
             carry = (jnp.full((b, h, bq), NEG, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
                      jnp.zeros((b, h, bq, v.shape[-1]), jnp.float32))
 
         def step(carry, j):
             mx, total, acc = carry
-            s = scores(qi, jax.lax.dynamic_index_in_dim(kb, j, axis=2, keepdims=False))
+            s = scores(qi, jax.lax.dynamic_index_in_dim(kb, j, axis=1, keepdims=False))
             if bias is not None:
                 s = s + bias_block(i, j)
             if key_mask is not None:
@@ -219,8 +214,8 @@ def _blocked(q, k, v, scale, bias, mask_BxM, num_prefix, block_size):
             new = jnp.maximum(mx, jnp.max(s, axis=-1))
             p = jnp.exp(s - new[..., None])
             c = jnp.exp(mx - new)
-            vj = jax.lax.dynamic_index_in_dim(vb, j, axis=2, keepdims=False)
-            acc = acc * c[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vj,
+            vj = jax.lax.dynamic_index_in_dim(vb, j, axis=1, keepdims=False)
+            acc = acc * c[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vj,
                                                   preferred_element_type=jnp.float32)
             return (new, total * c + jnp.sum(p, axis=-1), acc), None
 
