@@ -309,7 +309,8 @@ def _restore(path: str, target: dict) -> dict:
             restored = ckptr.restore(source, args=_restore_args(item)) if item else {}
     elif os.path.isdir(os.path.join(path, "checkpoints")):
         source = os.path.join(path, "checkpoints")
-        mngr = ocp.CheckpointManager(source, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        mngr = ocp.CheckpointManager(source, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                            "data": _UnreadItem()},
                                      options=ocp.CheckpointManagerOptions(read_only=True))
         try:
             step = mngr.latest_step()
@@ -337,6 +338,20 @@ def _restore(path: str, target: dict) -> dict:
             values = _unarrange(tree, node, values)
         out[name] = _refill(target[name], values)
     return out
+
+
+class _UnreadItem(ocp.CheckpointHandler):
+    """The workdir checkpoint's `data` item (data-iterator state, `ctgen.train.checkpoint`): named
+    so that Orbax knows it, never read here (without a handler Orbax warns on every weights load)."""
+
+    def save(self, directory, args):
+        raise NotImplementedError("weights reading never writes a checkpoint")
+
+    def restore(self, directory, args=None):
+        raise NotImplementedError("weights reading never restores the data-iterator state")
+
+    def metadata(self, directory):
+        return None
 
 
 def _restore_args(item: dict) -> ocp.args.PyTreeRestore:

@@ -106,3 +106,20 @@ def test_what_does_not_fit_is_named(tmp_path):
         weights_lib.load_model(path, lambda rngs: Whole(rngs=rngs))
     with pytest.raises(UserError, match="neither a ctgen weights directory"):
         weights_lib.load_model(str(tmp_path), lambda rngs: Part(rngs=rngs))
+
+
+def test_a_workdir_checkpoint_loads_quietly(tmp_path, caplog):
+    """Weights read out of a training workdir (train state + data-iterator state, as the loop
+    saves them) load without Orbax warning that the data item could not be restored."""
+    from ctgen.train.checkpoint import Checkpointer
+
+    part = Part(rngs=nnx.Rngs(4))
+    params, rest = nnx.split_state(nnx.state(part), nnx.Param, ...)
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(7, {"params": weights_lib.to_pure(params), "model_state": weights_lib.to_pure(rest),
+                  "step": jnp.asarray(7)}, {"position": 3})
+    ckpt.close()
+    caplog.set_level("WARNING")
+    loaded = weights_lib.load_model(str(tmp_path), lambda rngs: Part(rngs=rngs))
+    _assert_same(loaded, part)
+    assert not [r.getMessage() for r in caplog.records if "could not" in r.getMessage()]
