@@ -57,8 +57,11 @@ def get_config(arg: str = "paper"):
         model = MaskGITConfig.paper(num_tokens=512, max_seq_len=1024, dim=256, depth=4, heads=4, dim_head=64,
                                     dim_context=0)
     elif a.variant == "phantom":
+        # dense attention: at its 576 tokens "auto" picks the blocked form (576^2 pairs > DENSE_MAX_PAIRS),
+        # whose per-block rematerialisation made the training step slower on the 2-core CPU (batch 8:
+        # 4.3 -> 4.0 s with XLA's default flags, 3.8 -> 3.0 s with those of docs/demo_cascade.md)
         model = MaskGITConfig.paper(num_tokens=2048, max_seq_len=1024, dim=192, depth=4, heads=4, dim_head=48,
-                                    dim_context=0)
+                                    dim_context=0, attention="dense")
     else:
         model = MaskGITConfig.tiny(dim_context=0)
     c.model = ml_collections.ConfigDict(model.to_dict())
