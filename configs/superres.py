@@ -18,8 +18,10 @@ Variants:
          thresholding at the 95th percentile, no guidance.
          GenerateCT's step is all 201 slices of one volume in chunks of 15; here 192 slices of one
          volume in 12 micro-batches of 16 (a batch that splits over 1, 2, 4, 8 or 16 devices).
-  demo   a narrower U-Net (dim 32) on 128x128 slices from 32x32, 16 slices of 2 volumes per step:
-         learns visibly on one CPU host within hours.
+         Remat of the resnet blocks is on (for accelerator memory); on a CPU host pass
+         --config.model.remat=false (XLA:CPU saves no memory with it and the step is ~24% slower).
+  demo   a narrower U-Net (dim 32) on 128x128 slices from 32x32, 16 slices of 2 volumes per step, no
+         remat: learns visibly on one CPU host within hours.
   phantom  the built-in demo cascade's SR (docs/demo_cascade.md): the paper U-Net at dim 16, 32x32
          CT-ViT reconstructions -> 128x128 phantom slices (4x, as GenerateCT's 128 -> 512), text
          width 64 (the built-in T5),
@@ -56,9 +58,12 @@ def get_config(arg: str = "paper"):
     c.stage = "superres"
     variant = a.variant
     if variant == "paper":
+        # remat on: for accelerators, where XLA honours it (16 slices of 512^2 per device in a micro-batch
+        # on one device). On XLA:CPU it saves no memory and costs ~24% time: --config.model.remat=false there
+        # (docs/superres.md, "Remat").
         model, lowres = UNetConfig.paper(remat=True), 128
     elif variant == "demo":
-        model, lowres = UNetConfig.paper(dim=32, remat=True), 32
+        model, lowres = UNetConfig.paper(dim=32, remat=False), 32  # a CPU preset: remat would only cost time
     elif variant == "phantom":
         model, lowres = UNetConfig.paper(dim=16, text_embed_dim=64, remat=False), 32
     else:
