@@ -309,9 +309,15 @@ def _restore(path: str, target: dict) -> dict:
             restored = ckptr.restore(source, args=_restore_args(item)) if item else {}
     elif os.path.isdir(os.path.join(path, "checkpoints")):
         source = os.path.join(path, "checkpoints")
-        mngr = ocp.CheckpointManager(source, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                            "data": _UnreadItem()},
-                                     options=ocp.CheckpointManagerOptions(read_only=True))
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(_read_only_notice)
+        try:
+            mngr = ocp.CheckpointManager(source, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                                "data": _UnreadItem()},
+                                         options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                                                              create=False))
+        finally:
+            absl_log.removeFilter(_read_only_notice)
         try:
             step = mngr.latest_step()
             if step is None:
@@ -352,6 +358,16 @@ class _UnreadItem(ocp.CheckpointHandler):
 
     def metadata(self, directory):
         return None
+
+
+@ocp.args.register_with_handler(_UnreadItem, for_save=True, for_restore=True)
+class _UnreadItemArgs(ocp.args.CheckpointArgs):
+    pass
+
+
+def _read_only_notice(record: logging.LogRecord) -> bool:
+    """Drops Orbax's warning that a read-only manager's directory is read only (it is meant to be)."""
+    return not record.getMessage().startswith("Given directory is read only")
 
 
 def _restore_args(item: dict) -> ocp.args.PyTreeRestore:

@@ -1,6 +1,7 @@
 """ctgen.weights: markers (and the keys older markers used), abstract models, partial restore
 straight onto a mesh, sub-models stored at the root, and errors naming what does not fit."""
 import json
+import logging
 import os
 
 import jax
@@ -110,7 +111,8 @@ def test_what_does_not_fit_is_named(tmp_path):
 
 def test_a_workdir_checkpoint_loads_quietly(tmp_path, caplog):
     """Weights read out of a training workdir (train state + data-iterator state, as the loop
-    saves them) load without Orbax warning that the data item could not be restored."""
+    saves them) load without Orbax warnings (that the data item could not be restored, that the
+    read-only manager's options were changed)."""
     from ctgen.train.checkpoint import Checkpointer
 
     part = Part(rngs=nnx.Rngs(4))
@@ -122,4 +124,4 @@ def test_a_workdir_checkpoint_loads_quietly(tmp_path, caplog):
     caplog.set_level("WARNING")
     loaded = weights_lib.load_model(str(tmp_path), lambda rngs: Part(rngs=rngs))
     _assert_same(loaded, part)
-    assert not [r.getMessage() for r in caplog.records if "could not" in r.getMessage()]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
