@@ -350,11 +350,11 @@ class _UnreadItem(ocp.CheckpointHandler):
     """The workdir checkpoint's `data` item (data-iterator state, `ctgen.train.checkpoint`): named
     so that Orbax knows it, never read here (without a handler Orbax warns on every weights load)."""
 
-    def save(self, directory, args):
-        raise NotImplementedError("weights reading never writes a checkpoint")
+    def save(self, directory, args):  # the manager is read-only: Orbax never calls this
+        raise RuntimeError(f"{directory}: weights reading does not write checkpoints")
 
-    def restore(self, directory, args=None):
-        raise NotImplementedError("weights reading never restores the data-iterator state")
+    def restore(self, directory, args=None):  # weights never need the data-iterator state
+        return None
 
     def metadata(self, directory):
         return None
