@@ -25,7 +25,8 @@ Variants:
   phantom  the built-in demo cascade's SR (docs/demo_cascade.md): the paper U-Net at dim 16, 32x32
          CT-ViT reconstructions -> 128x128 phantom slices (4x, as GenerateCT's 128 -> 512), text
          width 64 (the built-in T5),
-         trained on random 64x64 crops, 16 slices of 2 volumes per step, 3000 steps, Adam 1e-3, EMA 0.999.
+         trained on random 64x64 crops, 16 slices of 2 volumes per step, 4500 steps, Adam 1e-3, EMA 0.999,
+         low-res noise augmentation up to level 0.2 (diffusion.lowres_aug_max; GenerateCT 1.0).
   tiny   UNetConfig.tiny() on 32x32 slices from 8x8, text width 64 (ctgen's built-in test T5), 8
          slices per step, 4 sampling steps: for tests.
 Settings after the variant, comma-separated (0 or absent = the variant's value):
@@ -76,6 +77,9 @@ def get_config(arg: str = "paper"):
     dc.cond_drop_prob = 0.1  # text dropout for classifier-free guidance
     dc.p2_loss_weight_gamma = 0.5
     dc.p2_loss_weight_k = 1.0
+    # Low-res noise augmentation: one level per batch, uniform in [0, lowres_aug_max] of the linear
+    # schedule (GenerateCT: 1.0; the level sampled at inference is sample.noise_level).
+    dc.lowres_aug_max = 1.0
 
     s = c.sample = ml_collections.ConfigDict()  # eval and previews
     s.sampler = "ancestral"  # ancestral (GenerateCT) | ddim
@@ -128,11 +132,14 @@ def get_config(arg: str = "paper"):
         d.random_crop = 64
         d.max_text_length = 128  # phantom prompts: up to ~105 built-in T5 tokens
         t.batch_size, t.accum_steps = 16, 1
-        t.steps = 3000
+        t.steps = 4500
         t.log_every = 50
         t.checkpoint_every = 250
         t.eval_every = t.preview_every = 1000
         s.steps = 25
+        # Steps 0-2350 of the shipped model used GenerateCT's 1.0; above ~0.3 the low-res input is mostly
+        # noise, which a dim-16 U-Net on a few thousand steps cannot afford (docs/demo_cascade.md).
+        dc.lowres_aug_max = 0.2
         c.optim.main.learning_rate = 1e-3
         c.optim.main.ema_decay = 0.999
         c.optim.main.ema_start = 11

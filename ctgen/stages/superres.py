@@ -9,8 +9,9 @@ embeddings`); without one every sample sees only the null text embedding (logged
 
 Loss (GenerateCT's `Superres.p_losses`): x0 = 2 hires - 1; the low-res slice is upsampled by
 nearest neighbour, clamped to [0, 1], mapped to [-1, 1] and noised at one random level of the
-linear schedule per (micro-)batch, whose log-SNR the network sees; t ~ U(0, 1) per sample on the
-cosine schedule; the network predicts v; per-sample MSE times the p2 weight
+linear schedule per (micro-)batch, whose log-SNR the network sees (the level is uniform in
+[0, `diffusion.lowres_aug_max`]; GenerateCT: 1.0, and above ~0.3 the input is mostly noise);
+t ~ U(0, 1) per sample on the cosine schedule; the network predicts v; per-sample MSE times the p2 weight
 (1 + exp(log_snr))^-0.5; text dropped with probability `diffusion.cond_drop_prob` (0.1) for
 classifier-free guidance. `data.random_crop` > 0 trains on random crops of that size (the same
 window of image, low-res image and noise).
@@ -71,6 +72,9 @@ class SuperresStage:
         self.config = config
         self.cfg = build_dataclass(UNetConfig, config.model, where="config.model")
         self.sampler = build_dataclass(SamplerConfig, config.sample, where="config.sample")
+        self.aug_max = float(config.diffusion.get("lowres_aug_max", 1.0))
+        if not 0.0 < self.aug_max <= 1.0:
+            raise UserError(f"diffusion.lowres_aug_max={self.aug_max} must be in (0, 1]")
         d = config.data
         if not d.embeddings_dir:
             log.warning("no data.embeddings_dir (T5 embedding cache): the U-Net sees only its null text embedding")
@@ -100,7 +104,8 @@ class SuperresStage:
         log_snr = df.cosine_log_snr(jax.random.uniform(k_t, (n,)))
         noise = jax.random.normal(k_noise, x0.shape)
         x_t = df.q_sample(x0, log_snr, noise)
-        aug_log_snr = jnp.full((n,), df.linear_log_snr(jax.random.uniform(k_aug, ())))  # one level per batch
+        aug_level = jax.random.uniform(k_aug, (), maxval=self.aug_max)  # one level per batch
+        aug_log_snr = jnp.full((n,), df.linear_log_snr(aug_level))
         low_noisy = df.q_sample(low, aug_log_snr, jax.random.normal(k_aug_noise, low.shape))
         keep = jax.random.uniform(k_drop, (n,)) >= dc.cond_drop_prob
         text, mask = self._text(batch, n)
