@@ -8,7 +8,7 @@ from flax import nnx
 
 from ctgen.models.maskgit import MaskGIT, MaskGITConfig
 from ctgen.sampling.mask_schedule import decoding_counts, training_mask
-from ctgen.sampling.maskgit import SampleConfig, filter_logits, generate_ids, sample
+from ctgen.sampling.maskgit import SampleConfig, draw, filter_logits, generate_ids, sample
 
 V = 16
 
@@ -114,3 +114,25 @@ def test_filters_and_options():
         SampleConfig(steps=0)
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(top_p=0.0)
+
+
+@pytest.mark.parametrize("v,temperature", [(12, 1.0), (12, 0.5), (7, 0.9), (64, 2.0)])
+def test_draw_follows_the_tempered_softmax(v, temperature):
+    logits = jax.random.normal(jax.random.key(v), (v,)) * 2.0
+    n = 200_000
+    ids = np.asarray(draw(jax.random.key(3), jnp.broadcast_to(logits, (n, v)), jnp.float32(temperature)))
+    p = np.asarray(jax.nn.softmax(logits / temperature))
+    freq = np.bincount(ids, minlength=v) / n
+    assert ids.min() >= 0 and ids.max() < v
+    # each code's frequency within 5 standard errors of its probability (a wrong group or offset is far off)
+    np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-4)
+
+
+def test_draw_never_picks_filtered_codes_and_is_argmax_when_cold():
+    logits = jnp.asarray([[-jnp.inf, 0.0, -jnp.inf, -jnp.inf, 0.3, -jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf]])
+    ids = np.asarray(draw(jax.random.key(0), jnp.broadcast_to(logits, (5000, 9)), jnp.float32(1.0)))
+    assert set(np.unique(ids).tolist()) == {1, 4}  # the only finite codes, in groups 0 and 1 of 3
+    # near-zero temperature on large logits: exactly the argmax (no overflow of exp)
+    big = jax.random.normal(jax.random.key(1), (64, 8192)) * 50.0
+    np.testing.assert_array_equal(np.asarray(draw(jax.random.key(2), big, jnp.float32(1e-10))),
+                                  np.asarray(jnp.argmax(big, axis=-1)))
