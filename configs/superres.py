@@ -25,7 +25,7 @@ Variants:
   phantom  the built-in demo cascade's SR (docs/demo_cascade.md): the paper U-Net at dim 16, 32x32
          CT-ViT reconstructions -> 128x128 phantom slices (4x, as GenerateCT's 128 -> 512), text
          width 64 (the built-in T5),
-         trained on random 64x64 crops, 16 slices of 2 volumes per step, 4500 steps, Adam 1e-3, EMA 0.999,
+         trained on random 64x64 crops, 16 slices of 2 volumes per step, 7000 steps, Adam 1e-3, EMA 0.999,
          low-res noise augmentation up to level 0.2 (diffusion.lowres_aug_max; GenerateCT 1.0).
   tiny   UNetConfig.tiny() on 32x32 slices from 8x8, text width 64 (ctgen's built-in test T5), 8
          slices per step, 4 sampling steps: for tests.
@@ -132,7 +132,7 @@ def get_config(arg: str = "paper"):
         d.random_crop = 64
         d.max_text_length = 128  # phantom prompts: up to ~105 built-in T5 tokens
         t.batch_size, t.accum_steps = 16, 1
-        t.steps = 4500
+        t.steps = 7000
         t.log_every = 50
         t.checkpoint_every = 250
         t.eval_every = t.preview_every = 1000
