@@ -182,7 +182,8 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
 
         sampler = SamplerConfig(sampler=str(config.superres.sampler), steps=int(config.superres.steps),
                                 noise_level=float(config.superres.lowres_noise_level),
-                                cond_scale=float(config.superres.cond_scale))
+                                cond_scale=float(config.superres.cond_scale),
+                                threshold=float(config.superres.threshold))
         size = models.ctvit.cfg.image_size * int(config.superres.scale)
         slice_sampler = SliceSampler(models.superres, sampler, (size, size), mesh, rules)
     bar = stage_progress(len(samples), "volumes", enabled=progress, unit="volume")
