@@ -25,7 +25,9 @@ Fields:
   maskgit.*              steps, cond_scale, temperature, batch_size (prompts decoded together, split over
                          the local devices; 0 = one per batch shard of the mesh), attention_block (tokens
                          per block of the CPU's blocked attention, whatever the model trained with; 0 = the
-                         model's own; 2048 measured fastest at 201 slices, docs/maskgit.md)
+                         model's own; 2048 measured fastest at 201 slices, docs/maskgit.md), draw ("cdf":
+                         exact two-level inverse CDF, or "gumbel": GenerateCT's Gumbel-max, the same
+                         distribution, ~0.8 s slower per step at 201 slices)
   superres.*             enabled, sampler ("ancestral" | "ddim"), steps, cond_scale, lowres_noise_level,
                          threshold (x0 dynamic-thresholding percentile, GenerateCT 0.95; 0 = clip to [-1, 1]),
                          batch_size (slices per SR batch over all local devices; 0 = as many as memory allows),
@@ -59,7 +61,7 @@ def get_config(arg: str = "paper"):
     c.prompt_template = "paper"
     c.text_max_length = 256
     c.maskgit = ml_collections.ConfigDict({"steps": a.steps or 18, "cond_scale": 5.0, "temperature": 0.9,
-                                           "batch_size": 0, "attention_block": 2048})
+                                           "batch_size": 0, "attention_block": 2048, "draw": "cdf"})
     c.superres = ml_collections.ConfigDict({
         "enabled": True, "sampler": "ancestral", "steps": a.sr_steps or 25, "cond_scale": 1.0,
         "lowres_noise_level": 0.1, "threshold": 0.95, "batch_size": 0, "scale": 4})

@@ -119,7 +119,7 @@ def _decoder(models: Models, config):
     from ctgen.sampling.maskgit import SampleConfig, maskgit_tokens_to_logits, sample
 
     options = SampleConfig(steps=int(config.maskgit.steps), cond_scale=float(config.maskgit.cond_scale),
-                           temperature=float(config.maskgit.temperature))
+                           temperature=float(config.maskgit.temperature), draw=str(config.maskgit.draw))
     m_def, _ = nnx.split(models.maskgit)
     c_def, _ = nnx.split(models.ctvit)
     grid, mask_id = models.grid, models.maskgit.cfg.mask_id

@@ -139,6 +139,8 @@ def check_settings(config) -> None:
     if not (config.superres.threshold == 0 or 0 < config.superres.threshold < 1):
         raise UserError(f"superres.threshold={config.superres.threshold}: must be 0 (clip x0 to [-1, 1]) or a "
                         "percentile in (0, 1) (GenerateCT: 0.95)")
+    if config.maskgit.draw not in ("cdf", "gumbel"):
+        raise UserError(f"maskgit.draw={config.maskgit.draw!r}: choose 'cdf' or 'gumbel'")
     if config.maskgit.temperature < 0:
         raise UserError(f"maskgit.temperature={config.maskgit.temperature}: must not be negative")
     if config.superres.sampler not in SR_SAMPLERS:

@@ -213,6 +213,8 @@ def test_input_errors(tmp_path, checkpoints, prompts_csv, capsys):
         (["x", "--out", out, "--checkpoints", os.path.join(checkpoints, "ctvit")], "this is one model's directory"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--steps", "0"], "maskgit.steps=0: must be at least 1"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--config.superres.sampler=euler"], "superres.sampler"),
+        (["x", "--out", out, "--checkpoints", checkpoints, "--config.maskgit.draw=multinomial"],
+         "maskgit.draw='multinomial': choose 'cdf' or 'gumbel'"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--config.superres.threshold=1.5"],
          "superres.threshold=1.5: must be 0 .* or a percentile in \\(0, 1\\)"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--config.maskgit.attention_block=-1"],

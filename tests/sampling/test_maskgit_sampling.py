@@ -8,7 +8,7 @@ from flax import nnx
 
 from ctgen.models.maskgit import MaskGIT, MaskGITConfig
 from ctgen.sampling.mask_schedule import decoding_counts, training_mask
-from ctgen.sampling.maskgit import SampleConfig, draw, filter_logits, generate_ids, sample
+from ctgen.sampling.maskgit import SampleConfig, draw, filter_logits, generate_ids, gumbel_draw, sample
 
 V = 16
 
@@ -116,11 +116,12 @@ def test_filters_and_options():
         SampleConfig(top_p=0.0)
 
 
-@pytest.mark.parametrize("v,temperature", [(12, 1.0), (12, 0.5), (7, 0.9), (64, 2.0)])
-def test_draw_follows_the_tempered_softmax(v, temperature):
+@pytest.mark.parametrize("v,temperature,fn", [(12, 1.0, draw), (12, 0.5, draw), (7, 0.9, draw), (64, 2.0, draw),
+                                              (12, 0.5, gumbel_draw)], ids=["cdf"] * 4 + ["gumbel"])
+def test_draw_follows_the_tempered_softmax(v, temperature, fn):
     logits = jax.random.normal(jax.random.key(v), (v,)) * 2.0
     n = 200_000
-    ids = np.asarray(draw(jax.random.key(3), jnp.broadcast_to(logits, (n, v)), jnp.float32(temperature)))
+    ids = np.asarray(fn(jax.random.key(3), jnp.broadcast_to(logits, (n, v)), jnp.float32(temperature)))
     p = np.asarray(jax.nn.softmax(logits / temperature))
     freq = np.bincount(ids, minlength=v) / n
     assert ids.min() >= 0 and ids.max() < v
@@ -136,3 +137,13 @@ def test_draw_never_picks_filtered_codes_and_is_argmax_when_cold():
     big = jax.random.normal(jax.random.key(1), (64, 8192)) * 50.0
     np.testing.assert_array_equal(np.asarray(draw(jax.random.key(2), big, jnp.float32(1e-10))),
                                   np.asarray(jnp.argmax(big, axis=-1)))
+
+
+def test_gumbel_draw_option_decodes_like_the_default_when_cold():
+    fn, _, table = _table_logits()
+    kw = dict(rng=jax.random.key(1), batch_size=2, grid=(3, 4, 4), mask_id=V, steps=4, cond_scale=5.0, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(sample(fn, draw="gumbel", **kw)), np.asarray(sample(fn, **kw)))
+    warm = dict(kw, cond_scale=1.0, temperature=5.0)
+    assert not np.array_equal(np.asarray(sample(fn, draw="gumbel", **warm)), np.asarray(sample(fn, **warm)))
+    with pytest.raises(ValueError, match="unknown draw"):
+        SampleConfig(draw="multinomial")
