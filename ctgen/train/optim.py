@@ -20,9 +20,10 @@ def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
     c.b2 = 0.99
     c.eps = 1e-8
     c.weight_decay = 0.0  # adamw only
-    c.schedule = "constant"  # constant | warmup_constant | warmup_cosine | warmup_linear
+    c.schedule = "constant"  # constant | warmup_constant | warmup_cosine | warmup_linear | constant_cosine
     c.warmup_steps = 0
-    c.decay_steps = 0  # cosine/linear decay length after warmup; 0 = until train.steps
+    c.hold_steps = 0  # constant_cosine: updates at the full rate before the cosine decay starts
+    c.decay_steps = 0  # cosine/linear decay length after warmup (or hold); 0 = until train.steps
     c.end_learning_rate_factor = 0.0  # final lr = factor * learning_rate
     c.grad_clip_norm = 0.0  # 0 = off
     c.ema_decay = 0.0  # 0 = no EMA of this phase's parameters
@@ -46,13 +47,20 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
         )
     if cfg.schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warm, warm + decay, end)
+    if cfg.schedule == "constant_cosine":  # a cool-down: held, then cosine to the end rate
+        hold = int(cfg.get("hold_steps", 0))
+        length = int(cfg.decay_steps) or max(total_steps - hold, 1)
+        return optax.join_schedules(
+            [optax.constant_schedule(lr), optax.cosine_decay_schedule(lr, length, float(cfg.end_learning_rate_factor))],
+            [hold],
+        )
     if cfg.schedule == "warmup_linear":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, max(warm, 1)), optax.linear_schedule(lr, end, decay)], [warm]
         )
     raise UserError(
         f"unknown learning-rate schedule {cfg.schedule!r}; use constant, warmup_constant, "
-        "warmup_cosine or warmup_linear"
+        "warmup_cosine, warmup_linear or constant_cosine"
     )
 
 

@@ -42,6 +42,11 @@ def test_schedules():
     c = optimizer_config(learning_rate=2.0, schedule="warmup_constant", warmup_steps=4)
     s = schedule(c, total_steps=100)
     assert float(s(2)) == pytest.approx(1.0) and float(s(50)) == pytest.approx(2.0)
+    # a cool-down: held at the full rate, then a cosine to end_learning_rate_factor * lr at train.steps
+    c = optimizer_config(learning_rate=1e-3, schedule="constant_cosine", hold_steps=4500, end_learning_rate_factor=0.1)
+    s = schedule(c, total_steps=7000)
+    assert float(s(0)) == pytest.approx(1e-3) and float(s(4500)) == pytest.approx(1e-3)
+    assert float(s(5750)) == pytest.approx(0.55e-3) and float(s(7000)) == pytest.approx(1e-4)
 
 
 def test_ema_update_copy_then_decay():
