@@ -245,7 +245,7 @@ def run_quality(args) -> None:
     a, b = outs["ancestral 25"][:, None], outs[fast_name][:, None]
     print(f"{which} weights; fast vs 25-step: PSNR {float(np.mean(psnr(b, a, data_range=1.0))):.2f} dB, "
           f"SSIM {float(np.mean(ssim(b, a, data_range=1.0))):.4f}")
-    from ctgen.stages.superres import bicubic_upsample
+    from ctgen.sampling.superres import bicubic_upsample
 
     truth = hu_to_sr(sl)[:, None]
     outs["bicubic"] = np.asarray(bicubic_upsample(lowres, (s, s)))

@@ -113,6 +113,10 @@ def export_superres(path: str, out: str) -> str:
     else:
         cfg, _, live, ema_params, steps = load_params(path)
         ema, steps = (ema_params if ema_params is not None else live), steps or 0
+    if cfg.residual:
+        raise UserError(f"{path}: this U-Net was trained with model.residual=true (it generates the residual over "
+                        "bicubic upsampling); GenerateCT's sampler would treat that residual as the slice, so it is "
+                        "not exported")
     ema_sd = sv.to_generatect(ema, cfg)
     if out.endswith(".safetensors"):
         write_state_dict(ema_sd, out)

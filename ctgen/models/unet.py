@@ -47,6 +47,11 @@ class UNetConfig:
     dtype: compute dtype of convolutions and matmuls ("float32" or "bfloat16"); parameters and
       norms stay float32.
     remat: recompute each resnet block's activations in the backward pass (training memory).
+    residual: what the diffusion generates. False (GenerateCT): the slice itself, in [-1, 1].
+      True (beyond the reference; the phantom demo's SR): the residual `slice - bicubic(low-res)` in
+      [0, 1] units (so also within [-1, 1]); the sampler adds the bicubic upsampling of the low-res
+      input back. The network and its weights are the same either way; only the meaning of its
+      output changes, so such weights are not for GenerateCT's sampler (export refuses them).
     """
 
     dim: int = 64
@@ -73,6 +78,7 @@ class UNetConfig:
     final_conv_kernel_size: int = 3
     dtype: str = "float32"
     remat: bool = False
+    residual: bool = False
 
     def __post_init__(self):
         if len(self.layer_cross_attns) != len(self.dim_mults):

@@ -7,7 +7,9 @@
 Conditioning as in GenerateCT's `Superres.sample`: the low-res slice (values in [0, 1]) is
 upsampled by nearest neighbour to the output size, mapped to [-1, 1] and noised to the
 augmentation level `noise_level` (0.1) of the linear schedule; the sampler starts from noise and
-returns the slice in [0, 1]. Every slice draws its noise (start, steps, low-res augmentation) from
+returns the slice in [0, 1]. A U-Net with `cfg.residual` generates the residual over the bicubic
+upsampling of the clean low-res slice instead, and the sampler adds that upsampling back
+(`UNetConfig.residual`). Every slice draws its noise (start, steps, low-res augmentation) from
 its own key, fold_in(fold_in(rng, volume index), slice index), so the result does not depend on
 how slices are batched. Slices of all volumes are batched together, split over the mesh's batch
 axes; the sampling loop is compiled once per batch shape (the last batch is padded).
@@ -67,6 +69,32 @@ def nearest_upsample(x_BxhxwxC: jax.Array, size: tuple[int, int]) -> jax.Array:
     return x_BxhxwxC[:, rows][:, :, cols]
 
 
+def bicubic_upsample(lowres_Bxhxw: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bicubic (Keys, a = -0.5) upsampling of slices in [0, 1], clipped to [0, 1]: the baseline the
+    SR is measured against, and the base a residual U-Net (`UNetConfig.residual`) adds to."""
+    out = jax.image.resize(lowres_Bxhxw.astype(jnp.float32), (lowres_Bxhxw.shape[0], *size), method="cubic")
+    return jnp.clip(out, 0.0, 1.0)
+
+
+def diffusion_x0(hires_BxHxW: jax.Array, lowres_Bxhxw: jax.Array, residual: bool) -> jax.Array:
+    """What the diffusion generates, (B, H, W, 1) within [-1, 1], from slices in [0, 1]: the slice
+    mapped to [-1, 1] (GenerateCT), or with `residual` the slice minus the bicubic upsampling of the
+    clean low-res slice, in [0, 1] units."""
+    hires = hires_BxHxW.astype(jnp.float32)
+    if residual:
+        base = bicubic_upsample(jnp.clip(lowres_Bxhxw.astype(jnp.float32), 0.0, 1.0), hires.shape[1:])
+        return (hires - base)[..., None]
+    return (hires * 2.0 - 1.0)[..., None]
+
+
+def slices_from_x0(x0_BxHxWx1: jax.Array, lowres_Bxhxw: jax.Array, residual: bool) -> jax.Array:
+    """Inverse of `diffusion_x0`: slices (B, H, W) in [0, 1]."""
+    if residual:
+        base = bicubic_upsample(jnp.clip(lowres_Bxhxw.astype(jnp.float32), 0.0, 1.0), x0_BxHxWx1.shape[1:3])
+        return jnp.clip(base + x0_BxHxWx1[..., 0], 0.0, 1.0)
+    return (x0_BxHxWx1[..., 0] + 1.0) * 0.5
+
+
 def lowres_condition(lowres_Bxhxw: jax.Array, size: tuple[int, int], noise_BxHxWx1: jax.Array,
                      level_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(noised upsampled low-res image (B, H, W, 1) in [-1, 1] space, its log-SNR (B,)) from
@@ -98,7 +126,7 @@ def sample_slices(model: UNet, lowres_Bxhxw: jax.Array, text_BxLxE: jax.Array, t
         x0 = df.sample_ancestral(den, x_T, step_noise, steps=cfg.steps, threshold=threshold)
     else:
         x0 = df.sample_ddim(den, x_T, steps=cfg.steps, threshold=threshold)
-    return (x0[..., 0] + 1.0) * 0.5
+    return slices_from_x0(x0, lowres_Bxhxw, model.cfg.residual)
 
 
 def slice_keys(rng: jax.Array, volume_indices: np.ndarray, slice_indices: np.ndarray) -> jax.Array:

@@ -7,7 +7,8 @@ side dataset (`data.pairs_dir`); without it the low-res slice is a plain downsam
 Text comes from a T5 embedding cache (`data.embeddings_dir`, `ctgen prepare --source
 embeddings`); without one every sample sees only the null text embedding (logged).
 
-Loss (GenerateCT's `Superres.p_losses`): x0 = 2 hires - 1; the low-res slice is upsampled by
+Loss (GenerateCT's `Superres.p_losses`): x0 = 2 hires - 1 (with `model.residual`, beyond the
+reference: x0 = hires - bicubic(low-res), see `UNetConfig.residual`); the low-res slice is upsampled by
 nearest neighbour, clamped to [0, 1], mapped to [-1, 1] and noised at one random level of the
 linear schedule per (micro-)batch, whose log-SNR the network sees (the level is uniform in
 [0, `diffusion.lowres_aug_max`]; GenerateCT: 1.0, and above ~0.3 the input is mostly noise);
@@ -38,18 +39,12 @@ from ctgen.errors import UserError
 from ctgen.eval.image_metrics import psnr, ssim
 from ctgen.models.unet import UNet, UNetConfig
 from ctgen.sampling import diffusion as df
-from ctgen.sampling.superres import SamplerConfig, nearest_upsample, sample_slices
+from ctgen.sampling.superres import SamplerConfig, bicubic_upsample, diffusion_x0, nearest_upsample, sample_slices
 from ctgen.train.stage import FrozenModel, Phase, mean_metrics, valid_rows
 
 log = logging.getLogger(__name__)
 
 PREVIEW_SLICES = 4
-
-
-def bicubic_upsample(lowres_Bxhxw: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """The baseline: bicubic (Keys, a = -0.5) upsampling, clipped to [0, 1]."""
-    out = jax.image.resize(lowres_Bxhxw.astype(jnp.float32), (lowres_Bxhxw.shape[0], *size), method="cubic")
-    return jnp.clip(out, 0.0, 1.0)
 
 
 def random_crops(arrays_BxHxWxC: list[jax.Array], size: int, key: jax.Array) -> list[jax.Array]:
@@ -96,7 +91,7 @@ class SuperresStage:
         hires = batch["hires"].astype(jnp.float32)
         n, h, w = hires.shape
         k_crop, k_t, k_noise, k_aug, k_aug_noise, k_drop = jax.random.split(rng, 6)
-        x0 = hires[..., None] * 2.0 - 1.0
+        x0 = diffusion_x0(hires, batch["lowres"], self.cfg.residual)
         # GenerateCT resizes the low-res image with clamping to the [0, 1] input range.
         low = nearest_upsample(jnp.clip(batch["lowres"].astype(jnp.float32), 0.0, 1.0)[..., None], (h, w)) * 2 - 1
         if self.config.data.random_crop:

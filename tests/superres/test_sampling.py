@@ -1,4 +1,5 @@
 """Diffusion maths and samplers (pure functions), and volume sampling batched over 8 emulated devices."""
+import dataclasses
 import math
 
 import jax
@@ -151,3 +152,25 @@ def test_memory_bounded_batch_follows_free_memory(tiny_model, monkeypatch):
         monkeypatch.setattr(sr, "_available_bytes", lambda: int(per_device * slices_per_device / 0.6) + 1)
         assert sr.choose_batch(sampler, total, (8, 8), (6, 64)) == expected, slices_per_device
     assert sampler.compile_seconds == compiled_once  # measured once per shape, not per call
+
+
+def test_a_residual_unet_adds_its_sample_to_bicubic_upsampling():
+    """The same network and keys: the residual sampler's output is clip(bicubic + x0) where the plain
+    sampler's is (x0 + 1) / 2 of the very same x0."""
+    from ctgen.sampling.superres import bicubic_upsample, sample_slices
+
+    cfg = UNetConfig.tiny()
+    model = UNet(cfg, rngs=nnx.Rngs(0))
+    residual = UNet(dataclasses.replace(cfg, residual=True), rngs=nnx.Rngs(0))
+    nnx.update(residual, nnx.state(model))
+    rng = np.random.default_rng(4)
+    lowres = jnp.asarray(rng.uniform(size=(2, 8, 8)), jnp.float32)
+    text = jnp.asarray(rng.standard_normal((2, 4, cfg.text_embed_dim)), jnp.float32)
+    mask = jnp.ones((2, 4), bool)
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    sampler = SamplerConfig(steps=2, threshold=0.0)
+    plain = np.asarray(sample_slices(model, lowres, text, mask, keys, (32, 32), sampler))
+    res = np.asarray(sample_slices(residual, lowres, text, mask, keys, (32, 32), sampler))
+    base = np.asarray(bicubic_upsample(lowres, (32, 32)))
+    np.testing.assert_allclose(res, np.clip(base + (plain * 2 - 1), 0, 1), atol=1e-5)
+    assert np.abs(res - plain).max() > 0.05  # the flag changes the output

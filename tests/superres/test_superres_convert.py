@@ -151,3 +151,15 @@ def test_safetensors_export_is_the_sampling_unet(tmp_path):
     np.testing.assert_array_equal(sd["init_conv.convs.1.weight"], want["init_conv.convs.1.weight"])
     with pytest.raises(UserError, match="out.bin"):
         export_superres(wdir, str(tmp_path / "out.bin"))
+
+
+def test_a_residual_unet_is_not_exported_for_generatects_sampler(tmp_path):
+    import dataclasses
+
+    from ctgen.convert.superres_store import export_superres, save_superres_dir
+
+    model = _perturbed_tiny(3)
+    wdir = str(tmp_path / "w")
+    save_superres_dir(wdir, dataclasses.replace(TINY, residual=True), nnx.state(model, nnx.Param))
+    with pytest.raises(UserError, match="residual"):
+        export_superres(wdir, str(tmp_path / "unet.safetensors"))
