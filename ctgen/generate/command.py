@@ -271,17 +271,41 @@ def _default_slices(config, ctvit) -> None:
 
 
 def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool = False) -> int:
-    from ctgen.generate import cascade
-    from ctgen.generate.provenance import checkpoint_record, environment
-    from ctgen.generate.runtime import StageTimer, progress_enabled, setup_compile_cache
+    """Initialise `jax.distributed` if asked, make this process's share, and in a multi-process run
+    wait for every process before returning.
+
+    Two collective points make a run with several `jax.distributed` processes safe when the shares
+    differ in size (one prompt on two processes; a rerun with one sample missing): every process
+    loads the models, even with nothing to make, because Orbax's restore waits for all processes
+    at a barrier; and every process waits for the others at the end, because `jax.distributed`'s
+    exit barrier gives a process that finished early only a few minutes (300 s) before it aborts
+    every process, including those still generating."""
     from ctgen.parallel.distributed import maybe_initialize
 
     maybe_initialize(config.distributed)  # before anything touches a device
+    import jax
+
+    rc = _generate_share(args, config, samples, stages, layout, out_dir, demo=demo)
+    if jax.process_count() > 1:
+        # Only after a success: a process that failed exits at once, and jax.distributed's exit
+        # barrier then ends the others within its timeout instead of leaving them waiting here.
+        from ctgen.generate.runtime import wait_for_all_processes
+
+        wait_for_all_processes("ctgen_generate_finished")
+    return rc
+
+
+def _generate_share(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool) -> int:
+    """Make this process's share of `samples` (after `jax.distributed` is up, if asked for)."""
+    import jax
+
+    from ctgen.generate import cascade
+    from ctgen.generate.provenance import checkpoint_record, environment
+    from ctgen.generate.runtime import StageTimer, progress_enabled, setup_compile_cache
+
     if args.shard:
         shard = parse_shard(args.shard)
     else:
-        import jax
-
         shard = (jax.process_index(), jax.process_count())
     cache = setup_compile_cache(config.compile_cache.enabled, config.compile_cache.dir)
     hashes = checkpoint_record(stages)
@@ -304,8 +328,11 @@ def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo:
           f"{len(todo)} to make, {len(done)} finished, {len(incomplete)} finished but missing outputs", flush=True)
     for sample, marker in incomplete:
         _complete_from_nifti(out_dir, sample, marker, config)
-    if not todo:
+    if not todo and jax.process_count() == 1:
         return 0
+    if not todo:  # Orbax restores are collective: every process loads the models, with work or without
+        print(f"ctgen generate: process {shard[0]} has nothing to make; loading the models with the other "
+              "processes", flush=True)
     env = environment(*shard)
     timer = StageTimer()
     outputs = cascade.run_cascade(todo, config, stages, timer=timer,

@@ -1,5 +1,6 @@
 """Start-up and run-time helpers of generation: the persistent compilation cache, compile time
-measured apart from sampling time, and per-stage progress bars.
+measured apart from sampling time, per-stage progress bars, and the end-of-run wait of a
+multi-process run.
 
     cache = setup_compile_cache(enabled=True)          # before the first jit; returns the directory
     timer = StageTimer()
@@ -8,6 +9,7 @@ measured apart from sampling time, and per-stage progress bars.
         out = jax.block_until_ready(step(*args))
     timer.summary()   # {"compile_seconds": {...}, "seconds": {...}}
     with stage_progress(18, "maskgit", enabled=True, process_index=0) as bar: ...
+    wait_for_all_processes("ctgen_generate_finished")  # jax.distributed: before any process exits
 
 The cache: JAX writes compiled executables to a directory and reads them back in the next
 process, so a second `ctgen generate` of the same shapes skips XLA compilation. Where:
@@ -120,3 +122,17 @@ def stage_progress(total: int, desc: str, *, enabled: bool = True, process_index
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
                 disable=not progress_enabled(enabled, process_index))
+
+
+# A process's share can take days at paper size; the wait ends early only if a process dies
+# (jax.distributed's heartbeats then end every process).
+FINISH_TIMEOUT_S = 7 * 24 * 3600
+
+
+def wait_for_all_processes(name: str, timeout_s: int = FINISH_TIMEOUT_S) -> None:
+    """Block until every `jax.distributed` process has called this with the same `name` (a
+    coordination-service barrier: no device computation, heartbeats keep running); a no-op in a
+    single-process run."""
+    from orbax.checkpoint import multihost
+
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

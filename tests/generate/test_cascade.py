@@ -115,3 +115,21 @@ def test_generation_passes_the_sr_sampler_settings(tmp_path, checkpoints, capsys
                                  checkpoints, "--sr-steps", "1", *setting)
         assert rc == 0, captured.err
     assert seen == [(0.95, 0.1), (0.0, 0.0)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_when_one_has_nothing_to_make(tmp_path, checkpoints):
+    """One prompt on two jax.distributed processes: process 1 has no sample. Loading weights is
+    collective (Orbax's restore waits for every process at a barrier), so process 1 takes part in
+    the loads; and it waits for process 0 before exiting, since jax.distributed aborts every
+    process once one has waited at its exit barrier for the shutdown timeout (here 2 s, less
+    than process 0 needs to compile and sample)."""
+    from two_processes import launch_two
+
+    out = str(tmp_path / "out")
+    argv = ["Cardiomegaly.", "--name", "heart", "--out", out, "--checkpoints", checkpoints, "--no-sr",
+            "--slices", "3", "--steps", "2", "--config.maskgit.batch_size=2"]
+    reports = launch_two(tmp_path, "one", argv, real_cascade=True, timeout=240, shutdown_timeout=2)
+    assert [r["process_count"] for r in reports] == [2, 2] and [r["rc"] for r in reports] == [0, 0]
+    assert sorted(os.listdir(out)) == ["heart.nii.gz", "previews", "provenance"]

@@ -19,6 +19,7 @@ from ctgen.models.ctvit_losses import model_config_dict
 from ctgen.text.load import builtin_dir
 
 from fake_cascade import FakeCascade
+from two_processes import launch_two
 
 PROMPTS = ["64 years old female: Cardiomegaly.", "Bilateral pleural effusion.", "Emphysema.", "No findings."]
 
@@ -237,37 +238,13 @@ def test_print_config(capsys):
     assert rc == 0 and "cond_scale: 3.0" in stdout and "steps: 10" in stdout and "enabled: false" in stdout
 
 
-def _launch_two(tmp_path, tag, argv):
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate_worker.py")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    procs, logs = [], []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-               "CTGEN_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "CTGEN_NUM_PROCESSES": "2",
-               "CTGEN_PROCESS_ID": str(pid), "PYTHONPATH": repo}
-        logs.append(tmp_path / f"{tag}_{pid}.json")
-        procs.append(subprocess.Popen([sys.executable, worker, str(logs[-1]), *argv, "--distributed"], cwd=repo,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-4000:]
-    return [json.load(open(log)) for log in logs]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_jax_processes_share_the_prompts_and_a_rerun_fills_the_gaps(tmp_path, checkpoints, prompts_csv):
     out = str(tmp_path / "out")
     argv = ["--prompts", prompts_csv, "--out", out, "--checkpoints", checkpoints, "--no-compile-cache", "--no-sr",
             "--num-samples", "2", "--slices", "3"]
-    first = _launch_two(tmp_path, "first", argv)
+    first = launch_two(tmp_path, "first", argv)
     assert [info["process_count"] for info in first] == [2, 2]
     assert [info["calls"] for info in first] == [[["case0_s0", "case1_s0", "case2_s0", "case3_s0"]],
                                                  [["case0_s1", "case1_s1", "case2_s1", "case3_s1"]]]
@@ -276,6 +253,6 @@ def test_two_jax_processes_share_the_prompts_and_a_rerun_fills_the_gaps(tmp_path
     os.remove(output_paths(out, "case1_s1").provenance)
     open(os.path.join(out, ".tmp-0badf00d.case1_s1.nii.gz"), "wb").write(b"partial")
     os.remove(output_paths(out, "case2_s0").nifti)
-    second = _launch_two(tmp_path, "second", argv)
+    second = launch_two(tmp_path, "second", argv)
     assert [info["calls"] for info in second] == [[["case2_s0"]], [["case1_s1"]]]
     assert len(_made(out)) == 8 and not [f for f in os.listdir(out) if f.startswith(".tmp-")]
