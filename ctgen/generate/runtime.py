@@ -9,6 +9,8 @@ multi-process run.
         out = jax.block_until_ready(step(*args))
     timer.summary()   # {"compile_seconds": {...}, "seconds": {...}}
     with stage_progress(18, "maskgit", enabled=True, process_index=0) as bar: ...
+    ticks = StepProgress()          # jax.debug.callback(ticks.tick, x) once per row and loop step
+    with ticks.track(bar, calls_per_step=rows): jax.device_get(step(*args))
     wait_for_all_processes("ctgen_generate_finished")  # jax.distributed: before any process exits
 
 The cache: JAX writes compiled executables to a directory and reads them back in the next
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Callable, Iterator
@@ -80,7 +83,8 @@ class StageTimer:
     `compile(stage, jitted, *args, **kwargs)` lowers and compiles ahead of time (`jitted.lower(...)
     .compile()`), adds the time to the stage's compile seconds and returns the executable;
     the same function with arguments of the same shapes, dtypes and shardings is compiled once.
-    `run(stage)` times a block (block on its results inside it so device work is counted).
+    `run(stage)` times a block (block on its results inside it so device work is counted);
+    `run(stage, jit_compiles=True)` moves the compilations of jits called inside it to compile seconds.
     """
 
     def __init__(self) -> None:
@@ -97,16 +101,96 @@ class StageTimer:
         return self._compiled[key]
 
     @contextlib.contextmanager
-    def run(self, stage: str) -> Iterator[None]:
+    def run(self, stage: str, *, jit_compiles: bool = False) -> Iterator[None]:
+        """Time a block as the stage's run seconds. `jit_compiles`: for code that compiles on its
+        first call (a jit we do not lower ahead of time), the compilations inside the block (JAX's
+        tracing, lowering and XLA compile or persistent-cache read, from `jax.monitoring`) count
+        as the stage's compile seconds instead."""
         start = time.perf_counter()
+        spans = _CompileSpans() if jit_compiles else None
         try:
-            yield
+            with spans or contextlib.nullcontext():
+                yield
         finally:
-            self.seconds[stage] += time.perf_counter() - start
+            total = time.perf_counter() - start
+            compiled = min(spans.seconds(), total) if spans else 0.0
+            self.seconds[stage] += total - compiled
+            if compiled:
+                self.compile_seconds[stage] += compiled
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {"compile_seconds": {k: round(v, 3) for k, v in self.compile_seconds.items()},
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+class StepProgress:
+    """Per-step progress from inside one compiled program: the program calls `tick` (through
+    `jax.debug.callback`) `calls_per_step` times per loop step, e.g. once per vmapped row, and
+    each full set of calls advances the bar given to `track` by one step.
+
+    The program holds the callback whether or not a bar is shown, so it is the same program (one
+    compilation, one persistent-cache entry) on a terminal, in a log file and on every process;
+    without a bar a tick only counts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bar, self._per_step, self.calls = None, 1, 0
+
+    @contextlib.contextmanager
+    def track(self, bar: Any, calls_per_step: int) -> Iterator[Any]:
+        """Advance `bar` by one per `calls_per_step` ticks inside the block (block on the program's
+        results inside it: its callbacks have all run by then)."""
+        with self._lock:
+            self._bar, self._per_step, self.calls = bar, max(1, int(calls_per_step)), 0
+        try:
+            yield bar
+        finally:
+            with self._lock:
+                self._bar = None
+
+    def tick(self, *_: Any) -> None:
+        with self._lock:
+            self.calls += 1
+            if self._bar is not None and self.calls % self._per_step == 0:
+                self._bar.update(1)
+
+
+# JAX's monitoring events of a jit's first call (jax/_src/dispatch.py); the backend compile
+# includes a persistent-cache read.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+class _CompileSpans:
+    """Collects the time spans of JAX compilations on this thread while active; `seconds()` is
+    the length of their union (a jit traced inside another's tracing is not counted twice)."""
+
+    def __init__(self) -> None:
+        self._thread = threading.get_ident()
+        self._spans: list[tuple[float, float]] = []
+
+    def _listener(self, event: str, start_time: float, end_time: float, **_: Any) -> None:
+        if event in COMPILE_EVENTS and threading.get_ident() == self._thread:
+            self._spans.append((start_time, end_time))
+
+    def __enter__(self) -> "_CompileSpans":
+        import jax
+
+        jax.monitoring.register_event_time_span_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_time_span_listener(self._listener)
+
+    def seconds(self) -> float:
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self._spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
 
 
 def progress_enabled(enabled: bool, process_index: int, stream: Any = None) -> bool:

@@ -1,5 +1,6 @@
 """The real cascade behind `ctgen generate`: tiny random T5 (built in), CT-ViT, MaskGIT and SR U-Net
 weights directories, text in, HU volume out, on the 8 emulated devices."""
+import json
 import os
 import shutil
 
@@ -48,12 +49,48 @@ def _volume(out, name):
     return np.asarray(nib.load(os.path.join(out, f"{name}.nii.gz")).dataobj)
 
 
-def test_text_in_ct_volume_out_and_each_sample_depends_only_on_its_seed(tmp_path, checkpoints, capsys):
+class _Bar:
+    def __init__(self, total, desc):
+        self.total, self.desc, self.n, self.closed = total, desc, 0, False
+
+    def update(self, k=1):
+        self.n += k
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_text_in_ct_volume_out_and_each_sample_depends_only_on_its_seed(tmp_path, checkpoints, capsys, monkeypatch):
+    import jax
+
+    from ctgen.generate import cascade
+
+    bars = []
+
+    def record(total, desc, **kwargs):  # the cascade's per-stage bars, whatever the terminal
+        bars.append(_Bar(total, desc))
+        return bars[-1]
+
+    monkeypatch.setattr(cascade, "stage_progress", record)
+    jax.clear_caches()  # the T5 encoder compiles in this run (or reads the persistent cache), whatever ran before
     csv = tmp_path / "prompts.csv"
     csv.write_text("name,prompt\n" + "".join(f"case{i},\"{p}\"\n" for i, p in enumerate(PROMPTS)))
     out = str(tmp_path / "out")
     rc, captured = _generate(capsys, "--prompts", str(csv), "--out", out, "--checkpoints", checkpoints)
     assert rc == 0, captured.err
+    # a bar per stage: volumes and prompts over the run, MaskGIT steps per group of 2 (ticked from
+    # inside the compiled decode), all complete and closed
+    assert [(b.desc, b.total, b.n, b.closed) for b in bars] == [
+        ("volumes", 3, 3, True), ("text", 3, 3, True), ("maskgit", 2, 2, True), ("maskgit", 2, 2, True)]
+    prov = json.load(open(os.path.join(out, "provenance", "case0.json")))
+    assert prov["compile_seconds"]["text"] > 0 and prov["compile_seconds"]["maskgit"] > 0  # apart from sampling
+    assert set(prov["seconds"]) >= {"text", "maskgit", "superres", "write"}
     volumes = {f"case{i}": _volume(out, f"case{i}") for i in range(3)}
     for v in volumes.values():
         # 3 slices of 2 x 32 = 64 pixels, HU of a CT (GenerateCT's window: -1000..1000)

@@ -130,6 +130,34 @@ def test_provenance_records_the_run(tmp_path, checkpoints, capsys, monkeypatch):
     assert rc == 2 and "made from another request (sample_seed:" in err
 
 
+def test_no_compile_cache_flag_turns_the_cache_off(tmp_path, checkpoints, capsys, monkeypatch):
+    """`--no-compile-cache` on the command line (not only $CTGEN_COMPILE_CACHE=0): JAX compiles
+    without the persistent cache while the cascade runs, and the provenance says so."""
+    import jax
+
+    monkeypatch.setenv("CTGEN_COMPILE_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    class Spy(FakeCascade):
+        def __call__(self, *args, **kwargs):
+            seen.append(jax.config.jax_compilation_cache_dir)
+            yield from super().__call__(*args, **kwargs)
+
+    previous = jax.config.jax_compilation_cache_dir  # the test session's own cache (conftest)
+    out = str(tmp_path / "out")
+    try:
+        for name, flags in (("on", []), ("off", ["--no-compile-cache"])):
+            monkeypatch.setattr(cascade, "run_cascade", Spy())
+            rc, _, err = _run(capsys, "Emphysema.", "--name", name, "--out", out, "--checkpoints", checkpoints,
+                              "--slices", "3", "--no-sr", *flags)
+            assert rc == 0, err
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+    assert seen == [str(tmp_path / "cache"), None]
+    caches = [json.load(open(output_paths(out, n).provenance))["compile_cache"] for n in ("on", "off")]
+    assert caches == [str(tmp_path / "cache"), None]
+
+
 def test_imported_generatect_weights_are_reoriented(tmp_path, checkpoints, capsys, monkeypatch):
     _weights_dir(os.path.join(checkpoints, "maskgit"), "maskgit", source="/w/transformer_pretrained.pt")
     fake = FakeCascade()

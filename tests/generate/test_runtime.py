@@ -88,3 +88,57 @@ def test_progress_only_on_a_terminal_of_process_zero():
     with stage_progress(3, "maskgit", enabled=True, process_index=1) as bar:
         bar.update(3)
         assert bar.disable
+
+
+def test_stage_timer_counts_first_call_compilation_apart():
+    """A jit compiled on its first call inside `run(stage, jit_compiles=True)` (the T5 encoder)
+    adds to the stage's compile seconds, not its run seconds; the next call compiles nothing."""
+    timer = StageTimer()
+    f = jax.jit(lambda x: jnp.cos(x) @ x.T + 1.0)
+    with timer.run("text", jit_compiles=True):
+        f(jnp.ones((8, 8))).block_until_ready()
+    first = timer.compile_seconds["text"]
+    assert first > 0 and timer.seconds["text"] >= 0
+    with timer.run("text", jit_compiles=True):
+        f(jnp.ones((8, 8))).block_until_ready()
+    assert timer.compile_seconds["text"] == first
+    with timer.run("plain"):  # without the flag nothing moves
+        jax.jit(lambda x: x * 3.0)(jnp.ones(3)).block_until_ready()
+    assert "plain" not in timer.compile_seconds
+
+
+class _Bar:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, k):
+        self.n += k
+
+
+def test_step_progress_counts_loop_steps_of_vmapped_rows_over_devices():
+    """The MaskGIT decode's bar: one host tick per row and loop step (vmapped rows, split over the
+    8 devices) advances the bar one step per full set of rows."""
+    from ctgen.generate.runtime import StepProgress
+    from ctgen.parallel.axes import DEFAULT_RULES, logical_sharding
+    from ctgen.parallel.mesh import make_mesh
+
+    ticks, steps, rows = StepProgress(), 5, 8
+
+    def one(x):
+        def body(i, y):
+            y = jnp.sin(y) + i
+            jax.debug.callback(ticks.tick, y[0])
+            return y
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    f = jax.jit(jax.vmap(one))
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})  # as the cascade's: rows over the batch axes
+    x = jax.device_put(jnp.ones((rows, 4)), logical_sharding(("batch", None), (rows, 4), DEFAULT_RULES, mesh))
+    assert len(x.sharding.device_set) == 8
+    for _ in range(2):  # the same compiled program for the next group
+        bar = _Bar()
+        with ticks.track(bar, calls_per_step=rows):
+            jax.device_get(f(x))
+        assert bar.n == steps and ticks.calls == steps * rows
+    f(x).block_until_ready()  # no bar: the ticks only count
+    assert bar.n == steps
