@@ -159,15 +159,41 @@ def test_no_compile_cache_flag_turns_the_cache_off(tmp_path, checkpoints, capsys
 
 
 def test_imported_generatect_weights_are_reoriented(tmp_path, checkpoints, capsys, monkeypatch):
+    """Weights imported from GenerateCT make volumes in its layout; the NIfTI written must show the
+    anatomy canonically. The stand-in model makes a phantom's label map (as HU) exactly as
+    GenerateCT's pipeline laid out its training files (stored LPS, the default codes)."""
+    from PIL import Image
+
+    from ctgen.data.phantom import make_phantom
+    from ctgen.generate.cascade import CascadeOutput
+    from ctgen.io.nifti import read_nifti
+    from ctgen.volume import extent_spacing, to_canonical
+
+    from phantom_layout import anatomy_is_canonical, generatect_pipeline, write_as
+
+    shape = (33, 40, 40)
+    phantom = make_phantom(3, shape, extent_spacing(shape))
+    write_as(tmp_path / "labels.nii.gz", phantom.labels, "LPS")
+    model_labels = generatect_pipeline(tmp_path / "labels.nii.gz", shape[1], Image.NEAREST)
+    assert not all(anatomy_is_canonical(model_labels).values())  # the model's own layout is not canonical
+
+    def generatect_model(samples, config, stages, *, timer, progress):
+        for s in samples:
+            yield CascadeOutput(sample=s, hu_DxHxW=model_labels.astype(np.float32) * 100.0 - 1000.0)
+
     _weights_dir(os.path.join(checkpoints, "maskgit"), "maskgit", source="/w/transformer_pretrained.pt")
-    fake = FakeCascade()
-    monkeypatch.setattr(cascade, "run_cascade", fake)
+    monkeypatch.setattr(cascade, "run_cascade", generatect_model)
     out = str(tmp_path / "out")
     assert _run(capsys, "Emphysema.", "--out", out, "--checkpoints", checkpoints, "--no-compile-cache",
-                "--slices", "3")[0] == 0
+                "--slices", "33")[0] == 0
     prov = json.load(open(output_paths(out, "emphysema_0001").provenance))
     assert prov["request"]["settings"]["layout"] == "generatect"
     assert prov["request"]["settings"]["generatect_axcodes"] == "LPS"
+    nii = read_nifti(output_paths(out, "emphysema_0001").nifti)
+    hu, _, _ = to_canonical(nii.data_ijk, nii.affine)  # patient space, whatever the file's storage
+    labels = np.rint((hu + 1000.0) / 100.0).astype(np.uint8)
+    assert anatomy_is_canonical(labels) == dict.fromkeys(anatomy_is_canonical(labels), True)
+    np.testing.assert_array_equal(labels, phantom.labels)
 
 
 def test_workdir_checkpoints_hash_their_latest_step(tmp_path, checkpoints, capsys, monkeypatch):
