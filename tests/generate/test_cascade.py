@@ -49,6 +49,57 @@ def _volume(out, name):
     return np.asarray(nib.load(os.path.join(out, f"{name}.nii.gz")).dataobj)
 
 
+def _check_written(out, name, shape_dhw, checkpoints):
+    """One generated sample's files: the NIfTI's axis order, HU range and affine; its DICOM series
+    read back with pydicom into the same HU volume and geometry; provenance hashes of every
+    checkpoint file. Returns the canonical HU volume."""
+    import pydicom
+
+    from ctgen.generate.provenance import sha256_file
+    from ctgen.io.nifti import read_nifti
+    from ctgen.volume import to_canonical
+
+    d, h, w = shape_dhw
+    spacing = (301.5 / d, 350.0 / h, 350.0 / w)  # geometry.extent_mm / shape (D, H, W)
+    img = nib.load(os.path.join(out, f"{name}.nii.gz"))
+    assert img.shape == (w, h, d) and img.get_data_dtype() == np.int16  # stored (i, j, k) = (W, H, D)
+    assert "".join(nib.aff2axcodes(img.affine)) == "LPS"
+    np.testing.assert_allclose(img.header.get_zooms(), spacing[::-1], rtol=1e-6)
+    nii = read_nifti(os.path.join(out, f"{name}.nii.gz"))
+    hu, canonical_spacing, _ = to_canonical(nii.data_ijk, nii.affine)
+    assert hu.shape == (d, h, w)  # (slices, rows, columns), not merely the same sizes in some order
+    np.testing.assert_allclose(canonical_spacing, spacing, rtol=1e-6)
+    # every generated value is clipped to GenerateCT's HU window [-1000, 1000] (ctgen.volume.clip_hu)
+    assert -1000 <= hu.min() < hu.max() <= 1000 and np.isfinite(hu).all()
+
+    folder = os.path.join(out, "dicom", name)
+    series = [pydicom.dcmread(os.path.join(folder, f)) for f in sorted(os.listdir(folder))]
+    assert len(series) == d
+    series.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))  # inferior first, as canonical slice 0
+    dicom_hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in series])
+    np.testing.assert_array_equal(dicom_hu, hu)
+    for k, ds in enumerate(series):
+        assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        np.testing.assert_allclose([float(v) for v in ds.PixelSpacing], spacing[1:], rtol=1e-5)
+        np.testing.assert_allclose(float(ds.SliceThickness), spacing[0], rtol=1e-5)
+        ras = img.affine @ np.array([0.0, 0.0, k, 1.0])  # voxel (row 0, column 0) of slice k
+        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient], [-ras[0], -ras[1], ras[2]],
+                                   atol=1e-3)
+        assert list(ds.ImageType)[0] == "DERIVED" and ds.SeriesDescription.startswith("SYNTHETIC")
+
+    prov = json.load(open(os.path.join(out, "provenance", f"{name}.json")))
+    for stage in ("text", "ctvit", "maskgit", "superres"):
+        record = prov["checkpoints"][stage]
+        root = os.path.join(checkpoints, stage)
+        assert os.path.realpath(record["path"]) == os.path.realpath(root)
+        on_disk = {os.path.relpath(os.path.join(dp, f), root) for dp, _, fs in os.walk(root) for f in fs}
+        assert set(record["files"]) == on_disk
+        for rel, digest in record["files"].items():
+            assert sha256_file(os.path.join(root, rel)) == digest, (stage, rel)
+        assert prov["request"]["checkpoints"][stage] == record["sha256"]
+    return hu
+
+
 class _Bar:
     def __init__(self, total, desc):
         self.total, self.desc, self.n, self.closed = total, desc, 0, False
@@ -82,8 +133,10 @@ def test_text_in_ct_volume_out_and_each_sample_depends_only_on_its_seed(tmp_path
     csv = tmp_path / "prompts.csv"
     csv.write_text("name,prompt\n" + "".join(f"case{i},\"{p}\"\n" for i, p in enumerate(PROMPTS)))
     out = str(tmp_path / "out")
-    rc, captured = _generate(capsys, "--prompts", str(csv), "--out", out, "--checkpoints", checkpoints)
+    rc, captured = _generate(capsys, "--prompts", str(csv), "--out", out, "--checkpoints", checkpoints, "--dicom")
     assert rc == 0, captured.err
+    # 3 slices of 2 x 32 = 64 pixels
+    _check_written(out, "case0", (3, 64, 64), checkpoints)
     # a bar per stage: volumes and prompts over the run, MaskGIT steps per group of 2 (ticked from
     # inside the compiled decode), all complete and closed
     assert [(b.desc, b.total, b.n, b.closed) for b in bars] == [
@@ -95,7 +148,7 @@ def test_text_in_ct_volume_out_and_each_sample_depends_only_on_its_seed(tmp_path
     for v in volumes.values():
         # 3 slices of 2 x 32 = 64 pixels, HU of a CT (GenerateCT's window: -1000..1000)
         assert sorted(v.shape) == [3, 64, 64] and np.isfinite(v).all()
-        assert -1024 <= v.min() < v.max() <= 1000
+        assert -1000 <= v.min() < v.max() <= 1000
     assert not np.array_equal(volumes["case0"], volumes["case1"])
     # case1 was decoded beside case0 (a longer prompt); generated on its own (beside a padding copy
     # of itself) it comes out the same
@@ -170,3 +223,42 @@ def test_two_processes_when_one_has_nothing_to_make(tmp_path, checkpoints):
     reports = launch_two(tmp_path, "one", argv, real_cascade=True, timeout=240, shutdown_timeout=2)
     assert [r["process_count"] for r in reports] == [2, 2] and [r["rc"] for r in reports] == [0, 0]
     assert sorted(os.listdir(out)) == ["heart.nii.gz", "previews", "provenance"]
+
+
+@pytest.mark.slow
+def test_generatect_pt_files_imported_then_generated(tmp_path, capsys):
+    """GenerateCT's three checkpoints (tiny ones in its .pt formats, made by ctgen's exporters)
+    go through `ctgen import generatect-*` into one --checkpoints folder, and `ctgen generate`
+    runs them end to end (in GenerateCT's layout, which the imported MaskGIT implies)."""
+    pytest.importorskip("torch")
+    from ctgen.convert import ctvit as cv
+    from ctgen.convert import maskgit as mc
+    from ctgen.convert import superres as sv
+    from ctgen.convert.torch_files import write_torch_object
+
+    ctvit_cfg, maskgit_cfg, unet_cfg = CTViTConfig.tiny(max_slices=5), MaskGITConfig.tiny(dim_context=64,
+                                                                                        num_tokens=64), UNetConfig.tiny()
+    ctvit = CTViT(ctvit_cfg, rngs=nnx.Rngs(0))
+    files = {s: str(tmp_path / f"{s}_pretrained.pt") for s in ("ctvit", "transformer", "superres")}
+    cv.export_ctvit(ctvit, files["ctvit"])
+    mc.export_maskgit(MaskGIT(maskgit_cfg, rngs=nnx.Rngs(1)), maskgit_cfg, ctvit, ctvit_cfg, files["transformer"])
+    unet_sd = sv.to_generatect(UNet(unet_cfg, rngs=nnx.Rngs(2)), unet_cfg)
+    write_torch_object(sv.trainer_checkpoint(unet_sd, unet_sd, steps=1), files["superres"])
+
+    root = str(tmp_path / "ckpt")
+    shutil.copytree(builtin_dir(), os.path.join(root, "text"))  # stands in for google/t5-v1_1-base
+    for argv in (["generatect-ctvit", files["ctvit"], "--out", f"{root}/ctvit", "--image-size", "32",
+                  "--max-slices", "5"],
+                 ["generatect-transformer", files["transformer"], "--out", f"{root}/maskgit"],
+                 ["generatect-superres", files["superres"], "--out", f"{root}/superres", "--resnet-groups", "4"]):
+        assert main(["import", *argv]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    out = str(tmp_path / "out")
+    rc, captured = _generate(capsys, "Cardiomegaly.", "--name", "heart", "--out", out, "--checkpoints", root,
+                             "--dicom")
+    assert rc == 0, captured.err
+    hu = _check_written(out, "heart", (3, 64, 64), root)
+    assert hu.std() > 0
+    prov = json.load(open(os.path.join(out, "provenance", "heart.json")))
+    assert prov["request"]["settings"]["layout"] == "generatect"
+    assert prov["checkpoints"]["maskgit"]["source"] == files["transformer"]
