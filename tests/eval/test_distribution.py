@@ -100,3 +100,54 @@ def test_attribute_frechet_skips_unmeasured():
     assert out["attribute_frechet"] == pytest.approx(0.0, abs=1e-9)
     moved = dist.attribute_frechet([dict(m, laa950_percent=m["laa950_percent"] + 5) for m in ref], ref)
     assert moved["attribute_frechet"] > 1.0
+
+
+def _volume_setup(n=8, seed=0):
+    """A fixed random projection of pooled patches (a stand-in network, never reported as FID), the
+    protocol and `n` noise volumes around soft-tissue HU."""
+    rng = np.random.default_rng(seed)
+    proj = rng.standard_normal((3 * 16, 8))
+
+    def fn(x_NxHxWx3):
+        n, h, w, _ = x_NxHxWx3.shape
+        patches = x_NxHxWx3[:, : h // 4 * 4, : w // 4 * 4].reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4))
+        return np.tanh(patches.reshape(n, -1) @ proj)
+
+    proto = features.SliceProtocol(grid=(12, 24, 24), center_ratio=0.5)
+    vols = [rng.normal(-300, 400, (12, 24, 24)).astype(np.float32) for _ in range(n)]
+    return fn, proto, vols
+
+
+def test_volume_frechet_zero_on_itself_and_monotone_in_shift_and_blur():
+    from scipy import ndimage
+
+    fn, proto, vols = _volume_setup()
+    ref = features.extract(vols, fn, proto)
+    assert dist.volume_frechet(ref, ref) == pytest.approx(0.0, abs=1e-8)
+    shifted = [dist.volume_frechet(features.extract([v + s for v in vols], fn, proto), ref) for s in (25, 50, 100, 200)]
+    assert 0 < shifted[0] < shifted[1] < shifted[2] < shifted[3], shifted
+    blurred = [dist.volume_frechet(features.extract([ndimage.gaussian_filter(v, sigma) for v in vols], fn, proto), ref)
+               for sigma in (0.5, 1.0, 2.0)]
+    assert 0 < blurred[0] < blurred[1] < blurred[2], blurred
+
+
+def test_attribute_frechet_monotone_in_shift():
+    """Shifting one attribute by s in every generated volume: z-scored over both sets, the distance is
+    exactly the squared shift over the pooled variance, s^2 / (var + s^2 / 4), which grows with s."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((20, len(dist.ATTRIBUTES))) @ rng.standard_normal((len(dist.ATTRIBUTES),) * 2)
+    ref = [dict(zip(dist.ATTRIBUTES, row)) for row in values]
+    assert dist.attribute_frechet(ref, ref)["attribute_frechet"] == pytest.approx(0.0, abs=1e-9)
+    key, var = "lung_volume_ml", float(np.var(values[:, dist.ATTRIBUTES.index("lung_volume_ml")]))
+    out = []
+    for s in (0.5, 1.0, 2.0, 4.0):
+        gen = [dict(m, **{key: m[key] + s}) for m in ref]
+        d = dist.attribute_frechet(gen, ref)["attribute_frechet"]
+        assert d == pytest.approx(s**2 / (var + s**2 / 4), rel=1e-6)
+        out.append(d)
+    assert 0 < out[0] < out[1] < out[2] < out[3]
+    # a shift of every attribute by the same number of standard deviations moves it further
+    sd = values.std(axis=0)
+    moved = [dist.attribute_frechet([{k: m[k] + f * sd[i] for i, k in enumerate(dist.ATTRIBUTES)} for m in ref],
+                                    ref)["attribute_frechet"] for f in (0.25, 0.5, 1.0)]
+    assert 0 < moved[0] < moved[1] < moved[2]
