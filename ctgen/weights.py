@@ -285,7 +285,10 @@ def _plan(source: str, target: dict, stored: Mapping) -> tuple[dict, dict]:
             arranged[name] = _arrange(tree, node)
         item[name] = _fit(arranged[name], node, name, missing, mismatched)
     if missing or mismatched:
-        lines = [f"{source}: the stored weights do not fit this model"]
+        # The first line stands alone (the CLI prints only it where errors are one line); the lists follow.
+        found = [f"{len(missing)} missing, e.g. {missing[0]}" if missing else "",
+                 f"{len(mismatched)} of another shape (stored vs expected), e.g. {mismatched[0]}" if mismatched else ""]
+        lines = [f"{source}: the stored weights do not fit this model: {'; '.join(f for f in found if f)}"]
         for title, items in (("missing", missing), ("shape mismatches (stored vs expected)", mismatched)):
             if items:
                 lines.append(f"{title} ({len(items)}):")

@@ -23,7 +23,9 @@ their logical axes, a group's rows and the SR slices are split over its batch ax
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +34,8 @@ from ctgen.errors import UserError
 from ctgen.generate.checkpoints import StageWeights
 from ctgen.generate.prompts import Sample
 from ctgen.generate.runtime import StageTimer, StepProgress, stage_progress
+
+log = logging.getLogger("ctgen")
 
 
 @dataclasses.dataclass
@@ -62,6 +66,21 @@ def token_grid(ctvit_cfg, slices: int) -> tuple[int, int, int]:
     return (1 + (slices - 1) // ctvit_cfg.temporal_patch_size, *ctvit_cfg.grid_hw)
 
 
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """A loader's UserError cut to its first line, which names the file and the problem (weights
+    that do not fit list every array after it): `ctgen generate` errors are one line. The whole
+    message goes to the debug log (`ctgen -v`)."""
+    try:
+        yield
+    except UserError as e:
+        lines = str(e).splitlines()
+        if len(lines) <= 1:
+            raise
+        log.debug("%s", e)
+        raise UserError(f"{lines[0]} (all of it with ctgen -v)") from None
+
+
 def load_models(config, stages: Mapping[str, StageWeights], mesh, rules) -> Models:
     """Every stage's model on `mesh`, checked against each other: the text width each model was
     trained with, the codebook size, and the token grid of `config.slices` against the MaskGIT's
@@ -70,10 +89,12 @@ def load_models(config, stages: Mapping[str, StageWeights], mesh, rules) -> Mode
     from ctgen.convert.maskgit_store import load_maskgit
     from ctgen.text.load import load_text_encoder
 
-    text, tokenizer, text_cfg = load_text_encoder(stages["text"].path, mesh=mesh, rules=rules)
-    ctvit = load_ctvit(stages["ctvit"].path, mesh=mesh, rules=rules)
-    block = int(config.maskgit.attention_block)
-    maskgit = load_maskgit(stages["maskgit"].path, mesh=mesh, rules=rules, **({"attention_block": block} if block else {}))
+    with _one_line_errors():
+        text, tokenizer, text_cfg = load_text_encoder(stages["text"].path, mesh=mesh, rules=rules)
+        ctvit = load_ctvit(stages["ctvit"].path, mesh=mesh, rules=rules)
+        block = int(config.maskgit.attention_block)
+        maskgit = load_maskgit(stages["maskgit"].path, mesh=mesh, rules=rules,
+                               **({"attention_block": block} if block else {}))
     where = {k: v.path for k, v in stages.items()}
     if maskgit.cfg.dim_context != text_cfg.d_model:
         raise UserError(f"{where['maskgit']}: the MaskGIT reads {maskgit.cfg.dim_context}-wide text states but the "
@@ -90,7 +111,8 @@ def load_models(config, stages: Mapping[str, StageWeights], mesh, rules) -> Mode
     if config.superres.enabled:
         from ctgen.convert.superres_store import load_superres
 
-        superres, _ = load_superres(stages["superres"].path, mesh=mesh, rules=rules)
+        with _one_line_errors():
+            superres, _ = load_superres(stages["superres"].path, mesh=mesh, rules=rules)
         if superres.cfg.text_embed_dim != text_cfg.d_model:
             raise UserError(f"{where['superres']}: the U-Net reads {superres.cfg.text_embed_dim}-wide text states but "
                             f"the text encoder {where['text']} makes {text_cfg.d_model}-wide ones")

@@ -40,8 +40,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _generate(capsys, *argv):
-    rc = main(["generate", *argv, "--slices", "3", "--steps", "2", "--sr-steps", "2",
-               "--config.superres.scale=2", "--config.maskgit.batch_size=2"])
+    rc = main(["generate", "--slices", "3", "--steps", "2", "--sr-steps", "2", "--config.superres.scale=2",
+               "--config.maskgit.batch_size=2", *argv])  # the test's own options win
     return rc, capsys.readouterr()
 
 
@@ -158,15 +158,48 @@ def test_text_in_ct_volume_out_and_each_sample_depends_only_on_its_seed(tmp_path
     np.testing.assert_array_equal(_volume(str(tmp_path / "single"), "case1"), volumes["case1"])
 
 
-def test_models_that_do_not_fit_together_are_named(tmp_path, checkpoints, capsys):
+def _replace_maskgit(root, **overrides):
+    shutil.rmtree(os.path.join(root, "maskgit"))
+    cfg = MaskGITConfig.tiny(**{"dim_context": 64, "num_tokens": 64, **overrides})
+    save_maskgit_dir(os.path.join(root, "maskgit"), cfg, nnx.state(MaskGIT(cfg, rngs=nnx.Rngs(0))))
+
+
+def _relabel_maskgit(root):
+    """The marker claims another architecture than the stored arrays have."""
+    marker = os.path.join(root, "maskgit", "ctgen_weights.json")
+    info = json.load(open(marker))
+    info["model_config"]["dim"] = 48
+    json.dump(info, open(marker, "w"))
+
+
+@pytest.mark.parametrize("case,argv,message", [
+    ("text width", [], r"ckpt/maskgit: the MaskGIT reads 16-wide text states but the text encoder .*ckpt/text makes "
+                       r"64-wide ones"),
+    ("codebook", [], r"ckpt/maskgit: the MaskGIT predicts 32 codes but the CT-ViT .*ckpt/ctvit has a codebook of 64"),
+    ("positions", ["--slices", "5"], r"ckpt/maskgit: 5 slices: token grid \(3, 4, 4\) has 48 tokens, more than this "
+                                     r"model's max_seq_len=32"),
+    ("array shapes", [], r"ckpt/maskgit/weights: the stored weights do not fit this model: \d+ of another shape "
+                         r"\(stored vs expected\), e.g. params/.*: \(.*\) vs \(.*\) \(all of it with ctgen -v\)"),
+])
+def test_models_that_do_not_fit_together_are_named(tmp_path, checkpoints, capsys, case, argv, message):
+    import re
+
     root = str(tmp_path / "ckpt")
     shutil.copytree(checkpoints, root)
-    shutil.rmtree(os.path.join(root, "maskgit"))
-    cfg = MaskGITConfig.tiny(dim_context=16, num_tokens=64)  # trained on a 16-wide text encoder
-    save_maskgit_dir(os.path.join(root, "maskgit"), cfg, nnx.state(MaskGIT(cfg, rngs=nnx.Rngs(0))))
-    rc, captured = _generate(capsys, "Cardiomegaly.", "--out", str(tmp_path / "out"), "--checkpoints", root, "--no-sr")
-    assert rc == 2
-    assert "maskgit" in captured.err and "16-wide" in captured.err and "64-wide" in captured.err
+    if case == "text width":
+        _replace_maskgit(root, dim_context=16)  # trained on a 16-wide text encoder
+    elif case == "codebook":
+        _replace_maskgit(root, num_tokens=32)  # trained on a CT-ViT with 32 codes
+    elif case == "positions":
+        _replace_maskgit(root, max_seq_len=32)  # 2 token groups of 4 x 4: 3 slices
+    else:
+        _relabel_maskgit(root)
+    rc, captured = _generate(capsys, "Cardiomegaly.", "--out", str(tmp_path / "out"), "--checkpoints", root, "--no-sr",
+                             *argv)
+    assert rc == 2 and re.search(message, captured.err), captured.err
+    assert captured.err.startswith("ctgen: error: ") and captured.err.count("\n") == 1, captured.err
+    if case == "text width":
+        assert "maskgit" in captured.err and "16-wide" in captured.err and "64-wide" in captured.err
 
 
 def test_generation_sets_the_maskgit_attention_block(tmp_path, checkpoints, capsys, monkeypatch):
