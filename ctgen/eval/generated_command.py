@@ -5,6 +5,9 @@ without --reference, prompt adherence alone (`evaluate_adherence`).
         [--prompts prompts.csv] [--out eval_report/]
     python -m ctgen.eval.generated_command --generated gen/ [--prompts prompts.csv] [--out eval_report/]
 
+Generated volumes that `ctgen generate` has not finished (no complete provenance record, e.g. a
+run stopped after the NIfTI was written) are left out with a warning (`report.generated_volumes`).
+
 `add_arguments(parser)` and `run(args)` let the `ctgen` CLI mount the same options.
 """
 from __future__ import annotations
@@ -59,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.reference:
         report = evaluate_adherence(args.generated, args.out, prompts=args.prompts)
         ad = report["adherence"]
-        print(f"prompt adherence of {report['generated']['scored']} generated volumes (phantom-world rules, "
-              f"docs/eval.md): overall accuracy {ad['overall_accuracy']:.3f}")
+        print(f"prompt adherence of {report['generated']['scored']} generated volumes{_left_out(report)} "
+              f"(phantom-world rules, docs/eval.md): overall accuracy {ad['overall_accuracy']:.3f}")
         for key, v in ad["per_attribute"].items():
             if v["n"]:
                 print(f"  {key}: {v['accuracy']:.3f} ({v['correct']}/{v['n']})")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                                 prompts=args.prompts, grid=args.grid, slice_size=args.slice_size)
     m = report["metrics"]
     fn = m["feature_network"]
-    print(f"generated {report['generated']['count']} volumes, reference {report['reference']['count']} volumes")
+    print(f"generated {report['generated']['count']} volumes{_left_out(report)}, reference "
+          f"{report['reference']['count']} volumes")
     if fn["computed"]:
         print(f"2.5D FID {fn['fid_2p5d']:.4g}, volume-level Frechet distance {fn['volume_frechet']:.4g}")
     else:
@@ -82,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"prompt adherence: overall accuracy {report['adherence']['overall_accuracy']:.3f}")
     print(f"report: {report['files']['markdown']}")
     return 0
+
+
+def _left_out(report: dict) -> str:
+    n = len(report["generated"].get("unfinished_skipped", ()))
+    return f" ({n} unfinished left out)" if n else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Report on a directory of generated CT volumes against a directory of reference volumes.
 
-`evaluate_generated` reads every NIfTI file of both directories (canonical orientation, HU),
-measures each volume label-free (`phantom_measure`), and computes what is available:
+`evaluate_generated` reads every NIfTI file of both directories (canonical orientation, HU), except
+generated volumes that `ctgen generate` has not finished (`generated_volumes`), measures each
+volume label-free (`phantom_measure`), and computes what is available:
 
 * always: HU histogram distances and the Fréchet distance of phantom measurements
   (`distribution`), labelled as such: they use no network;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from typing import Mapping, Sequence
@@ -27,6 +29,7 @@ from ctgen.eval import distribution, plots
 from ctgen.eval.phantom_measure import measure_volume
 
 EXAMPLES = 2  # example volumes per set in examples.png
+log = logging.getLogger("ctgen")
 
 
 def volume_name(path: str) -> str:
@@ -48,6 +51,31 @@ def list_volumes(directory: str, role: str) -> list[str]:
     if not files:
         raise UserError(f"--{role} {directory}: no .nii or .nii.gz files found")
     return files
+
+
+def generated_volumes(directory: str) -> tuple[list[str], list[str]]:
+    """(the generated NIfTI files to evaluate, those left out). In a folder `ctgen generate` wrote,
+    a volume that it does not count as finished (no complete provenance record, e.g. its run was
+    stopped after the NIfTI was in place: `ctgen.generate.outputs.unfinished_volumes`) is left
+    out, with one warning naming the files; UserError if nothing is left."""
+    from ctgen.generate.outputs import unfinished_volumes
+
+    files = list_volumes(directory, "generated")
+    unfinished = {os.path.normpath(p) for p in unfinished_volumes(directory)}
+    skipped = [f for f in files if os.path.normpath(f) in unfinished]
+    kept = [f for f in files if os.path.normpath(f) not in unfinished]
+    if skipped:
+        log.warning("--generated %s: skipping %d volume(s) that ctgen generate has not finished (no complete "
+                    "provenance record; rerun its command to finish them): %s", directory, len(skipped),
+                    ", ".join(os.path.basename(f) for f in skipped))
+    if not kept:
+        raise UserError(f"--generated {directory}: none of its {len(files)} volumes is finished (no complete "
+                        "provenance/<name>.json); rerun the ctgen generate command that made them")
+    return kept, skipped
+
+
+def _skipped(files: Sequence[str]) -> dict:
+    return {"unfinished_skipped": [volume_name(f) for f in files]} if files else {}
 
 
 def read_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +190,7 @@ def evaluate_adherence(generated_dir: str, out_dir: str, *, prompts: str | Mappi
     provenance records. Writes adherence.json and adherence.md to `out_dir`; returns the JSON content."""
     from ctgen.eval.adherence import score
 
-    files = list_volumes(generated_dir, "generated")
+    files, skipped = generated_volumes(generated_dir)
     prompt_map = load_prompts(prompts) if prompts is not None else provenance_prompts(generated_dir)
     rows = []
     for path in files:
@@ -178,7 +206,8 @@ def evaluate_adherence(generated_dir: str, out_dir: str, *, prompts: str | Mappi
     result = score([r["prompt"] for r in rows], [r["measured"] for r in rows])
     for r, pair in zip(rows, result["pairs"]):
         pair["name"] = r["name"]
-    report = _jsonable({"generated": {"dir": generated_dir, "count": len(files), "scored": len(rows)},
+    report = _jsonable({"generated": {"dir": generated_dir, "count": len(files), "scored": len(rows),
+                                      **_skipped(skipped)},
                         "adherence": result, "measured": {r["name"]: r["measured"] for r in rows}})
     os.makedirs(out_dir, exist_ok=True)
     files_out = {"json": os.path.join(out_dir, "adherence.json"), "markdown": os.path.join(out_dir, "adherence.md")}
@@ -241,7 +270,7 @@ def evaluate_generated(generated_dir: str, reference_dir: str, out_dir: str, *, 
     """
     from ctgen.eval import features
 
-    gen_files, ref_files = list_volumes(generated_dir, "generated"), list_volumes(reference_dir, "reference")
+    (gen_files, skipped), ref_files = generated_volumes(generated_dir), list_volumes(reference_dir, "reference")
     prompt_map = load_prompts(prompts) if prompts is not None else None
     features_fn = features.resnet_features_fn(feature_weights) if feature_weights is not None else None
     gen, ref = _scan(gen_files), _scan(ref_files)
@@ -267,7 +296,7 @@ def evaluate_generated(generated_dir: str, reference_dir: str, out_dir: str, *, 
                                       "protocol": {"grid": list(protocol.grid), "center_ratio": protocol.center_ratio,
                                                    "slice_size": protocol.slice_size}}
     report = {"generated": {"dir": generated_dir, "count": len(gen_files), "summary": _summary(gen["rows"]),
-                            "volumes": gen["rows"]},
+                            "volumes": gen["rows"], **_skipped(skipped)},
               "reference": {"dir": reference_dir, "count": len(ref_files), "summary": _summary(ref["rows"]),
                             "volumes": ref["rows"]},
               "metrics": metrics, "adherence": None}

@@ -10,7 +10,9 @@ directory (`.tmp-<random>.<final name>`) and renamed into place (`os.replace`, a
 file system). The provenance JSON is the completion marker: it is removed before a sample is
 (re)written and written last, listing every output with its size and sha256. A sample counts as
 finished only if its marker parses and every file it lists is there with its recorded size;
-anything else (an interrupted run's leftovers included) is written again.
+anything else (an interrupted run's leftovers included) is written again. A NIfTI can therefore
+be complete while its sample is not (a run stopped before the marker): `unfinished_volumes`
+names those, and `ctgen eval --generated` leaves them out.
 """
 from __future__ import annotations
 
@@ -114,6 +116,33 @@ def read_marker(out_dir: str, name: str) -> dict | None:
     return record
 
 
+def is_generate_folder(out_dir: str) -> bool:
+    """Whether `ctgen generate` writes to `out_dir`: its `provenance/` holds one of generate's
+    records, or nothing yet (generate makes the folder before the first volume)."""
+    folder = os.path.join(out_dir, PROVENANCE)
+    if not os.path.isdir(folder):
+        return False
+    records = sorted(f for f in os.listdir(folder) if f.endswith(".json") and not f.startswith("."))
+    for name in records:
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                if str(json.load(f).get("format", "")).startswith("ctgen-generate"):
+                    return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return not records
+
+
+def unfinished_volumes(out_dir: str) -> list[str]:
+    """In a folder `ctgen generate` writes to (`is_generate_folder`), the top-level `<name>.nii.gz`
+    files that are not a finished sample by `read_marker`: a volume whose run stopped before its
+    provenance was written, one being made again, or any other file there. [] for other folders."""
+    if not is_generate_folder(out_dir):
+        return []
+    names = sorted(f for f in os.listdir(out_dir) if f.endswith(".nii.gz") and not f.startswith("."))
+    return [os.path.join(out_dir, f) for f in names if read_marker(out_dir, f[: -len(".nii.gz")]) is None]
+
+
 def _listed_files(record: Mapping[str, Any]) -> list[dict]:
     files = []
     for output in (record.get("outputs") or {}).values():
@@ -152,6 +181,8 @@ def write_sample(out_dir: str, sample: Sample, hu_DxHxW: np.ndarray, spacing_dhw
     start = time.perf_counter()
     clear_sample(out_dir, sample.name)
     paths = output_paths(out_dir, sample.name)
+    # before any volume: the folder is then recognisably generate's (`unfinished_volumes`)
+    os.makedirs(os.path.dirname(paths.provenance), exist_ok=True)
     hu = to_int16_hu(hu_DxHxW)
     origin = centred_origin(hu.shape, spacing_dhw)
     outputs: dict[str, Any] = {}

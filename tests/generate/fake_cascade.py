@@ -1,4 +1,8 @@
-"""A stand-in for `ctgen.generate.cascade.run_cascade` (the models are not part of these tests)."""
+"""Stand-ins for `ctgen.generate.cascade.run_cascade` and for the stages' weights directories
+(the models are not part of these tests)."""
+import json
+import os
+
 import numpy as np
 
 from ctgen.generate.cascade import CascadeOutput
@@ -21,3 +25,13 @@ class FakeCascade:
             hu = rng.uniform(-1000, 1000, size=(config.slices, 12, 12)).astype(np.float32)
             yield CascadeOutput(sample=s, hu_DxHxW=hu, seconds={"maskgit": 0.5, "superres": 1.0},
                                 compile_seconds={"maskgit": 2.0})
+
+
+def fake_weights_dir(path, model, model_config=None, **info):
+    """A directory that `ctgen generate`'s checkpoint checks take for `model`'s weights (its marker
+    and one file to hash); nothing in it loads."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "ctgen_weights.json"), "w") as f:
+        json.dump({"format": "ctgen-weights-v1", "model": model, "model_config": model_config or {}, **info}, f)
+    with open(os.path.join(path, "weights.bin"), "wb") as f:
+        f.write(model.encode() * 100)

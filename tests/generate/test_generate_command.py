@@ -18,27 +18,19 @@ from ctgen.models.ctvit import CTViTConfig
 from ctgen.models.ctvit_losses import model_config_dict
 from ctgen.text.load import builtin_dir
 
-from fake_cascade import FakeCascade
+from fake_cascade import FakeCascade, fake_weights_dir
 from two_processes import launch_two
 
 PROMPTS = ["64 years old female: Cardiomegaly.", "Bilateral pleural effusion.", "Emphysema.", "No findings."]
-
-
-def _weights_dir(path, model, model_config=None, **info):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "ctgen_weights.json"), "w") as f:
-        json.dump({"format": "ctgen-weights-v1", "model": model, "model_config": model_config or {}, **info}, f)
-    with open(os.path.join(path, "weights.bin"), "wb") as f:
-        f.write(model.encode() * 100)
 
 
 @pytest.fixture
 def checkpoints(tmp_path):
     root = tmp_path / "ckpt"
     shutil.copytree(builtin_dir(), root / "text")  # a Hugging Face T5 directory
-    _weights_dir(root / "ctvit", "ctvit", model_config_dict(CTViTConfig.tiny(), None))
-    _weights_dir(root / "maskgit", "maskgit")
-    _weights_dir(root / "superres", "superres")
+    fake_weights_dir(root / "ctvit", "ctvit", model_config_dict(CTViTConfig.tiny(), None))
+    fake_weights_dir(root / "maskgit", "maskgit")
+    fake_weights_dir(root / "superres", "superres")
     return str(root)
 
 
@@ -181,7 +173,7 @@ def test_imported_generatect_weights_are_reoriented(tmp_path, checkpoints, capsy
         for s in samples:
             yield CascadeOutput(sample=s, hu_DxHxW=model_labels.astype(np.float32) * 100.0 - 1000.0)
 
-    _weights_dir(os.path.join(checkpoints, "maskgit"), "maskgit", source="/w/transformer_pretrained.pt")
+    fake_weights_dir(os.path.join(checkpoints, "maskgit"), "maskgit", source="/w/transformer_pretrained.pt")
     monkeypatch.setattr(cascade, "run_cascade", generatect_model)
     out = str(tmp_path / "out")
     assert _run(capsys, "Emphysema.", "--out", out, "--checkpoints", checkpoints, "--no-compile-cache",
