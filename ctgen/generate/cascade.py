@@ -33,7 +33,7 @@ import numpy as np
 from ctgen.errors import UserError
 from ctgen.generate.checkpoints import StageWeights
 from ctgen.generate.prompts import Sample
-from ctgen.generate.runtime import StageTimer, StepProgress, stage_progress
+from ctgen.generate.runtime import StageTimer, stage_progress
 
 log = logging.getLogger("ctgen")
 
@@ -132,10 +132,11 @@ def _group_size(config, mesh, rules) -> int:
     return size
 
 
-def _decoder(models: Models, config, tick):
+def _decoder(models: Models, config):
     """jitted (maskgit state, ctvit state, text, mask, keys) -> volumes (G, F, H, W) in [-1, 1]:
-    the MaskGIT sampler vmapped over rows (one key each), then the CT-ViT decoder. `tick` is called
-    on the host once per row and decoding step, after the step's network pass (progress)."""
+    the MaskGIT sampler vmapped over rows (one key each), then the CT-ViT decoder. No host
+    callbacks inside (not even for progress): JAX does not write programs that have them to the
+    persistent compilation cache."""
     import jax
     from flax import nnx
 
@@ -151,13 +152,7 @@ def _decoder(models: Models, config, tick):
         model = nnx.merge(m_def, m_state)
         bias = model.position_bias(grid)
         fn = maskgit_tokens_to_logits(model, grid, text_LxE[None], mask_L[None], bias=bias)
-
-        def ticking(ids_KxN, conditioned_K):  # the sampler calls the network once per step
-            logits_KxNxV = fn(ids_KxN, conditioned_K)
-            jax.debug.callback(tick, logits_KxNxV[0, 0, 0])  # depends on the logits: runs after them
-            return logits_KxNxV
-
-        return sample(ticking, rng=key, batch_size=1, grid=grid, mask_id=mask_id, **dataclasses.asdict(options))[0]
+        return sample(fn, rng=key, batch_size=1, grid=grid, mask_id=mask_id, **dataclasses.asdict(options))[0]
 
     def run(m_state, c_state, text_GxLxE, mask_GxL, keys_G):
         ids = jax.vmap(one, in_axes=(None, 0, 0, 0))(m_state, text_GxLxE, mask_GxL, keys_G)
@@ -202,8 +197,7 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
     mesh = make_mesh(dict(config.mesh), devices=jax.local_devices())
     models = load_models(config, stages, mesh, rules)
     group = _group_size(config, mesh, rules)
-    ticks = StepProgress()
-    decode = _decoder(models, config, ticks.tick)
+    decode = _decoder(models, config)
     _, m_state = nnx.split(models.maskgit)
     _, c_state = nnx.split(models.ctvit)
     slice_sampler = sampler = None
@@ -218,6 +212,9 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
         slice_sampler = SliceSampler(models.superres, sampler, (size, size), mesh, rules)
     bar = stage_progress(len(samples), "volumes", enabled=progress, unit="volume")
     text_bar = stage_progress(len(samples), "text", enabled=progress, unit="prompt")
+    # per group, not per step: a per-step tick would need a host callback in the decode (see _decoder)
+    maskgit_bar = stage_progress(len(samples), f"maskgit ({int(config.maskgit.steps)} steps)", enabled=progress,
+                                 unit="prompt")
     for start in range(0, len(samples), group):
         before = dict(timer.seconds)
         rows = list(samples[start:start + group])
@@ -228,9 +225,9 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(s.seed))) for s in padded])
         args = (m_state, c_state, *(_put_batch(a, mesh, rules) for a in (text, mask, keys)))
         step = timer.compile("maskgit", decode, *args)
-        steps_bar = stage_progress(int(config.maskgit.steps), "maskgit", enabled=progress, unit="step")
-        with timer.run("maskgit"), steps_bar, ticks.track(steps_bar, calls_per_step=group):
+        with timer.run("maskgit"):
             volumes = np.asarray(jax.device_get(step(*args)))[:, : int(config.slices)]
+        maskgit_bar.update(len(rows))
         shared = {k: (v - before.get(k, 0.0)) / len(rows) for k, v in timer.seconds.items() if k != "superres"}
         for n, s in enumerate(rows):
             seconds = dict(shared)
@@ -251,5 +248,6 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
             bar.update(1)
             yield CascadeOutput(sample=s, hu_DxHxW=np.asarray(hu, np.float32), seconds=seconds,
                                 compile_seconds=dict(timer.compile_seconds))
+    maskgit_bar.close()
     text_bar.close()
     bar.close()

@@ -9,8 +9,6 @@ multi-process run.
         out = jax.block_until_ready(step(*args))
     timer.summary()   # {"compile_seconds": {...}, "seconds": {...}}
     with stage_progress(18, "maskgit", enabled=True, process_index=0) as bar: ...
-    ticks = StepProgress()          # jax.debug.callback(ticks.tick, x) once per row and loop step
-    with ticks.track(bar, calls_per_step=rows): jax.device_get(step(*args))
     wait_for_all_processes("ctgen_generate_finished")  # jax.distributed: before any process exits
 
 The cache: JAX writes compiled executables to a directory and reads them back in the next
@@ -121,38 +119,6 @@ class StageTimer:
     def summary(self) -> dict[str, dict[str, float]]:
         return {"compile_seconds": {k: round(v, 3) for k, v in self.compile_seconds.items()},
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
-
-
-class StepProgress:
-    """Per-step progress from inside one compiled program: the program calls `tick` (through
-    `jax.debug.callback`) `calls_per_step` times per loop step, e.g. once per vmapped row, and
-    each full set of calls advances the bar given to `track` by one step.
-
-    The program holds the callback whether or not a bar is shown, so it is the same program (one
-    compilation, one persistent-cache entry) on a terminal, in a log file and on every process;
-    without a bar a tick only counts."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bar, self._per_step, self.calls = None, 1, 0
-
-    @contextlib.contextmanager
-    def track(self, bar: Any, calls_per_step: int) -> Iterator[Any]:
-        """Advance `bar` by one per `calls_per_step` ticks inside the block (block on the program's
-        results inside it: its callbacks have all run by then)."""
-        with self._lock:
-            self._bar, self._per_step, self.calls = bar, max(1, int(calls_per_step)), 0
-        try:
-            yield bar
-        finally:
-            with self._lock:
-                self._bar = None
-
-    def tick(self, *_: Any) -> None:
-        with self._lock:
-            self.calls += 1
-            if self._bar is not None and self.calls % self._per_step == 0:
-                self._bar.update(1)
 
 
 # JAX's monitoring events of a jit's first call (jax/_src/dispatch.py); the backend compile

@@ -137,10 +137,9 @@ def test_text_in_ct_volume_out_and_each_sample_depends_only_on_its_seed(tmp_path
     assert rc == 0, captured.err
     # 3 slices of 2 x 32 = 64 pixels
     _check_written(out, "case0", (3, 64, 64), checkpoints)
-    # a bar per stage: volumes and prompts over the run, MaskGIT steps per group of 2 (ticked from
-    # inside the compiled decode), all complete and closed
+    # a bar per stage over the run (prompts encoded, prompts decoded by MaskGIT, volumes), complete and closed
     assert [(b.desc, b.total, b.n, b.closed) for b in bars] == [
-        ("volumes", 3, 3, True), ("text", 3, 3, True), ("maskgit", 2, 2, True), ("maskgit", 2, 2, True)]
+        ("volumes", 3, 3, True), ("text", 3, 3, True), ("maskgit (2 steps)", 3, 3, True)]
     prov = json.load(open(os.path.join(out, "provenance", "case0.json")))
     assert prov["compile_seconds"]["text"] > 0 and prov["compile_seconds"]["maskgit"] > 0  # apart from sampling
     assert set(prov["seconds"]) >= {"text", "maskgit", "superres", "write"}
