@@ -9,13 +9,22 @@ inputs and compiled for a mesh of N emulated CPU devices (XLA_FLAGS
   measured  from the compiled program: `memory_analysis()` arguments (split into parameters,
             optimizer state, other state (EMA copies, VQ buffers, step, rng) and batch by summing the
             per-device shard sizes of the train-state and batch trees from their shardings),
-            temporaries (activations and workspace), outputs not aliased to donated arguments; FLOPs
-            of one step from `cost_analysis()`, corrected for while-loop trip counts (_common.py:
-            XLA counts a loop body once), and the compile time on this CPU.
+            temporaries, outputs not aliased to donated arguments; FLOPs of one step from
+            `cost_analysis()`, corrected for while-loop trip counts (_common.py: XLA counts a loop
+            body once), and the compile time on this CPU.
+            XLA's memory analysis has one figure for all temporaries: activations kept for the
+            backward pass, gradients, optimizer-update buffers and workspace are not told apart.
+            Where a configuration was compiled with remat on and off, the table adds an estimate
+            of activations: temporaries (remat off) - temporaries (remat on), the activations remat
+            avoids storing. It understates all activations (what remat keeps, e.g. each block's
+            input, is in both rows) and is near zero, even negative, where XLA:CPU saves nothing
+            by remat.
   projection  step time on an accelerator at an assumed MFU (bf16 peak x --mfu), and the chip-hours
             and price of the paper's training run (train.steps of the config; phases by
             train.phase_cycle; with a global batch raised for a layout, the step count is scaled to
             keep the number of examples).
+conv2d is compiled with XLA's native convolution backward, as on an accelerator: on CPU devices
+ctgen would otherwise take its CPU-only im2col weight gradient (`native_conv_backward`).
 Compilation uses the test suite's fast XLA:CPU flags (--xla_backend_optimization_level=0
 --xla_cpu_use_fusion_emitters=false; the programs never run), 2-3x quicker; --no-fast-compile uses
 XLA's defaults (tiny MaskGIT: temporaries +0.03%, FLOPs -0.02%; tiny SR: identical).
@@ -36,6 +45,7 @@ SR keeps 192 slices per update and accumulates fewer, larger micro-batches), sho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -169,9 +179,30 @@ class _WarningCounter:
         return text.count(self.TEXT)
 
 
+@contextlib.contextmanager
+def native_conv_backward():
+    """While tracing: conv2d differentiates through XLA's own convolution, as on a TPU or GPU.
+
+    `ctgen.models.layers.conv2d` picks a blocked im2col weight gradient when
+    `jax.default_backend() == "cpu"` (`_blocked_wgrad_backend`), because XLA:CPU's native kernel
+    gradient is slow. The programs compiled here are for accelerators and only emulated on CPU
+    devices, so the switch is forced off: their memory and FLOPs are those of the native
+    convolution backward the accelerator would run (tests/models/test_conv2d.py flips the same
+    switch). Restored on exit."""
+    from ctgen.models import layers
+
+    saved = layers._blocked_wgrad_backend
+    layers._blocked_wgrad_backend = lambda: False
+    try:
+        yield
+    finally:
+        layers._blocked_wgrad_backend = saved
+
+
 def measure(stage_name: str, variant: str, layout: str, remat: bool | None, args,
-            warnings=lambda: -1) -> list[dict]:
-    """Compile one stage's training step(s) for one layout and remat setting; one row per phase."""
+            warnings=lambda: -1, on_compiled=None) -> list[dict]:
+    """Compile one stage's training step(s) for one layout and remat setting; one row per phase.
+    `on_compiled(phase, compiled)`, if given, sees each compiled program (tests read its HLO)."""
     import jax
 
     from ctgen.parallel import axes as axes_lib
@@ -217,10 +248,12 @@ def measure(stage_name: str, variant: str, layout: str, remat: bool | None, args
         fn = state_lib.make_train_step(setup, phase, accum, len(setup.phases) > 1)
         jitted = state_lib.jit_train_step(setup, fn, shardings)
         t0 = time.perf_counter()
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), native_conv_backward():
             lowered = jitted.lower(state, abstract_batch)
         compiled = lowered.compile()
         seconds = time.perf_counter() - t0
+        if on_compiled is not None:
+            on_compiled(phase, compiled)
         spmd_warnings = warnings()
         mem = compiled.memory_analysis()
         flops = _common.compiled_flops(compiled)
@@ -349,10 +382,27 @@ def _run_table(good: list[dict], acc: dict) -> str:
                                       "chip-hours (projection)", "$ (projection)"], table))
 
 
+def add_activation_estimates(rows: list[dict]) -> None:
+    """`activations_estimate_bytes` on each row compiled both with and without remat (same stage,
+    phase, devices and layout): temporaries without remat - temporaries with it (module docstring)."""
+    temps = {}
+    for r in rows:
+        if "error" not in r:
+            key = (r["stage"], r["phase"], r["devices"], r["layout"], r["remat"])
+            temps[key] = r["per_device_bytes"]["temporaries"]
+    for r in rows:
+        if "error" not in r:
+            key = (r["stage"], r["phase"], r["devices"], r["layout"])
+            off, on = temps.get(key + (False,)), temps.get(key + (True,))
+            r["activations_estimate_bytes"] = None if off is None or on is None else off - on
+
+
 def markdown(rows: list[dict], args, acc: dict) -> str:
     good = [r for r in rows if "error" not in r]
+    add_activation_estimates(good)
     head = ["stage", "phase", "devices", "layout", "remat", "batch (accum)", "params GiB", "opt GiB",
-            "other GiB", "batch GiB", "temps GiB", "outputs GiB", "total GiB", f"> {args.hbm_gib:g} GiB",
+            "other GiB", "batch GiB", "temps GiB", "activations GiB (temps remat off - on, estimate)",
+            "outputs GiB", "total GiB", f"> {args.hbm_gib:g} GiB",
             "TFLOP/step/device", "XLA cost_analysis TFLOP", "compile s", "SPMD full-remat warnings",
             f"step s on {acc['name']} (projection)", "run chip-h (projection)", "run $ (projection)"]
     table = []
@@ -361,6 +411,7 @@ def markdown(rows: list[dict], args, acc: dict) -> str:
         table.append([r["stage"], r["phase"], r["devices"], r["layout"], "on" if r["remat"] else "off",
                       f"{r['batch']} ({r['accum_steps']})", _gib(b["params"]), _gib(b["opt_state"]),
                       _gib(b["other_state"]), _gib(b["batch"]), _gib(b["temporaries"]),
+                      "–" if r.get("activations_estimate_bytes") is None else _gib(r["activations_estimate_bytes"]),
                       _gib(b["outputs_not_aliased"]), _gib(b["total"]), "**yes**" if r["over_hbm"] else "no",
                       f"{r['flops_per_device'] / 1e12:.4g}", f"{r['xla_cost_analysis_flops'] / 1e12:.4g}",
                       f"{r['compile_seconds']:.0f}", r.get("spmd_full_remat_warnings", "–"),
@@ -372,7 +423,11 @@ def markdown(rows: list[dict], args, acc: dict) -> str:
                        f"remat={r.get('remat')}: {r['error']}")
     out.append("")
     out.append(f"Measured: per-device bytes from XLA:CPU `memory_analysis()` of the compiled step (total = arguments "
-               f"+ temporaries + outputs not aliased to donated arguments), FLOPs per device from `cost_analysis()` "
+               f"+ temporaries + outputs not aliased to donated arguments; temporaries are one figure: activations, "
+               f"gradients and workspace together; the activations column, where both remat settings were compiled, "
+               f"is temporaries without remat - with remat: the activations remat avoids storing, fewer than all), "
+               f"conv2d with the native convolution backward (as on an accelerator), FLOPs per device from "
+               f"`cost_analysis()` "
                f"corrected for while-loop trip counts. Projection: step s = FLOPs per device / ({acc['peak_tflops']:g} "
                f"TFLOP/s bf16 x assumed MFU {args.mfu:.0%}); run = the config's steps of that phase (scaled to the same "
                f"examples when the batch was raised) x step s x devices; $ at an assumed {args.price or acc['price']:.2f} "
