@@ -118,6 +118,42 @@ def flop_lines(r: dict, indent: int = 12) -> str:
             f"MFU {r['mfu']:.1%}")
 
 
+def side_by_side(runs: dict, per: str | None = None) -> dict | None:
+    """ctgen against the reference for one workload: `runs` maps "ctgen" and "reference" to a run or
+    a list of interleaved runs (dicts with `steady` seconds and `peak_gb`, or an `error`).
+
+    The same definition in every script: speed ratio = the reference's median steady seconds over
+    ctgen's (pooled over all timed calls of all runs; > 1: ctgen is faster); memory ratio = ctgen's
+    peak RSS over the reference's (the largest of each side's runs; < 1: ctgen needs less). With
+    `per`, each run's seconds are divided by its value of that key first (`slices_per_call`: the
+    two sides process different amounts per call; `unit` then says "slice"). None unless both
+    sides have a run."""
+    sides = {}
+    for impl in ("ctgen", "reference"):
+        ok = [r for r in _as_list(runs.get(impl)) if "error" not in r and r.get("steady")]
+        if not ok:
+            return None
+        seconds = [t / (r.get(per, 1) if per else 1) for r in ok for t in r["steady"]]
+        sides[impl] = (statistics.median(seconds), max(r["peak_gb"] for r in ok))
+    (tc, mc), (tr, mr) = sides["ctgen"], sides["reference"]
+    return {"speed_ratio": tr / tc, "memory_ratio": mc / mr, "ctgen_median_s": tc, "reference_median_s": tr,
+            "ctgen_peak_gb": mc, "reference_peak_gb": mr, "unit": per.removesuffix("s_per_call") if per else "call"}
+
+
+def side_by_side_line(ratio: dict | None) -> str:
+    """The printed form of `side_by_side` (empty without a comparison)."""
+    if not ratio:
+        return ""
+    return (f"=> ctgen is {ratio['speed_ratio']:.2f}x the reference's speed (median {ratio['ctgen_median_s']:.3g} s vs "
+            f"{ratio['reference_median_s']:.3g} s per {ratio['unit']}), at "
+            f"{ratio['memory_ratio']:.2f}x its peak memory ({ratio['ctgen_peak_gb']:.2f} vs "
+            f"{ratio['reference_peak_gb']:.2f} GB)")
+
+
+def _as_list(x) -> list:
+    return [] if x is None else x if isinstance(x, list) else [x]
+
+
 def spread(values: list[float]) -> dict:
     """Median, min, max and n of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}

@@ -7,8 +7,10 @@ Workloads (paper architecture, batch 1 unless --batch, 128x128 slices, random vo
   discr   discriminator step (hinge + gradient penalty), forward and backward
   infer   encode -> ids and decode -> volume, no gradients (eval mode)
 Every measurement runs in a fresh process (peak RSS = ru_maxrss of that process), pinned to
---threads cores (torch.set_num_threads too); ctgen and reference runs are interleaved, a warm-up
-call (compilation for ctgen) is excluded from the steady time.
+--threads cores (torch.set_num_threads too); ctgen and reference runs are interleaved (--rounds
+pairs), a warm-up call (compilation for ctgen) is excluded from the steady time. With the reference,
+each workload ends with ctgen's speed and memory ratio to it (_common.side_by_side), also in the
+JSON (`side_by_side`).
 
     python benchmarks/bench_ctvit.py --workload gen --slices 17 201 --workload infer --slices 201
     CTGEN_GENERATECT_DIR=/path/to/GenerateCT python benchmarks/bench_ctvit.py --workload gen --slices 17
@@ -30,7 +32,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 sys.path.insert(0, HERE)
-from _common import compile_timed, flop_fields, flop_lines, run_child, save_results  # noqa: E402
+from _common import compile_timed, flop_fields, flop_lines, run_child, save_results, side_by_side  # noqa: E402
+from _common import side_by_side_line  # noqa: E402
 from _common import peak_gb as _peak_gb, pin as _pin  # noqa: E402  (shared benchmark plumbing)
 
 
@@ -237,18 +240,14 @@ def main(argv=None) -> int:
             for _ in range(args.rounds):
                 for impl in impls:
                     results[impl].append(_spawn(impl, workload, f, args))
-            records.append({"workload": workload, "slices": f, "runs": results})
+            ratio = side_by_side(results)
+            records.append({"workload": workload, "slices": f, "runs": results, "side_by_side": ratio})
             print(f"\n== {workload}, {f} slices ({1 + (f - 1) // 2} x {side} x {side} tokens) ==")
-            merged = {}
-            for impl, runs in results.items():
-                ok = [r for r in runs if "error" not in r]
+            for runs in results.values():
                 for r in runs:
                     print("  " + _fmt(r))
-                if ok:
-                    merged[impl] = (statistics.median([t for r in ok for t in r["steady"]]), max(r["peak_gb"] for r in ok))
-            if len(merged) == 2:
-                (tc, mc), (tr, mr) = merged["ctgen"], merged["reference"]
-                print(f"  => ctgen is {tr / tc:.2f}x the reference's speed, at {mc / mr:.2f}x its peak memory")
+            if ratio:
+                print("  " + side_by_side_line(ratio))
             print(f"  load avg {os.getloadavg()[0]:.2f}")
     if args.json:
         save_results(args.json, "ctvit", args, records,

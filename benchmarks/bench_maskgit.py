@@ -2,21 +2,34 @@
 
 Workloads (paper architecture: 8192 codes, dim 512, depth 6, 8 heads x 64, 768-wide text of 64 tokens):
   forward  one forward of batch --batch (default 2: a cond + null pair) at S slices ((S+1)/2 x 8 x 8
-           tokens), no gradients. GenerateCT evaluates its position-bias MLP on all N^2 token pairs,
-           which at 201 slices needs more memory than this machine has; its side runs with that MLP
-           evaluated in 512-row chunks (same arithmetic, a benchmark-only monkeypatch, `chunkcpb`).
-  sample   ctgen only: a full classifier-free-guided decode (--decode-steps, default 18; cond and null
-           in one batched forward per step) of one prompt at S slices; prints seconds per decoding
-           step. GenerateCT's equivalent is 2 x steps forwards of batch 1 (compare with `forward`).
-  train    ctgen only: a training step (masked-token loss, forward + backward + Adam with clipping)
-           of --batch volumes at S slices; its useful FLOPs (counted from the shapes) per second against the
-           float32 matmul peak measured in the same process (MFU).
+           tokens), no gradients. GenerateCT: `MaskGit.forward`.
+  sample   a full classifier-free-guided decode (--decode-steps, default 18; guidance scale 5,
+           temperature 0.9, as GenerateCT's inference) of one prompt at S slices, up to the token
+           ids; prints seconds per decoding step. ctgen: `generate_ids` (cond and null in one batched
+           forward per step), compiled apart. GenerateCT: its own `MaskGITTransformer.sample` loop
+           (two batch-1 forwards per step); its final CT-ViT decode is replaced by returning the ids
+           (`bench_ctvit.py --workload infer` measures the decode), and the CT-ViT its constructor
+           needs is a narrow stand-in with the paper's token geometry (the loop reads only that).
+  train    a training step of --batch volumes at S slices: masked-token cross-entropy, forward +
+           backward + Adam(3e-5, 0.9, 0.99) with gradient clipping at 2.0 (GenerateCT's trainer).
+           ctgen: remat of the projections, its useful FLOPs (counted from the shapes) and the XLA
+           count per second against the float32 matmul peak of the same process (MFU). GenerateCT:
+           `MaskGITTransformer.forward(video_codebook_ids=..., text_embeds=...)` (its training loss,
+           text dropout 0.25), `backward`, `clip_grad_norm_`, `Adam.step` over the MaskGit's weights.
+GenerateCT evaluates its position-bias MLP on all N^2 token pairs, which at 201 slices needs more
+memory than this machine has; its side runs with that MLP evaluated in 512-row chunks (same
+arithmetic, a benchmark-only monkeypatch, `--no-chunkcpb` turns it off).
 Every measurement runs in a fresh process (peak RSS = ru_maxrss of that process) pinned to
---threads cores; a warm-up call (compilation for ctgen) is excluded from the steady time.
+--threads cores (torch.set_num_threads too); ctgen and reference runs are interleaved (--rounds
+pairs); a warm-up call (compilation for ctgen) is excluded from the steady time. With the
+reference, each workload ends with ctgen's speed and memory ratio to it (_common.side_by_side), also
+in the JSON (`side_by_side`).
 
     python benchmarks/bench_maskgit.py --workload forward --slices 33 201
     CTGEN_GENERATECT_DIR=/path/to/GenerateCT ctgen bench maskgit --workload forward --slices 201 \\
-        --workload sample --slices 201 --workload train --slices 33
+        --workload sample --slices 201 --workload train --slices 33 --rounds 2
+    CTGEN_GENERATECT_DIR=/path/to/GenerateCT ctgen bench maskgit --workload sample --slices 3 \\
+        --decode-steps 2 --steps 1      # a quick check of the reference path
 """
 from __future__ import annotations
 
@@ -32,14 +45,15 @@ REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 TEXT_LEN = 64
 sys.path.insert(0, HERE)
 from _common import compile_timed, flop_fields, flop_lines, matmul_peak_gflops, run_child  # noqa: E402
-from _common import peak_gb as _peak_gb, save_results  # noqa: E402  (shared benchmark plumbing)
+from _common import peak_gb as _peak_gb, save_results, side_by_side, side_by_side_line  # noqa: E402
 
 
 def _grid(slices: int) -> tuple[int, int, int]:
     return (1 + (slices - 1) // 2, 8, 8)
 
 
-def _inputs(batch: int, slices: int, vocab: int = 8193, width: int = 768):
+def _inputs(batch: int, slices: int, vocab: int, width: int = 768):
+    """Token ids in [0, vocab), text states and mask (the second half of the batch: null text)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -92,7 +106,7 @@ def run_ctgen(args) -> dict:
                  remat_policy="projections")
     model = MaskGIT(cfg, rngs=nnx.Rngs(0))
     grid = _grid(args.slices)
-    ids, ctx, mask = (jnp.asarray(x) for x in _inputs(args.batch, args.slices, cfg.num_tokens + 1, cfg.dim_context))
+    ids, ctx, mask = (jnp.asarray(x) for x in _inputs(args.batch, args.slices, _vocab(args, cfg), cfg.dim_context))
     note = f"attention={args.attention} block={args.block}" + (" model=tiny" if args.model == "tiny" else "")
     extra = {}
     compiled = None
@@ -106,9 +120,12 @@ def run_ctgen(args) -> dict:
             jax.block_until_ready(compiled(weights, ids, ctx, mask))
     elif args.workload == "sample":
         opts = SampleConfig(steps=args.decode_steps)
+        graphdef, weights = nnx.split(model)
+        decode = jax.jit(lambda w, c, k, key: generate_ids(nnx.merge(graphdef, w), c, k, key, grid=grid, options=opts))
+        compiled, extra["compile"] = compile_timed(decode, weights, ctx[:1], mask[:1], jax.random.key(0))
 
         def call():
-            jax.block_until_ready(generate_ids(model, ctx[:1], mask[:1], jax.random.key(0), grid=grid, options=opts))
+            jax.block_until_ready(compiled(weights, ctx[:1], mask[:1], jax.random.key(0)))
     else:
         graphdef, params = nnx.split(model)
         opt = optax.chain(optax.clip_by_global_norm(2.0), optax.adam(3e-5, 0.9, 0.99))
@@ -140,7 +157,7 @@ def run_ctgen(args) -> dict:
     first, steady = _timed(call, args.steps)
     if compiled is not None:
         extra["first_call"] = first  # the first call after compilation
-    if args.workload == "forward":
+    if args.workload in ("forward", "sample"):
         first += extra["compile"]  # as the first call of a plain jit would take
     if args.workload == "train":
         extra["peak_gflops"] = matmul_peak_gflops()
@@ -170,29 +187,72 @@ def _chunked_position_bias(rt, chunk: int = 512):
     return forward
 
 
+def _vocab(args, cfg) -> int:
+    """Ids drawn for the inputs: training targets are codes; a forward's input may be the mask id."""
+    return cfg.num_tokens if args.workload == "train" else cfg.num_tokens + 1
+
+
+def _ctvit_standin(ref, cfg):
+    """A narrow GenerateCT CTViT with the paper's token geometry (128^2 slices, 16^2 patches, 2 slices
+    per temporal patch): `MaskGITTransformer` needs one, and its training step (given token ids) and
+    sampling loop (whose decode is replaced) read only that geometry from it."""
+    return ref.CTViT(dim=8, codebook_size=16, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                     temporal_patch_size=cfg.temporal_patch_size, spatial_depth=1, temporal_depth=1, dim_head=8,
+                     heads=1, use_vgg_and_gan=False)
+
+
 def run_reference(args) -> dict:
     sys.path.insert(0, REF_HELPER)
     import generatect_runtime as rt
     import torch
 
+    from ctgen.models.ctvit import CTViTConfig
     from ctgen.models.maskgit import MaskGITConfig
 
     torch.set_num_threads(args.threads)
     ref = rt.load_maskgit()
     if args.chunkcpb:
         ref.attention.ContinuousPositionBias.forward = _chunked_position_bias(ref)
-    model = rt.build_maskgit_reference(MaskGITConfig.paper(), seed=0).eval()
-    ids, ctx, mask = _inputs(args.batch, args.slices)
-    kw = dict(video_patch_shape=_grid(args.slices), context=torch.from_numpy(ctx), text_mask=torch.from_numpy(mask))
-    x = torch.from_numpy(ids)
+    cfg = MaskGITConfig.paper()
+    maskgit = rt.build_maskgit_reference(cfg, seed=0)
+    ids, ctx, mask = _inputs(args.batch, args.slices, _vocab(args, cfg))
+    grid = _grid(args.slices)
+    context = torch.from_numpy(ctx)
+    note = "torch, position-bias MLP in 512-row chunks" if args.chunkcpb else "torch, original code"
+    if args.workload == "forward":
+        maskgit.eval()
+        kw = dict(video_patch_shape=grid, context=context, text_mask=torch.from_numpy(mask))
+        x = torch.from_numpy(ids)
 
-    def call():
-        with torch.no_grad():
-            model(x, **kw)
+        def call():
+            with torch.no_grad():
+                maskgit(x, **kw)
+    else:
+        model = ref.MaskGITTransformer(maskgit=maskgit, ctvit=_ctvit_standin(ref, CTViTConfig.paper()),
+                                       steps=args.decode_steps if args.workload == "sample" else 18)
+        if args.workload == "sample":
+            model.encode_texts = lambda texts, output_device=None: context[:1]  # the prompt's T5 states
+            model.ctvit.decode_from_codebook_indices = lambda ids: ids  # stop at the ids, as ctgen's sample
+            note += f", MaskGITTransformer.sample ({args.decode_steps} steps, guidance 5), no decode"
+
+            def call():
+                model.sample(texts="a prompt", num_frames=args.slices, cond_scale=5.0)
+        else:
+            model.train()
+            params = list(maskgit.parameters())
+            opt = torch.optim.Adam(params, lr=3e-5, betas=(0.9, 0.99))
+            codes = torch.from_numpy(ids).reshape(args.batch, *grid)
+            note += ", MaskGITTransformer.forward + backward + clip 2.0 + Adam"
+
+            def call():
+                loss = model(video_codebook_ids=codes, text_embeds=context)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 2.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
     first, steady = _timed(call, args.steps)
-    return {"impl": "GenerateCT", "first": first, "steady": steady, "peak_gb": _peak_gb(),
-            "note": "torch, position-bias MLP in 512-row chunks" if args.chunkcpb else "torch, original code"}
+    return {"impl": "GenerateCT", "first": first, "steady": steady, "peak_gb": _peak_gb(), "note": note}
 
 
 # --- driver ---------------------------------------------------------------------------------------
@@ -230,6 +290,7 @@ def main(argv=None) -> int:
                     help="repeatable; each applies to the --slices list that follows it")
     ap.add_argument("--slices", type=int, nargs="+", action="append")
     ap.add_argument("--steps", type=int, default=2, help="timed calls per process after the warm-up")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved ctgen/reference process pairs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2, help="forward/train batch (forward: 2 = a cond + null pair)")
     ap.add_argument("--decode-steps", type=int, default=18)
@@ -262,17 +323,19 @@ def main(argv=None) -> int:
     records = []
     for workload, counts in zip(workloads, slices):
         for f in counts:
-            impls = ["ctgen"] + (["reference"] if workload == "forward" and not reason else [])
-            results = {impl: _spawn(impl, workload, f, args) for impl in impls}
-            records.append({"workload": workload, "slices": f, "runs": results})
+            impls = ["ctgen"] + ([] if reason else ["reference"])
+            results = {impl: [] for impl in impls}
+            for _ in range(args.rounds):
+                for impl in impls:
+                    results[impl].append(_spawn(impl, workload, f, args))
+            ratio = side_by_side(results)
+            records.append({"workload": workload, "slices": f, "runs": results, "side_by_side": ratio})
             print(f"\n== {workload}, {f} slices ({_grid(f)[0] * 64} tokens) ==")
-            for r in results.values():
-                print("  " + _fmt(r, workload, args))
-            ok = {k: r for k, r in results.items() if "error" not in r}
-            if len(ok) == 2:
-                tc, tr = (statistics.median(ok[k]["steady"]) for k in ("ctgen", "reference"))
-                print(f"  => ctgen is {tr / tc:.2f}x the reference's speed, at "
-                      f"{ok['ctgen']['peak_gb'] / ok['reference']['peak_gb']:.2f}x its peak memory")
+            for runs in results.values():
+                for r in runs:
+                    print("  " + _fmt(r, workload, args))
+            if ratio:
+                print("  " + side_by_side_line(ratio))
             print(f"  load avg {os.getloadavg()[0]:.2f}")
     if args.json:
         save_results(args.json, "maskgit", args, records,

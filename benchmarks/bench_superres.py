@@ -13,9 +13,10 @@ width text of 20 tokens):
           --sample-steps 25`) or DDIM (`--sampler ddim --sample-steps 10`); GenerateCT: its
           p_sample_loop on one slice at a time with its 25 steps (its inference loop), timed per slice
 Every measurement runs in a fresh process (peak RSS = ru_maxrss of that process) pinned to
---threads cores (torch.set_num_threads too); ctgen and reference runs alternate; the first call
-(compilation for ctgen) is reported apart from the steady time. Seconds per 201-slice volume =
-seconds per slice x 201.
+--threads cores (torch.set_num_threads too); ctgen and reference runs alternate (--rounds pairs); the
+first call (compilation for ctgen) is reported apart from the steady time. Seconds per 201-slice
+volume = seconds per slice x 201. With the reference, each workload ends with ctgen's speed and
+memory ratio to it (_common.side_by_side; `sample` per slice), also in the JSON (`side_by_side`).
 
     python benchmarks/bench_superres.py --workload conv fwd train --size 512
     CTGEN_GENERATECT_DIR=/path/to/GenerateCT python benchmarks/bench_superres.py --workload sample --size 512 --batch 4
@@ -38,7 +39,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF_HELPER = os.path.join(os.path.dirname(HERE), "tests", "reference")
 sys.path.insert(0, HERE)
-from _common import compile_timed, flop_fields, flop_lines, run_child, save_results  # noqa: E402
+from _common import compile_timed, flop_fields, flop_lines, run_child, save_results, side_by_side  # noqa: E402
+from _common import side_by_side_line  # noqa: E402
 from _common import peak_gb as _peak_gb, pin as _pin  # noqa: E402  (shared benchmark plumbing)
 
 TEXT_LEN, TEXT_DIM = 20, 768
@@ -138,11 +140,15 @@ def run_ctgen(args) -> dict:
         sampler = SamplerConfig(sampler=args.sampler, steps=args.sample_steps)
         keys = jax.random.split(jax.random.PRNGKey(0), args.batch)
         lowres = (low[..., 0] + 1) * 0.5
-        f = nnx.jit(lambda m: sample_slices(m, lowres, text, mask, keys, (args.size, args.size), sampler))
-        call = lambda: f(model).block_until_ready()  # noqa: E731
+        graphdef, weights = nnx.split(model)
+        f = jax.jit(lambda w, *a: sample_slices(nnx.merge(graphdef, w), *a, (args.size, args.size), sampler))
+        inputs = (weights, lowres, text, mask, keys)
+        compiled, compile_s = compile_timed(f, *inputs)
+        call = lambda: compiled(*inputs).block_until_ready()  # noqa: E731
     times = _timed(call, args.steps)
     out = {"impl": "ctgen", "first": times[0], "steady": times[1:], "peak_gb": _peak_gb(),
-           "note": f"{args.dtype}, remat={cfg.remat}" + (", model=tiny" if args.model == "tiny" else "")}
+           "note": f"{args.dtype}, remat={cfg.remat}" + (", model=tiny" if args.model == "tiny" else ""),
+           "slices_per_call": args.batch}
     if compiled is not None:  # first = compilation + first call, as a plain jit call would take
         out.update(first=compile_s + times[0], compile=compile_s, first_call=times[0],
                    **flop_fields(compiled, statistics.median(times[1:] or times)))
@@ -328,7 +334,13 @@ def main(argv=None) -> int:
             for impl in impls:
                 runs[impl].append(_spawn(impl, workload, args))
                 print(_report(workload, runs[impl][-1], args), flush=True)
-        records.append({"workload": workload, "runs": runs})
+        # sample: GenerateCT's loop takes one slice per call, ctgen --batch: compare seconds per slice
+        ratio = side_by_side(runs, per="slices_per_call" if workload == "sample" else None)
+        if ratio:
+            if workload == "sample" and (args.sampler, args.sample_steps) != ("ancestral", 25):
+                ratio["note"] = f"ctgen {args.sampler} {args.sample_steps} steps, GenerateCT ancestral 25 steps"
+            print(side_by_side_line(ratio) + (f" [{ratio['note']}]" if "note" in ratio else ""), flush=True)
+        records.append({"workload": workload, "runs": runs, "side_by_side": ratio})
     if args.json:
         save_results(args.json, "superres", args, records, reference="GenerateCT" if not reason else f"skipped ({reason})")
     return 0
