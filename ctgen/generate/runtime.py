@@ -20,6 +20,7 @@ else `$XDG_CACHE_HOME/ctgen/jax` (default `~/.cache/ctgen/jax`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import threading
@@ -179,10 +180,14 @@ def stage_progress(total: int, desc: str, *, enabled: bool = True, process_index
 FINISH_TIMEOUT_S = 7 * 24 * 3600
 
 
+_BARRIERS = itertools.count()
+
+
 def wait_for_all_processes(name: str, timeout_s: int = FINISH_TIMEOUT_S) -> None:
     """Block until every `jax.distributed` process has called this with the same `name` (a
     coordination-service barrier: no device computation, heartbeats keep running); a no-op in a
-    single-process run."""
+    single-process run. Every process must make the same sequence of calls (each barrier gets
+    its own key)."""
     from orbax.checkpoint import multihost
 
-    multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+    multihost.get_barrier_sync_fn()(key=f"{name}_{next(_BARRIERS)}", timeout_ms=int(timeout_s * 1000))
