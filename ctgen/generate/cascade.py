@@ -2,7 +2,8 @@
 
 `ctgen.generate.command` does everything around it (prompts, checkpoints, work split, resume,
 orientation, outputs, provenance) and calls `run_cascade` once per process with the samples that
-process still has to make. The contract:
+process still has to make; under `jax.distributed` also with none, since loading the models is
+collective (Orbax's restore waits for every process). The contract:
 
 * inputs: the samples (prompt, name, own seed), the resolved generation config (sampling
   settings, slices, mesh, SR batch), the checked weights of each stage, a `StageTimer` to compile
