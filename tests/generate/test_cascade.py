@@ -268,8 +268,8 @@ def test_generatect_pt_files_imported_then_generated(tmp_path, capsys):
     from ctgen.convert import superres as sv
     from ctgen.convert.torch_files import write_torch_object
 
-    ctvit_cfg, maskgit_cfg, unet_cfg = CTViTConfig.tiny(max_slices=5), MaskGITConfig.tiny(dim_context=64,
-                                                                                        num_tokens=64), UNetConfig.tiny()
+    ctvit_cfg, unet_cfg = CTViTConfig.tiny(max_slices=5), UNetConfig.tiny()
+    maskgit_cfg = MaskGITConfig.tiny(dim_context=64, num_tokens=64)
     ctvit = CTViT(ctvit_cfg, rngs=nnx.Rngs(0))
     files = {s: str(tmp_path / f"{s}_pretrained.pt") for s in ("ctvit", "transformer", "superres")}
     cv.export_ctvit(ctvit, files["ctvit"])

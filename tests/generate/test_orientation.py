@@ -12,7 +12,8 @@ from PIL import Image
 
 from ctgen.data.phantom import make_phantom
 from ctgen.errors import UserError
-from ctgen.generate.orientation import generatect_file_to_model, generatect_to_canonical, model_to_canonical, resolve_layout
+from ctgen.generate.orientation import (generatect_file_to_model, generatect_to_canonical, model_to_canonical,
+                                        resolve_layout)
 from ctgen.volume import extent_spacing
 
 from phantom_layout import anatomy_is_canonical, generatect_pipeline, write_as
