@@ -9,11 +9,13 @@ Benchmarks and what the suite runs (default / --smoke):
   scale       bench_scale.py --tiny on the fsdp4xtensor2 layout (remat as configured) / the same for
               MaskGIT only: ahead-of-time compiled per-device memory and FLOPs, projections labelled
   ctvit       paper CT-ViT: generator step at 3 slices with Adam, encode+decode at 17 slices, 3 timed
-              steps / CTViTConfig.tiny encode+decode at 3 slices, 1 step
-  maskgit     paper MaskGIT: train step at 3 slices (128 tokens, batch 2), forward at 17 slices /
-              MaskGITConfig.tiny train step at 3 slices, 1 step
-  superres    paper U-Net: train and forward on 64x64 slices / UNetConfig.tiny forward on 32x32, 1 step
-  t5          T5 v1.1 small, batch 8 x 48 tokens, 3 rounds / tiny, batch 4 x 16, 1 round, no torch
+              steps / CTViTConfig.tiny generator step (with Adam) and encode+decode at 3 slices, 1 step
+  maskgit     paper MaskGIT: train step at 3 slices (128 tokens, batch 2), forward at 17 slices, an
+              18-step guided sample at 3 slices / MaskGITConfig.tiny train step and a 2-step sample
+              at 3 slices, 1 step
+  superres    paper U-Net: train, forward and 25-step ancestral sampling on 64x64 slices /
+              UNetConfig.tiny forward and 2-step sampling on 32x32, 1 step
+  t5          T5 v1.1 small, batch 8 x 48 tokens, 3 timed calls / tiny, batch 4 x 16, 1 call, no torch
   checkpoint  64 MiB / 4 MiB state on 8 emulated devices, 3 / 1 repeats
   data        phantom generation (2 / 1 samples, no 300x512x512 one) and the loader over 8 phantoms /
               phantom generation only
@@ -21,9 +23,12 @@ Benchmarks and what the suite runs (default / --smoke):
 Each script's own output is kept in OUT/logs/<name>.log and its JSON in OUT/<name>.json; the
 suite's summary is OUT/results.json and OUT/results.md. Compile time is reported apart from
 steady-state time; steady times are the median with min/max over the timed repeats; peak memory is
-each measuring process's max RSS. --jobs 2 runs two benchmarks at once (for smoke runs only: they
-then share the cores and their timings interfere). The timed benchmarks compare against GenerateCT's PyTorch code
-only when CTGEN_GENERATECT_DIR names a checkout; otherwise the output says they were skipped.
+each measuring process's max RSS. Where a reference ran (GenerateCT, or transformers for t5), the
+summary lists ctgen's speed ratio (reference median time / ctgen's) and memory ratio (ctgen peak
+RSS / reference's) per workload, the definition of _common.side_by_side. --jobs 2 runs two
+benchmarks at once (for smoke runs only: they then share the cores and their timings interfere).
+The timed benchmarks compare against GenerateCT's PyTorch code only when CTGEN_GENERATECT_DIR names
+a checkout; otherwise the output says they were skipped.
 """
 from __future__ import annotations
 
@@ -54,13 +59,17 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
               ["--tiny", "--stages", "maskgit", "--layouts", "fsdp4xtensor2", "--remat", "config"]),
     "ctvit": (["--workload", "gen", "--slices", "3", "--workload", "infer", "--slices", "17", "--optimizer",
                "--steps", "3"],
-              ["--model", "tiny", "--workload", "infer", "--slices", "3", "--steps", "1"]),
-    "maskgit": (["--workload", "train", "--slices", "3", "--workload", "forward", "--slices", "17", "--steps", "3"],
-                ["--model", "tiny", "--workload", "train", "--slices", "3", "--steps", "1"]),
-    "superres": (["--workload", "train", "fwd", "--size", "64", "--steps", "3"],
-                 ["--model", "tiny", "--workload", "fwd", "--size", "32", "--batch", "2", "--steps", "1"]),
-    "t5": (["--size", "small", "--batch", "8", "--length", "48", "--repeats", "3"],
-           ["--size", "tiny", "--batch", "4", "--length", "16", "--repeats", "1", "--calls", "1", "--no-torch"]),
+              ["--model", "tiny", "--workload", "gen", "--slices", "3", "--workload", "infer", "--slices", "3",
+               "--optimizer", "--steps", "1"]),
+    "maskgit": (["--workload", "train", "--slices", "3", "--workload", "forward", "--slices", "17", "--workload",
+                 "sample", "--slices", "3", "--steps", "3"],
+                ["--model", "tiny", "--workload", "train", "--slices", "3", "--workload", "sample", "--slices", "3",
+                 "--decode-steps", "2", "--steps", "1"]),
+    "superres": (["--workload", "train", "fwd", "sample", "--size", "64", "--steps", "3"],
+                 ["--model", "tiny", "--workload", "fwd", "sample", "--size", "32", "--batch", "2", "--sample-steps",
+                  "2", "--steps", "1"]),
+    "t5": (["--size", "small", "--batch", "8", "--length", "48", "--steps", "3"],
+           ["--size", "tiny", "--batch", "4", "--length", "16", "--steps", "1", "--no-torch"]),
     "checkpoint": (["--mb", "64", "--repeats", "3"], ["--mb", "4", "--repeats", "1"]),
     "data": (["--skip", "phantom512,prepare", "--phantom-samples", "2", "--phantoms", "8", "--batches", "5",
               "--loader-workers", "0"],
@@ -146,6 +155,19 @@ def reference_status() -> str:
     return f"GenerateCT at {rt.checkout_dir()}"
 
 
+def side_by_side_rows(benchmarks: dict) -> list[dict]:
+    """Every workload a benchmark compared with its reference: its ratios (_common.side_by_side)."""
+    rows = []
+    for name, rec in benchmarks.items():
+        for r in (rec.get("result") or {}).get("results") or []:
+            if isinstance(r, dict) and r.get("side_by_side"):
+                what = r["workload"] + (f", {r['slices']} slices" if "slices" in r else "")
+                refs = r["runs"].get("reference") or []
+                ref = next((x["impl"] for x in (refs if isinstance(refs, list) else [refs]) if "impl" in x), "reference")
+                rows.append({"benchmark": name, "workload": what, "reference": ref, **r["side_by_side"]})
+    return rows
+
+
 # --- Markdown ---------------------------------------------------------------------------------------
 def _s(x, fmt=".2f") -> str:
     return "–" if x is None else format(x, fmt)
@@ -174,6 +196,24 @@ def _median(xs):
     return statistics.median(xs) if xs else math.nan
 
 
+def _side_by_side_markdown(rows: list[dict]) -> list[str]:
+    lines = ["## ctgen beside the reference", ""]
+    if not rows:
+        return lines + ["No side-by-side ratios (no reference ran).", ""]
+    lines.append("Speed ratio = the reference's median steady time / ctgen's (> 1: ctgen is faster); memory "
+                 "ratio = ctgen's peak RSS / the reference's (< 1: ctgen needs less). Medians over all timed calls "
+                 "of the interleaved runs, peaks the largest run's; per slice where the two sides process "
+                 "different numbers of slices per call.")
+    lines.append("")
+    lines.append(markdown_table(
+        ["benchmark", "workload", "reference", "per", "ctgen median s", "reference median s", "speed ratio",
+         "peak RSS GB ctgen / reference", "memory ratio"],
+        [[r["benchmark"], r["workload"], r["reference"], r["unit"], _s(r["ctgen_median_s"], ".4g"),
+          _s(r["reference_median_s"], ".4g"), _s(r["speed_ratio"]) + "x",
+          f"{r['ctgen_peak_gb']:.2f} / {r['reference_peak_gb']:.2f}", _s(r["memory_ratio"]) + "x"] for r in rows]))
+    return lines + [""]
+
+
 def summary_markdown(payload: dict) -> str:
     m = payload["machine"]
     lines = [f"# ctgen benchmark suite ({payload['mode']})", "",
@@ -182,6 +222,7 @@ def summary_markdown(payload: dict) -> str:
              f"Reference comparisons: {payload['reference']}.", "",
              f"Load average over the run: {payload['load_avg_start']:.2f} at the start, {payload['load_avg_end']:.2f} "
              f"at the end (a loaded machine slows every timing; compile and steady times are wall-clock).", ""]
+    lines += _side_by_side_markdown(payload.get("side_by_side", []))
     for name, rec in payload["benchmarks"].items():
         lines.append(f"## {name} ({rec['seconds']:.0f} s)")
         lines.append("")
@@ -198,20 +239,19 @@ def summary_markdown(payload: dict) -> str:
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     lines.append(f.read().strip())
-        elif name in ("ctvit", "maskgit", "superres"):
+        elif name in ("ctvit", "maskgit", "superres", "t5"):
             lines.append(f"Reference: {res.get('reference', '–')}.")
             lines.append("")
             lines.append(markdown_table(
                 ["workload", "impl", "compile s", "first call s", "steady s min / median / max",
                  "peak RSS GB", "GFLOP/s (XLA count)", "matmul peak GFLOP/s", "MFU"], _timed_rows(res)))
-        elif name == "t5":
-            lines.append(markdown_table(["impl", "s/batch (best)", "prompts/s", "GFLOP/s", "of matmul rate"],
-                                        [[r["impl"], _s(r["seconds_per_batch"], ".4f"), _s(r["prompts_per_s"], ".1f"),
-                                          _s(r["gflops_per_s"], ".1f"), _s(r["of_matmul"], ".0%")]
-                                         for r in res["results"]]))
-            lines.append("")
-            lines.append(f"Matmul rate: jnp {res['matmul_gflops']['jnp']:.1f}, numpy {res['matmul_gflops']['numpy']:.1f} "
-                         f"GFLOP/s; reference: {res.get('reference')}.")
+            if name == "t5":
+                lines.append("")
+                lines.append(markdown_table(
+                    ["impl", "prompts/s (median)", "GFLOP/s counted from the shapes", "of the process's matmul rate"],
+                    [[r["impl"], _s(r["prompts_per_s"], ".1f"), _s(r["analytic_gflops_per_s"], ".1f"),
+                      _s(r["analytic_of_matmul"], ".0%")]
+                     for w in res["results"] for runs in w["runs"].values() for r in runs if "error" not in r]))
         elif name == "checkpoint":
             r = res["results"]
             rows = [[k, f"{v['blocked_s']['median']:.3f} ({v['blocked_s']['min']:.3f}–{v['blocked_s']['max']:.3f})",
@@ -294,6 +334,8 @@ def main(argv=None) -> int:
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, names))
+    payload["side_by_side"] = side_by_side_rows(payload["benchmarks"])
+    write_json(os.path.join(out, "results.json"), payload)
     text = summary_markdown(payload)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
