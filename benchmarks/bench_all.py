@@ -39,8 +39,10 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -98,8 +100,10 @@ def run_one(name: str, args: list[str], out: str, timeout: float) -> dict:
     extra = ["--json", json_path]
     if name == "scale":
         extra += ["--markdown", os.path.join(out, "scale.md")]
-    if name == "data":
-        extra += ["--work", os.path.join(out, "data_work")]
+    scratch = None
+    if name == "data":  # its phantoms and TFDS files are scratch, not results: kept out of OUT
+        scratch = tempfile.mkdtemp(prefix="ctgen_bench_data_")
+        extra += ["--work", scratch]
     cmd = [sys.executable, os.path.join(HERE, f"bench_{name}.py"), *args, *extra]
     if os.path.exists(json_path):
         os.remove(json_path)
@@ -111,6 +115,9 @@ def run_one(name: str, args: list[str], out: str, timeout: float) -> dict:
         code = None
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         text += f"\n--- killed after {timeout:.0f} s (--timeout) ---"
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - t0
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     with open(os.path.join(out, "logs", f"{name}.log"), "w", encoding="utf-8") as f:
