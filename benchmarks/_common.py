@@ -345,6 +345,22 @@ def machine_info() -> dict:
     return info
 
 
+def tree_bytes(tree) -> int:
+    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs: each leaf's largest shard
+    where it carries a sharding, else the whole leaf."""
+    import math
+
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

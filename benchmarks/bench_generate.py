@@ -76,7 +76,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 REF_HELPER = os.path.join(REPO, "tests", "reference")
 sys.path.insert(0, HERE)
-from _common import markdown_table, save_results, side_by_side as ratios, side_by_side_line, spread  # noqa: E402
+from _common import (markdown_table, save_results, side_by_side as ratios, side_by_side_line, spread,  # noqa: E402
+                     tree_bytes)
 
 from ctgen.errors import UserError  # noqa: E402
 
@@ -92,13 +93,11 @@ GIB = 2**30
 
 
 # --- architectures and weights --------------------------------------------------------------------
-def _config(name: str, variant: str):
-    import importlib.util
+def _config(name: str, variant: str, overrides=()):
+    """configs/<name>.py:<variant> as `ctgen` loads it, with `--config.*` override pairs."""
+    from ctgen.configuration import load
 
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(variant)
+    return load(os.path.join(REPO, "configs", f"{name}.py") + f":{variant}", overrides)
 
 
 def model_configs(size: str) -> dict:
@@ -327,26 +326,13 @@ def _reference_spec(args, cfgs: dict) -> dict:
 # --- plan: the generation programs compiled for one device, never run ------------------------------
 def _generate_config(args):
     """configs/generate.py:paper with the size's settings (the demo cascade's for demo) and the flags."""
-    gen = _config("generate", "paper")
-    if args.size == "demo":
-        from ctgen.generate.demo_cascade import DEFAULT_SETTINGS
+    from ctgen.generate.demo_cascade import DEFAULT_SETTINGS, settings_overrides
 
-        for key, value in DEFAULT_SETTINGS.items():
-            *path, leaf = key.split(".")
-            node = gen
-            for part in path:
-                node = node[part]
-            node[leaf] = value
-    gen.slices, gen.maskgit.steps = args.slices, args.steps
-    gen.superres.steps = args.sr_steps or gen.superres.steps
-    return gen
-
-
-def _tree_bytes(tree) -> int:
-    import jax
-    import numpy as np
-
-    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+    settings = dict(DEFAULT_SETTINGS) if args.size == "demo" else {}
+    settings.update({"slices": args.slices, "maskgit.steps": args.steps})
+    if args.sr_steps:
+        settings["superres.steps"] = args.sr_steps
+    return _config("generate", "paper", settings_overrides(settings))
 
 
 def _working_bytes(row: dict) -> int:
@@ -357,18 +343,15 @@ def _working_bytes(row: dict) -> int:
 
 def child_plan(args) -> dict:
     """Lower and compile each generation program on abstract arguments; XLA's memory analysis."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from ctgen.generate.cascade import token_grid
+    from ctgen.generate.cascade import Models, decode_program, superres_options, token_grid
     from ctgen.models.ctvit import CTViT
     from ctgen.models.maskgit import MaskGIT, MaskGITConfig
     from ctgen.models.unet import UNet
-    from ctgen.sampling.maskgit import SampleConfig, maskgit_tokens_to_logits, sample
-    from ctgen.sampling.superres import SamplerConfig, SliceSampler
+    from ctgen.sampling.superres import SliceSampler
     from ctgen.text.t5 import abstract_encoder
 
     cfgs, gen = model_configs(args.size), _generate_config(args)
@@ -385,17 +368,13 @@ def child_plan(args) -> dict:
     maskgit = nnx.eval_shape(lambda: MaskGIT(mcfg, rngs=nnx.Rngs(0)))
     ctvit = nnx.eval_shape(lambda: CTViT(ccfg, rngs=nnx.Rngs(0)))
     unet = nnx.eval_shape(lambda: UNet(ucfg, rngs=nnx.Rngs(0)))
-    (t_def, t_state), (m_def, m_state), (c_def, c_state) = nnx.split(t5), nnx.split(maskgit), nnx.split(ctvit)
-    params = {"text": _tree_bytes(t_state), "maskgit": _tree_bytes(m_state), "ctvit": _tree_bytes(c_state),
-              "superres": _tree_bytes(nnx.state(unet))}
-    text, mask, key = S((1, length, width), jnp.float32), S((1, length), jnp.bool_), S((2,), jnp.uint32)
+    (t_def, t_state), (_, m_state), (c_def, c_state) = nnx.split(t5), nnx.split(maskgit), nnx.split(ctvit)
+    params = {"text": tree_bytes(t_state), "maskgit": tree_bytes(m_state), "ctvit": tree_bytes(c_state),
+              "superres": tree_bytes(nnx.state(unet))}
+    text, mask, keys = S((1, length, width), jnp.float32), S((1, length), jnp.bool_), S((1, 2), jnp.uint32)
     ids = S((1, *grid), jnp.int32)
-    options = SampleConfig(steps=int(gen.maskgit.steps), cond_scale=float(gen.maskgit.cond_scale),
-                           temperature=float(gen.maskgit.temperature), draw=str(gen.maskgit.draw))
-
-    def maskgit_decode(state, text_1xLxE, mask_1xL, key):
-        fn = maskgit_tokens_to_logits(nnx.merge(m_def, state), grid, text_1xLxE, mask_1xL)
-        return sample(fn, rng=key, batch_size=1, grid=grid, mask_id=mcfg.mask_id, **dataclasses.asdict(options))
+    # the programs `ctgen generate` runs, lowered on the abstract modules
+    models = Models(text=t5, tokenizer=None, ctvit=ctvit, maskgit=maskgit, superres=None, grid=grid)
 
     rows = []
 
@@ -408,8 +387,8 @@ def child_plan(args) -> dict:
         # jit drops unused arguments (e.g. the CT-ViT encoder's weights from the decode): the program's
         # parameters are its arguments less its inputs; all of a stage's weights stay resident.
         rows.append({"program": program, "shape": shape, "stages": stages, "compile_seconds": seconds,
-                     "bytes": {"arguments": m.argument_size_in_bytes, "inputs": _tree_bytes(inputs),
-                               "parameters": m.argument_size_in_bytes - _tree_bytes(inputs),
+                     "bytes": {"arguments": m.argument_size_in_bytes, "inputs": tree_bytes(inputs),
+                               "parameters": m.argument_size_in_bytes - tree_bytes(inputs),
                                "temporaries": m.temp_size_in_bytes, "outputs": m.output_size_in_bytes,
                                "aliased": m.alias_size_in_bytes,
                                "total": m.argument_size_in_bytes + m.temp_size_in_bytes + out_free}})
@@ -419,21 +398,15 @@ def child_plan(args) -> dict:
     tokens = f"{math.prod(grid)} tokens {'x'.join(map(str, grid))}"
     measure("T5 encoder", f"1 x {length} tokens", lambda: jax.jit(lambda s, i, k: nnx.merge(t_def, s)(i, k)).lower(
         t_state, *tok).compile(), ["text"], tok)
-    measure(f"MaskGIT decode, {options.steps} guided steps", f"{args.slices} slices, {tokens}",
-            lambda: jax.jit(maskgit_decode).lower(m_state, text, mask, key).compile(), ["maskgit"], [text, mask, key])
+    measure(f"MaskGIT decode, {int(gen.maskgit.steps)} guided steps", f"{args.slices} slices, {tokens}",
+            lambda: decode_program(models, gen, ctvit=False).lower(m_state, c_state, text, mask, keys).compile(),
+            ["maskgit"], [text, mask, keys])
     measure("CT-ViT decode", f"{tokens} -> {args.slices} x {lo} x {lo}",
             lambda: jax.jit(lambda s, i: nnx.merge(c_def, s).decode(i)).lower(c_state, ids).compile(), ["ctvit"], [ids])
-    def both(m, c, text_1xLxE, mask_1xL, key):  # `ctgen generate` compiles the two stages into one program
-        return nnx.merge(c_def, c).decode(maskgit_decode(m, text_1xLxE, mask_1xL, key))
-
     measure("MaskGIT + CT-ViT decode in one program (as ctgen generate)", f"{args.slices} slices",
-            lambda: jax.jit(both).lower(m_state, c_state, text, mask, key).compile(), ["maskgit", "ctvit"],
-            [text, mask, key])
-    sampler = SliceSampler(unet, SamplerConfig(sampler=str(gen.superres.sampler), steps=int(gen.superres.steps),
-                                               noise_level=float(gen.superres.lowres_noise_level),
-                                               cond_scale=float(gen.superres.cond_scale),
-                                               threshold=float(gen.superres.threshold)),
-                           (size, size), None, tuple(tuple(r) for r in gen.sharding_rules))
+            lambda: decode_program(models, gen).lower(m_state, c_state, text, mask, keys).compile(),
+            ["maskgit", "ctvit"], [text, mask, keys])
+    sampler = SliceSampler(unet, superres_options(gen), (size, size), None, tuple(tuple(r) for r in gen.sharding_rules))
 
     def sr(batch):
         specs = [S((batch, lo, lo), jnp.float32), S((batch, length, width), jnp.float32),

@@ -143,18 +143,6 @@ def _abstract_batch(stage: str, variant: str, config, batch: int, slices: int) -
             "slice_index": ((b,), np.int32), "valid": ((b,), np.bool_)}
 
 
-def _shard_bytes(tree) -> int:
-    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    import jax
-    import numpy as np
-
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
-    return total
-
-
 def _phase_steps(config, phase: str) -> int:
     cycle = list(config.train.phase_cycle)
     return config.train.steps * cycle.count(phase) // len(cycle)
@@ -238,9 +226,9 @@ def measure(stage_name: str, variant: str, layout: str, remat: bool | None, args
     shardings = state_lib.batch_shardings_for(local, setup)
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in local.items()}
     state = setup.abstract
-    split = {"params": _shard_bytes(state["params"]), "opt": _shard_bytes(state["opt"]),
-             "other": _shard_bytes({k: v for k, v in state.items() if k not in ("params", "opt")}),
-             "batch": _shard_bytes(abstract_batch)}
+    split = {"params": _common.tree_bytes(state["params"]), "opt": _common.tree_bytes(state["opt"]),
+             "other": _common.tree_bytes({k: v for k, v in state.items() if k not in ("params", "opt")}),
+             "batch": _common.tree_bytes(abstract_batch)}
     rows = []
     for phase in setup.phases:
         if args.phases and phase not in args.phases:

@@ -133,18 +133,35 @@ def _group_size(config, mesh, rules) -> int:
     return size
 
 
-def _decoder(models: Models, config):
+def maskgit_options(config):
+    """The MaskGIT sampler's options (`SampleConfig`) from a generation config's `maskgit` block."""
+    from ctgen.sampling.maskgit import SampleConfig
+
+    return SampleConfig(steps=int(config.maskgit.steps), cond_scale=float(config.maskgit.cond_scale),
+                        temperature=float(config.maskgit.temperature), draw=str(config.maskgit.draw))
+
+
+def superres_options(config):
+    """The SR sampler's settings (`SamplerConfig`) from a generation config's `superres` block."""
+    from ctgen.sampling.superres import SamplerConfig
+
+    return SamplerConfig(sampler=str(config.superres.sampler), steps=int(config.superres.steps),
+                         noise_level=float(config.superres.lowres_noise_level),
+                         cond_scale=float(config.superres.cond_scale), threshold=float(config.superres.threshold))
+
+
+def decode_program(models: Models, config, *, ctvit: bool = True):
     """jitted (maskgit state, ctvit state, text, mask, keys) -> volumes (G, F, H, W) in [-1, 1]:
-    the MaskGIT sampler vmapped over rows (one key each), then the CT-ViT decoder. No host
-    callbacks inside (not even for progress): JAX does not write programs that have them to the
-    persistent compilation cache."""
+    the MaskGIT sampler vmapped over rows (one key each), then the CT-ViT decoder (`ctvit=False`:
+    the token ids (G, T, h, w), the ctvit state argument unused). No host callbacks inside (not
+    even for progress): JAX does not write programs that have them to the persistent compilation
+    cache. `models` may hold abstract modules (`nnx.eval_shape`) to lower it without weights."""
     import jax
     from flax import nnx
 
-    from ctgen.sampling.maskgit import SampleConfig, maskgit_tokens_to_logits, sample
+    from ctgen.sampling.maskgit import maskgit_tokens_to_logits, sample
 
-    options = SampleConfig(steps=int(config.maskgit.steps), cond_scale=float(config.maskgit.cond_scale),
-                           temperature=float(config.maskgit.temperature), draw=str(config.maskgit.draw))
+    options = maskgit_options(config)
     m_def, _ = nnx.split(models.maskgit)
     c_def, _ = nnx.split(models.ctvit)
     grid, mask_id = models.grid, models.maskgit.cfg.mask_id
@@ -157,7 +174,7 @@ def _decoder(models: Models, config):
 
     def run(m_state, c_state, text_GxLxE, mask_GxL, keys_G):
         ids = jax.vmap(one, in_axes=(None, 0, 0, 0))(m_state, text_GxLxE, mask_GxL, keys_G)
-        return nnx.merge(c_def, c_state).decode(ids)
+        return nnx.merge(c_def, c_state).decode(ids) if ctvit else ids
 
     return jax.jit(run)
 
@@ -198,22 +215,19 @@ def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWei
     mesh = make_mesh(dict(config.mesh), devices=jax.local_devices())
     models = load_models(config, stages, mesh, rules)
     group = _group_size(config, mesh, rules)
-    decode = _decoder(models, config)
+    decode = decode_program(models, config)
     _, m_state = nnx.split(models.maskgit)
     _, c_state = nnx.split(models.ctvit)
     slice_sampler = sampler = None
     if models.superres is not None:
-        from ctgen.sampling.superres import SamplerConfig, SliceSampler, upsample_volume
+        from ctgen.sampling.superres import SliceSampler, upsample_volume
 
-        sampler = SamplerConfig(sampler=str(config.superres.sampler), steps=int(config.superres.steps),
-                                noise_level=float(config.superres.lowres_noise_level),
-                                cond_scale=float(config.superres.cond_scale),
-                                threshold=float(config.superres.threshold))
+        sampler = superres_options(config)
         size = models.ctvit.cfg.image_size * int(config.superres.scale)
         slice_sampler = SliceSampler(models.superres, sampler, (size, size), mesh, rules)
     bar = stage_progress(len(samples), "volumes", enabled=progress, unit="volume")
     text_bar = stage_progress(len(samples), "text", enabled=progress, unit="prompt")
-    # per group, not per step: a per-step tick would need a host callback in the decode (see _decoder)
+    # per group, not per step: a per-step tick would need a host callback in the decode (see decode_program)
     maskgit_bar = stage_progress(len(samples), f"maskgit ({int(config.maskgit.steps)} steps)", enabled=progress,
                                  unit="prompt")
     for start in range(0, len(samples), group):
