@@ -52,7 +52,7 @@ def import_to_dir(path: str, out: str) -> str:
     if tok is not None:
         save_ctvit_dir(os.path.join(out, TOKENIZER_DIR), tok.config, tok.state, info={"source": path})
     save_maskgit_dir(out, result.config, result.state, tokenizer=TOKENIZER_DIR if tok is not None else "",
-                     info={"source": path})
+                     info={"source": path, "layout": "generatect"})
     c = result.config
     lines = [f"imported {path} -> {out}", result.report.describe(),
              f"MaskGIT: {c.num_tokens} codes, dim {c.dim}, depth {c.depth}, {c.heads} heads x {c.dim_head}, "

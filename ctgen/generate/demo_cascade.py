@@ -151,6 +151,8 @@ def pack(ctvit: str, maskgit: str, superres: str, out: str, *, settings: Mapping
 
     from ctgen.convert import ctvit_store, maskgit_store, superres_store
     from ctgen.generate.checkpoints import latest_step_dir
+    from ctgen.generate.orientation import resolve_layout
+    from ctgen.weights import weights_info
 
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -159,18 +161,22 @@ def pack(ctvit: str, maskgit: str, superres: str, out: str, *, settings: Mapping
     cfg, nets, states = ctvit_store.load_ctvit_state(ctvit)
     state = states["ctvit"]
     ctvit_store.save_ctvit_dir(os.path.join(out, "ctvit"), cfg, _bf16(state),
-                               info={"source": os.path.abspath(ctvit)})
+                               info={"packed_from": os.path.abspath(ctvit)})
     stages["ctvit"] = {"from": latest_step_dir(ctvit) or ctvit, "parameters": _count(state)}
 
     mcfg, mstate = maskgit_store.load_maskgit_state(maskgit)
+    # the array layout the MaskGIT was trained in travels with it ("canonical" for a ctgen training
+    # workdir, "generatect" for imported GenerateCT weights): `ctgen generate` maps its output by it
+    layout = resolve_layout("auto", weights_info(maskgit) or {})
     maskgit_store.save_maskgit_dir(os.path.join(out, "maskgit"), mcfg, _bf16(mstate), tokenizer="../ctvit",
-                                   info={"source": os.path.abspath(maskgit)})
-    stages["maskgit"] = {"from": latest_step_dir(maskgit) or maskgit, "parameters": _count(mstate)}
+                                   info={"packed_from": os.path.abspath(maskgit), "layout": layout})
+    stages["maskgit"] = {"from": latest_step_dir(maskgit) or maskgit, "parameters": _count(mstate),
+                         "layout": layout}
 
     ucfg, _, live, ema, step = superres_store.load_params(superres)
     params = ema if ema is not None else live
     superres_store.save_superres_dir(os.path.join(out, "superres"), ucfg, _bf16(params),
-                                     info={"source": os.path.abspath(superres), "weights": "ema" if ema is not None
+                                     info={"packed_from": os.path.abspath(superres), "weights": "ema" if ema is not None
                                            else "live"})
     stages["superres"] = {"from": latest_step_dir(superres) or superres, "parameters": _count(params),
                           "weights": "ema" if ema is not None else "live"}

@@ -78,13 +78,20 @@ LAYOUTS = ("auto", "canonical", "generatect")
 
 
 def resolve_layout(setting: str, maskgit_info: Mapping[str, Any]) -> str:
-    """The models' array layout: `setting` unless "auto", which means "generatect" when the MaskGIT
-    weights were imported from a GenerateCT PyTorch checkpoint (their marker records the `source`
-    file, as `ctgen import` writes it) and "canonical" for weights ctgen trained."""
+    """The models' array layout: `setting` unless "auto", which means the `layout` the MaskGIT's
+    weights marker records (`ctgen import` writes "generatect", the demo-cascade packing the layout
+    of what it packed); for markers without one (written before the field existed), "generatect"
+    when the marker records the imported `source` file and "canonical" for weights ctgen trained."""
     if setting not in LAYOUTS:
         raise UserError(f"--config.layout={setting!r}: expected one of {', '.join(LAYOUTS)}")
     if setting != "auto":
         return setting
+    recorded = maskgit_info.get("layout")
+    if recorded is not None:
+        if recorded not in LAYOUTS[1:]:
+            raise UserError(f"the MaskGIT weights marker records layout {recorded!r}: expected one of "
+                            f"{', '.join(LAYOUTS[1:])}; pass --config.layout=canonical or generatect")
+        return recorded
     return "generatect" if maskgit_info.get("source") else "canonical"
 
 

@@ -36,7 +36,7 @@ def hash_weights(weights: StageWeights) -> dict[str, Any]:
     listing = "".join(f"{h}  {rel}\n" for rel, h in sorted(hashes.items()))
     return {"path": weights.path, "kind": weights.kind, "model": weights.model, "files": hashes,
             "sha256": hashlib.sha256(listing.encode()).hexdigest(),
-            **({"source": weights.info["source"]} if "source" in weights.info else {})}
+            **{k: weights.info[k] for k in ("source", "packed_from") if k in weights.info}}
 
 
 def checkpoint_record(stages: Mapping[str, StageWeights]) -> dict[str, dict[str, Any]]:

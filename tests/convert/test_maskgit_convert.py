@@ -104,6 +104,7 @@ def test_import_command_writes_maskgit_and_tokenizer_and_export_reproduces_the_f
     assert main(["import", "generatect-transformer", src, "--out", out]) == 0
     info = weights_lib.weights_info(out)
     assert info["model"] == "maskgit" and info["tokenizer"] == "tokenizer"
+    assert info["source"] == src and info["layout"] == "generatect"  # `ctgen generate` re-orients its output
     assert stored_config(out) == (TINY, os.path.join(out, "tokenizer")) and tokenizer_path(out) == os.path.join(
         out, "tokenizer")
     assert load_ctvit(os.path.join(out, "tokenizer")).cfg == TINY_CTVIT

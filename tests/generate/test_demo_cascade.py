@@ -44,7 +44,7 @@ def test_pack_writes_bfloat16_weights_and_a_manifest(packed):
     man = demo_cascade.read_manifest(out)
     assert man["name"] == demo_cascade.NAME and "not a chest-CT model" in man["description"]
     assert man["generate"]["slices"] == 3 and man["generate"]["geometry.extent_mm"] == [301.5, 350.0, 350.0]
-    assert set(man["stages"]) == {"ctvit", "maskgit", "superres"}
+    assert set(man["stages"]) == {"ctvit", "maskgit", "superres"} and man["stages"]["maskgit"]["layout"] == "canonical"
     assert all(rel.split("/")[0] in man["stages"] for rel in man["files"])
     assert man["bytes"] == sum(os.path.getsize(os.path.join(out, rel)) for rel in man["files"])
     # loaded back as float32: the bfloat16 rounding of the original, not the original itself
@@ -70,6 +70,8 @@ def test_generate_without_checkpoints_runs_the_demo(packed, tmp_path, capsys, mo
     assert prov["models"].startswith(demo_cascade.NAME)
     assert prov["config"]["slices"] == 3 and prov["config"]["superres"]["scale"] == 2
     assert prov["config"]["checkpoints"]["dir"] == out_dir and prov["config"]["checkpoints"]["text"] == "builtin"
+    # trained by ctgen, so the output is not re-oriented as if it came from GenerateCT's layout
+    assert prov["request"]["settings"]["layout"] == "canonical"
     import nibabel as nib
 
     assert sorted(nib.load(os.path.join(out, "heart.nii.gz")).shape) == [3, 64, 64]

@@ -60,6 +60,11 @@ def test_layout_setting():
     assert resolve_layout("auto", {"model": "maskgit", "source": "/w/transformer_pretrained.pt"}) == "generatect"
     assert resolve_layout("auto", {"model": "maskgit"}) == "canonical"
     assert resolve_layout("canonical", {"source": "x.pt"}) == "canonical"
+    # a recorded layout wins over the guess from `source` (a packed or re-exported ctgen model)
+    assert resolve_layout("auto", {"source": "/w/run", "layout": "canonical"}) == "canonical"
+    assert resolve_layout("auto", {"layout": "generatect"}) == "generatect"
+    with pytest.raises(UserError, match="records layout 'sideways'"):
+        resolve_layout("auto", {"layout": "sideways"})
     with pytest.raises(UserError, match="layout"):
         resolve_layout("ras", {})
     with pytest.raises(UserError, match="axis codes 'LPX'"):
