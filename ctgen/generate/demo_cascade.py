@@ -174,12 +174,11 @@ def pack(ctvit: str, maskgit: str, superres: str, out: str, *, settings: Mapping
                          "layout": layout}
 
     ucfg, _, live, ema, step = superres_store.load_params(superres)
-    params = ema if ema is not None else live
+    params, which = (ema, "ema") if ema is not None else (live, "live")
     superres_store.save_superres_dir(os.path.join(out, "superres"), ucfg, _bf16(params),
-                                     info={"packed_from": os.path.abspath(superres), "weights": "ema" if ema is not None
-                                           else "live"})
+                                     info={"packed_from": os.path.abspath(superres), "weights": which})
     stages["superres"] = {"from": latest_step_dir(superres) or superres, "parameters": _count(params),
-                          "weights": "ema" if ema is not None else "live"}
+                          "weights": which}
 
     manifest = {"name": NAME, "description": DESCRIPTION, "packed": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "generate": {**DEFAULT_SETTINGS, **(settings or {})}, "stages": stages,
