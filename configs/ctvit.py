@@ -96,6 +96,8 @@ def get_config(arg: str = "paper"):
     loss.adaptive_weight_max = 1e4
     loss.grad_penalty_weight = 10.0
     loss.update_codebook_in_discr_step = True  # GenerateCT's discriminator step runs the VQ in train mode
+    loss.soft_tissue_weight = 0.0  # extra squared error over soft-tissue voxels (ctgen addition; 0 = GenerateCT)
+    loss.soft_tissue_hu = (-200.0, 200.0)  # target HU range that term (and the eval's soft_tissue_mae_hu) covers
 
     d = c.data
     d.dir = ""

@@ -399,32 +399,38 @@ def _ctr(heart: np.ndarray, thorax: np.ndarray, spacing: np.ndarray) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`--validate N --shape D,H,W`: agreement with N phantoms' label-based truth (Markdown table)."""
+    """`--validate N --shape D,H,W [--tokenizer DIR]`: agreement with N phantoms' label-based truth
+    (Markdown table); with --tokenizer, of the measurements of their CT-ViT reconstructions."""
     import argparse
     import json
 
-    from ctgen.eval.phantom_validate import summarize, summary_table, validate
+    from ctgen.eval.phantom_validate import ctvit_transform, summarize, summary_table, validate
 
     p = argparse.ArgumentParser(prog="python -m ctgen.eval.phantom_measure", description=main.__doc__)
     p.add_argument("--validate", type=int, required=True, metavar="N", help="number of phantoms")
     p.add_argument("--shape", default="33,64,64", help="phantom grid D,H,W (default 33,64,64)")
     p.add_argument("--seed", type=int, default=0, help="PhantomSource seed (default 0)")
     p.add_argument("--json", help="also write the per-phantom rows and the summary here")
+    p.add_argument("--tokenizer", metavar="DIR", help="measure each phantom's reconstruction by this CT-ViT "
+                   "(workdir, weights directory or GenerateCT file) on its grid instead of the phantom")
     args = p.parse_args(argv)
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
         assert len(shape) == 3
     except (ValueError, AssertionError):
         p.error(f"--shape needs three integers D,H,W, got {args.shape!r}")
-    rows = validate(args.validate, shape, seed=args.seed)
+    rows = validate(args.validate, shape, seed=args.seed,
+                    transform=ctvit_transform(args.tokenizer) if args.tokenizer else None)
     summary = summarize(rows)
     seconds = float(np.mean([r["seconds"] for r in rows]))
-    print(f"{len(rows)} phantoms on {shape[0]}x{shape[1]}x{shape[2]} (seed {args.seed}), "
-          f"{seconds:.2f} s per volume\n")
+    through = f", reconstructed by the CT-ViT {args.tokenizer}" if args.tokenizer else ""
+    print(f"{len(rows)} phantoms on {shape[0]}x{shape[1]}x{shape[2]} (seed {args.seed}){through}, "
+          f"{seconds:.2f} s per measurement\n")
     print(summary_table(summary))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "seed": args.seed, "summary": summary, "rows": rows}, f, indent=1, default=str)
+            json.dump({"shape": shape, "seed": args.seed, "tokenizer": args.tokenizer, "summary": summary, "rows": rows},
+                      f, indent=1, default=str)
     return 0
 
 

@@ -10,13 +10,16 @@ label-free lung mask is aerated lung, as a %LAA measurement wants).
     python -m ctgen.eval.phantom_measure --validate 50 --shape 33,64,64
 
 measures the demo's phantoms (`PhantomSource`, the same seeds and spacing) and prints the agreement
-per attribute against `TOLERANCES`.
+per attribute against `TOLERANCES`. With `--tokenizer DIR` each phantom is first passed through that
+CT-ViT (resized in-plane to its slice size, encoded, decoded; `ctvit_transform`) and measured on
+the CT-ViT's grid: the best any generator that decodes through this CT-ViT can hand the
+measurement, i.e. the ceiling of a cascade's prompt adherence.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +39,9 @@ TOLERANCES: dict[str, tuple[str, float]] = {
     "mean_lung_hu": ("abs", 30.0),
 }
 EFFUSION_JUDGED_ML = 100.0
+
+Transform = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+"""(HU volume (D, H, W), spacing (3,) mm) -> the volume to measure and its spacing."""
 
 
 def phantom_truth(attributes: dict, spacing_dhw: Sequence[float], cfg: MeasureConfig = MeasureConfig()) -> dict:
@@ -75,8 +81,10 @@ def compare(measured: dict, truth: dict) -> dict[str, dict]:
 
 
 def validate(n: int, shape: Sequence[int], *, seed: int = 0, p_normal: float = 0.3,
-             cfg: MeasureConfig = MeasureConfig()) -> list[dict]:
-    """Measure the first `n` phantoms of `PhantomSource(n, seed)` on grid `shape`; one row per phantom."""
+             cfg: MeasureConfig = MeasureConfig(), transform: Transform | None = None) -> list[dict]:
+    """Measure the first `n` phantoms of `PhantomSource(n, seed)` on grid `shape`; one row per phantom.
+    transform: applied to each phantom before it is measured (e.g. `ctvit_transform`); the truth
+    stays the phantom's own."""
     from ctgen.data.preprocess import GridConfig
     from ctgen.data.sources import PhantomSource
 
@@ -85,11 +93,34 @@ def validate(n: int, shape: Sequence[int], *, seed: int = 0, p_normal: float = 0
     rows = []
     for rec in records:
         ph = src.load(rec)
+        hu, spacing = ph["volume_DxHxW"], np.asarray(ph["spacing"], np.float64)
+        if transform is not None:
+            hu, spacing = transform(hu, spacing)
         t0 = time.perf_counter()
-        measured = measure_volume(ph["volume_DxHxW"], ph["spacing"], cfg)
+        measured = measure_volume(hu, spacing, cfg)
         rows.append({"source_id": rec.source_id, "seconds": time.perf_counter() - t0,
-                     "compare": compare(measured, phantom_truth(ph["attributes"], ph["spacing"], cfg))})
+                     "compare": compare(measured, phantom_truth(ph["attributes"], spacing, cfg))})
     return rows
+
+
+def ctvit_transform(tokenizer: str) -> Transform:
+    """A phantom -> its reconstruction by the CT-ViT at `tokenizer` (workdir, weights directory or
+    GenerateCT file), resized in-plane to the CT-ViT's slice size first as `ctgen prepare --source
+    sr-pairs` does; returned in HU with the spacing of that grid. The slice count must suit the
+    CT-ViT (1 + a multiple of its temporal patch)."""
+    from ctgen.data.preprocess import resize_volume
+    from ctgen.stages.superres_pairs import ctvit_reconstructor
+    from ctgen.volume import clip_hu, hu_to_model, model_to_hu
+
+    size, per_call, run = ctvit_reconstructor(tokenizer)
+
+    def transform(hu: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d, h, w = hu.shape
+        x = hu_to_model(resize_volume(clip_hu(np.asarray(hu, np.float32)), (d, size, size)))
+        rec = model_to_hu(run(np.repeat(x[None], per_call, axis=0))[0])
+        return rec, np.array([spacing[0], spacing[1] * h / size, spacing[2] * w / size], np.float64)
+
+    return transform
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:

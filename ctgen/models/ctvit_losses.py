@@ -30,9 +30,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ctgen.config_dataclass import build_dataclass
+from ctgen.errors import UserError
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.models.discriminator import Discriminator, DiscriminatorConfig
 from ctgen.models.vgg import VGG16, VGGConfig
+from ctgen.volume import HU_MAX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,13 @@ class CTViTLossConfig:
     adaptive_weight_ref: loss whose gradient norm scales the GAN loss: "perceptual" (GenerateCT)
       or "recon" (VQGAN-style; used automatically when the perceptual loss is off, since
       GenerateCT's weight would then be 0 and silently disable the GAN).
+    soft_tissue_weight: weight of an extra squared error over the voxels whose target lies in
+      `soft_tissue_hu` (0: off, GenerateCT). The plain MSE over [-1000, 1000] HU is dominated by
+      air/tissue edges; this term makes the tens-of-HU contrasts between soft tissues (fluid ~10 HU,
+      blood ~40, fat ~-100) cost as much as an edge. It is the squared error in model units averaged
+      over those voxels only, so weight 25 prices an error as the plain MSE would if the window
+      (-200, 200) HU spanned [-1, 1]. Not in GenerateCT (an addition of ctgen).
+    soft_tissue_hu: (low, high) HU of the target voxels the term covers.
     """
 
     perceptual: bool = True
@@ -93,6 +102,23 @@ class CTViTLossConfig:
     adaptive_weight_max: float = 1e4
     grad_penalty_weight: float = 10.0
     update_codebook_in_discr_step: bool = True
+    soft_tissue_weight: float = 0.0
+    soft_tissue_hu: tuple[float, float] = (-200.0, 200.0)
+
+    def __post_init__(self):
+        lo, hi = (float(v) for v in self.soft_tissue_hu)
+        if self.soft_tissue_weight < 0 or not lo < hi:
+            raise UserError(f"loss.soft_tissue_weight must be >= 0 and loss.soft_tissue_hu an increasing (low, high) "
+                             f"pair, got {self.soft_tissue_weight}, {self.soft_tissue_hu}")
+        object.__setattr__(self, "soft_tissue_hu", (lo, hi))
+
+
+def soft_tissue_mse(volume: jax.Array, recon: jax.Array, hu_range: tuple[float, float]) -> jax.Array:
+    """Squared error (model units, HU / 1000) averaged over the voxels whose target HU lies in
+    `hu_range` (0 if there are none)."""
+    lo, hi = hu_range[0] / HU_MAX, hu_range[1] / HU_MAX
+    inside = ((volume >= lo) & (volume <= hi)).astype(jnp.float32)
+    return jnp.sum(inside * jnp.square(volume - recon)) / jnp.maximum(jnp.sum(inside), 1.0)
 
 
 def random_slice_indices(rng: jax.Array, batch: int, num_slices: int) -> jax.Array:
@@ -162,6 +188,10 @@ def generator_loss(ctvit: CTViT, vgg: VGG16 | None, discr: Discriminator | None,
     recon_loss = jnp.mean(jnp.square(volume - recon))
     loss = recon_loss + out.commit_loss
     metrics = {"recon_loss": recon_loss, "commit_loss": out.commit_loss, **out.metrics}
+    if cfg.soft_tissue_weight:
+        soft = soft_tissue_mse(volume, recon, cfg.soft_tissue_hu)
+        loss = loss + cfg.soft_tissue_weight * soft
+        metrics["soft_tissue_loss"] = soft
     use_perc = cfg.perceptual and vgg is not None
     use_gan = cfg.gan and discr is not None
     if not (use_perc or use_gan):

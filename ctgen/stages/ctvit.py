@@ -38,6 +38,7 @@ from ctgen.models.discriminator import Discriminator
 from ctgen.models.vgg import VGG16
 from ctgen.models.vq import codebook_metrics
 from ctgen.train.stage import Phase, mean_metrics, valid_rows
+from ctgen.volume import HU_MAX
 from ctgen.weights import flatten_state, unflatten_state
 
 log = logging.getLogger(__name__)
@@ -152,16 +153,22 @@ class CTViTStage:
         return {}
 
     def eval_step(self, model: CTViTTrainer, frozen, batch) -> dict[str, jax.Array]:
-        """Sums over the valid volumes of PSNR, SSIM and MSE, and the code histogram of their tokens."""
+        """Sums over the valid volumes of PSNR, SSIM, MSE and the soft-tissue mean absolute error in HU
+        (over the voxels whose target lies in loss.soft_tissue_hu), and the code histogram of their tokens."""
         vol = batch["volume"]
         out = model.ctvit(vol, train=False)
         valid = valid_rows(batch, vol.shape[0])
         recon = jnp.clip(out.recon_BxFxHxW, -1.0, 1.0)
         mse = jnp.mean(jnp.square(out.recon_BxFxHxW - vol), axis=(1, 2, 3))
+        lo, hi = (v / HU_MAX for v in self.loss_cfg.soft_tissue_hu)
+        inside = ((vol >= lo) & (vol <= hi)).astype(jnp.float32)
+        soft_mae = (jnp.sum(inside * jnp.abs(recon - vol), axis=(1, 2, 3))
+                    / jnp.maximum(jnp.sum(inside, axis=(1, 2, 3)), 1.0) * HU_MAX)
         weights = jnp.broadcast_to(valid.reshape(-1, 1, 1, 1), out.ids_BxTxhxw.shape).reshape(-1)
         bins = jax.ops.segment_sum(weights, out.ids_BxTxhxw.reshape(-1), num_segments=self.cfg.codebook_size)
         return {"psnr": jnp.sum(psnr(recon, vol) * valid), "ssim": jnp.sum(ssim(recon, vol) * valid),
-                "recon_mse": jnp.sum(mse * valid), "count": jnp.sum(valid), "code_counts": bins}
+                "recon_mse": jnp.sum(mse * valid), "soft_tissue_mae_hu": jnp.sum(soft_mae * valid),
+                "count": jnp.sum(valid), "code_counts": bins}
 
     def eval_metrics(self, totals) -> dict[str, float]:
         """Means over the split's volumes; codebook usage/perplexity of the split's whole histogram."""

@@ -139,3 +139,39 @@ def test_recon_reference_for_adaptive_weight_without_perceptual():
     g_recon = head_grad_norm(lambda mod, rec: jnp.mean(jnp.square(batch["volume"] - rec)))
     g_gan = head_grad_norm(lambda mod, rec: -jnp.mean(mod.discr(pick_slices(rec, idx))))
     assert float(m["adaptive_weight"]) == pytest.approx(float(g_recon / (g_gan + 1e-8)), rel=1e-3)
+
+
+def test_soft_tissue_term_prices_only_soft_tissue_voxels():
+    from ctgen.models.ctvit_losses import soft_tissue_mse
+
+    target = jnp.array([-0.9, 0.01, 0.04, 0.5])  # lung, fluid (10 HU), blood (40 HU), bone
+    # an error of 30 HU on each soft-tissue voxel and of 300 HU on the others
+    recon = target + jnp.array([0.3, 0.03, -0.03, 0.3])
+    np.testing.assert_allclose(float(soft_tissue_mse(target, recon, (-200.0, 200.0))), 0.03 ** 2, rtol=1e-5)
+    np.testing.assert_allclose(float(soft_tissue_mse(target, target, (-200.0, 200.0))), 0.0)
+    assert float(soft_tissue_mse(jnp.full(3, -0.9), jnp.zeros(3), (-200.0, 200.0))) == 0.0  # no soft tissue
+
+
+def test_soft_tissue_weight_adds_its_term_to_the_generator_loss():
+    from ctgen.models.ctvit_losses import soft_tissue_mse
+
+    def fresh():  # a train-mode call moves the EMA codebook: each call gets the same untouched model
+        return CTViTTrainer(CFG, None, rngs=nnx.Rngs(0))
+
+    vol = jax.random.uniform(jax.random.key(1), (2, 5, 32, 32), minval=-0.3, maxval=0.3)
+    base, m0 = _gen(fresh(), {"volume": vol}, jax.random.key(0), CTViTLossConfig(perceptual=False, gan=False))
+    cfg = CTViTLossConfig(perceptual=False, gan=False, soft_tissue_weight=25.0, soft_tissue_hu=(-100, 100))
+    loss, m1 = _gen(fresh(), {"volume": vol}, jax.random.key(0), cfg)
+    recon = fresh().ctvit(vol, train=True).recon_BxFxHxW
+    soft = soft_tissue_mse(vol, recon, (-100.0, 100.0))
+    assert "soft_tissue_loss" not in m0 and float(soft) > 0
+    np.testing.assert_allclose(float(m1["soft_tissue_loss"]), float(soft), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(base) + 25.0 * float(soft), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"soft_tissue_weight": -1.0}, {"soft_tissue_weight": 1.0, "soft_tissue_hu": (50, -50)}])
+def test_soft_tissue_settings_are_checked(kw):
+    from ctgen.errors import UserError
+
+    with pytest.raises(UserError, match="soft_tissue"):
+        CTViTLossConfig(**kw)

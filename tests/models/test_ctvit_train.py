@@ -171,7 +171,7 @@ def test_eval_command_on_real_ct_volumes(data_dir, tmp_path, capsys):
 
 def test_eval_means_cover_the_whole_split(phantoms, tmp_path):
     """3 validation volumes in eval batches of 2 (the second padded with an invalid row): `ctgen eval`'s
-    PSNR/SSIM/MSE are the means over the 3 volumes and codebook usage/perplexity come from the
+    PSNR/SSIM/MSE/soft-tissue MAE are the means over the 3 volumes and codebook usage/perplexity come from the
     histogram of all their tokens, as computed directly on the host."""
     from ctgen.convert.ctvit_store import save_ctvit_dir
     from ctgen.data.pipelines import volume_pipeline
@@ -195,8 +195,11 @@ def test_eval_means_cover_the_whole_split(phantoms, tmp_path):
     out = model(vol, train=False)
     recon = np.clip(np.asarray(out.recon_BxFxHxW), -1, 1)
     bins = np.bincount(np.asarray(out.ids_BxTxhxw).ravel(), minlength=cfg.codebook_size).astype(np.float32)
+    vol_np = np.asarray(vol)
+    soft = [np.abs(r - v)[(v >= -0.2) & (v <= 0.2)].mean() * 1000 for r, v in zip(recon, vol_np)]  # (-200, 200) HU
+    assert all(np.isfinite(soft))
     want = {"psnr": np.mean(psnr(recon, vol)), "ssim": np.mean(ssim(recon, vol)),
-            "recon_mse": np.mean((np.asarray(out.recon_BxFxHxW) - vol) ** 2),
+            "recon_mse": np.mean((np.asarray(out.recon_BxFxHxW) - vol) ** 2), "soft_tissue_mae_hu": np.mean(soft),
             **{k: float(v) for k, v in codebook_metrics(bins).items()}}
     assert set(metrics) == set(want)
     for k, v in want.items():
