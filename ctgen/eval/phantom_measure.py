@@ -404,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
 
-    from ctgen.eval.phantom_validate import ctvit_transform, summarize, summary_table, validate
+    from ctgen.eval.phantom_validate import cascade_transform, ctvit_transform, summarize, summary_table, validate
 
     p = argparse.ArgumentParser(prog="python -m ctgen.eval.phantom_measure", description=main.__doc__)
     p.add_argument("--validate", type=int, required=True, metavar="N", help="number of phantoms")
@@ -413,23 +413,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", help="also write the per-phantom rows and the summary here")
     p.add_argument("--tokenizer", metavar="DIR", help="measure each phantom's reconstruction by this CT-ViT "
                    "(workdir, weights directory or GenerateCT file) on its grid instead of the phantom")
+    p.add_argument("--superres", metavar="DIR", help="with --tokenizer: super-resolve each reconstruction back to "
+                   "the phantom's grid with this SR (workdir or weights directory), conditioned on the phantom's prompt")
+    p.add_argument("--sr-sampler", default="ancestral", help="SR sampler: ancestral (default) or ddim")
+    p.add_argument("--sr-steps", type=int, default=25, help="SR sampling steps (default 25)")
+    p.add_argument("--sr-noise-level", type=float, default=0.1, help="SR low-res noise level (default 0.1)")
+    p.add_argument("--sr-threshold", type=float, default=0.95, help="SR dynamic threshold, 0 = clip (default 0.95)")
     args = p.parse_args(argv)
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
         assert len(shape) == 3
     except (ValueError, AssertionError):
         p.error(f"--shape needs three integers D,H,W, got {args.shape!r}")
-    rows = validate(args.validate, shape, seed=args.seed,
-                    transform=ctvit_transform(args.tokenizer) if args.tokenizer else None)
+    if args.superres and not args.tokenizer:
+        p.error("--superres needs --tokenizer (the CT-ViT whose reconstructions it upsamples)")
+    transform, through, sr_settings = None, "", None
+    if args.superres:
+        from ctgen.sampling.superres import SamplerConfig
+
+        sampler = SamplerConfig(sampler=args.sr_sampler, steps=args.sr_steps, noise_level=args.sr_noise_level,
+                                threshold=args.sr_threshold)
+        transform = cascade_transform(args.tokenizer, args.superres, sampler)
+        sr_settings = {"sampler": sampler.sampler, "steps": sampler.steps, "noise_level": sampler.noise_level,
+                       "threshold": sampler.threshold}
+        through = (f", reconstructed by the CT-ViT {args.tokenizer} and super-resolved by {args.superres} "
+                   f"({sampler.sampler} {sampler.steps} steps)")
+    elif args.tokenizer:
+        transform = ctvit_transform(args.tokenizer)
+        through = f", reconstructed by the CT-ViT {args.tokenizer}"
+    rows = validate(args.validate, shape, seed=args.seed, transform=transform, progress=transform is not None)
     summary = summarize(rows)
     seconds = float(np.mean([r["seconds"] for r in rows]))
-    through = f", reconstructed by the CT-ViT {args.tokenizer}" if args.tokenizer else ""
     print(f"{len(rows)} phantoms on {shape[0]}x{shape[1]}x{shape[2]} (seed {args.seed}){through}, "
           f"{seconds:.2f} s per measurement\n")
     print(summary_table(summary))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "seed": args.seed, "tokenizer": args.tokenizer, "summary": summary, "rows": rows},
+            json.dump({"shape": shape, "seed": args.seed, "tokenizer": args.tokenizer, "superres": args.superres,
+                       "sr_sampler": sr_settings, "summary": summary, "rows": rows},
                       f, indent=1, default=str)
     return 0
 

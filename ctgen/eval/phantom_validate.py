@@ -13,7 +13,9 @@ measures the demo's phantoms (`PhantomSource`, the same seeds and spacing) and p
 per attribute against `TOLERANCES`. With `--tokenizer DIR` each phantom is first passed through that
 CT-ViT (resized in-plane to its slice size, encoded, decoded; `ctvit_transform`) and measured on
 the CT-ViT's grid: the best any generator that decodes through this CT-ViT can hand the
-measurement, i.e. the ceiling of a cascade's prompt adherence.
+measurement, i.e. the ceiling of a cascade's prompt adherence. `--superres DIR` adds the SR
+stage: the reconstruction is super-resolved back to the phantom's grid (conditioned on the
+phantom's own prompt, encoded by the built-in T5) and measured there (`cascade_transform`).
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ TOLERANCES: dict[str, tuple[str, float]] = {
 }
 EFFUSION_JUDGED_ML = 100.0
 
-Transform = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
-"""(HU volume (D, H, W), spacing (3,) mm) -> the volume to measure and its spacing."""
+Transform = Callable[[np.ndarray, np.ndarray, dict], "tuple[np.ndarray, np.ndarray]"]
+"""(HU volume (D, H, W), spacing (3,) mm, the phantom as `PhantomSource.load` returns it) -> the
+volume to measure and its spacing."""
 
 
 def phantom_truth(attributes: dict, spacing_dhw: Sequence[float], cfg: MeasureConfig = MeasureConfig()) -> dict:
@@ -81,21 +84,24 @@ def compare(measured: dict, truth: dict) -> dict[str, dict]:
 
 
 def validate(n: int, shape: Sequence[int], *, seed: int = 0, p_normal: float = 0.3,
-             cfg: MeasureConfig = MeasureConfig(), transform: Transform | None = None) -> list[dict]:
+             cfg: MeasureConfig = MeasureConfig(), transform: Transform | None = None,
+             progress: bool = False) -> list[dict]:
     """Measure the first `n` phantoms of `PhantomSource(n, seed)` on grid `shape`; one row per phantom.
     transform: applied to each phantom before it is measured (e.g. `ctvit_transform`); the truth
-    stays the phantom's own."""
+    stays the phantom's own. progress: a progress bar over the phantoms (stderr)."""
     from ctgen.data.preprocess import GridConfig
     from ctgen.data.sources import PhantomSource
 
     src = PhantomSource(n, seed, GridConfig(shape=tuple(int(s) for s in shape)), p_normal=p_normal)
     records, _ = src.scan()
+    from tqdm import tqdm
+
     rows = []
-    for rec in records:
+    for rec in tqdm(records, desc="phantoms", unit="phantom", disable=not progress):
         ph = src.load(rec)
         hu, spacing = ph["volume_DxHxW"], np.asarray(ph["spacing"], np.float64)
         if transform is not None:
-            hu, spacing = transform(hu, spacing)
+            hu, spacing = transform(hu, spacing, ph)
         t0 = time.perf_counter()
         measured = measure_volume(hu, spacing, cfg)
         rows.append({"source_id": rec.source_id, "seconds": time.perf_counter() - t0,
@@ -114,11 +120,55 @@ def ctvit_transform(tokenizer: str) -> Transform:
 
     size, per_call, run = ctvit_reconstructor(tokenizer)
 
-    def transform(hu: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def transform(hu: np.ndarray, spacing: np.ndarray, phantom: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         d, h, w = hu.shape
         x = hu_to_model(resize_volume(clip_hu(np.asarray(hu, np.float32)), (d, size, size)))
         rec = model_to_hu(run(np.repeat(x[None], per_call, axis=0))[0])
         return rec, np.array([spacing[0], spacing[1] * h / size, spacing[2] * w / size], np.float64)
+
+    return transform
+
+
+def phantom_prompt(phantom: dict) -> str:
+    """The prompt `ctgen prepare --source phantom` stores for this phantom (default dataset settings)."""
+    from ctgen.data.features import DatasetConfig, text_fields
+
+    return text_fields(phantom["report"], DatasetConfig(name="phantom"), float(phantom["age"]), phantom["sex"])[0]["prompt"]
+
+
+def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_length: int = 128, seed: int = 0) -> Transform:
+    """A phantom -> its CT-ViT reconstruction (`ctvit_transform`) super-resolved by the SR U-Net at
+    `superres` (workdir or weights directory) back to the phantom's in-plane size, conditioned on
+    the phantom's prompt (`phantom_prompt`) encoded by the built-in T5 to `text_length` tokens.
+    sampler: a `ctgen.sampling.superres.SamplerConfig` (default: its defaults). The phantom's
+    in-plane size must be the CT-ViT's times an integer."""
+    from ctgen.convert.superres_store import load_superres
+    from ctgen.sampling.superres import SamplerConfig, SliceSampler, upsample_volume
+    from ctgen.text.encode import encode_text
+    from ctgen.text.load import load_text_encoder
+    from ctgen.volume import hu_to_sr
+
+    recon = ctvit_transform(tokenizer)
+    model, _ = load_superres(superres)
+    text_model, tok, _ = load_text_encoder("builtin")
+    sampler = sampler or SamplerConfig()
+    runs: dict[tuple[int, int], SliceSampler] = {}  # one compiled sampler per output size
+
+    def transform(hu: np.ndarray, spacing: np.ndarray, phantom: dict) -> tuple[np.ndarray, np.ndarray]:
+        low, _ = recon(hu, spacing)
+        scale = hu.shape[1] // low.shape[1]
+        if scale * low.shape[1] != hu.shape[1] or hu.shape[1] != hu.shape[2]:
+            raise ValueError(f"phantom slices {hu.shape[1:]} are not the CT-ViT's {low.shape[1:]} times an integer")
+        emb, mask = encode_text(text_model, tok, [phantom_prompt(phantom)], max_length=text_length)
+        text = np.zeros((text_length, emb.shape[-1]), np.float32)
+        full = np.zeros((text_length,), bool)
+        text[: emb.shape[1]], full[: mask.shape[1]] = np.asarray(emb)[0], np.asarray(mask)[0]
+        size = (hu.shape[1], hu.shape[2])
+        if size not in runs:
+            runs[size] = SliceSampler(model, sampler, size, None, None)
+        out = upsample_volume(model, hu_to_sr(low), text, full, sampler=sampler, scale=scale, output_range="hu",
+                              progress=False, rng=seed, slice_sampler=runs[size])
+        return out, np.asarray(spacing, np.float64)
 
     return transform
 

@@ -108,3 +108,38 @@ def test_validate_through_a_ctvit(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "2 phantoms on 5x64x64 (seed 0), reconstructed by the CT-ViT" in text
     assert "| effusion_side | exact |" in text
+
+
+def test_validate_through_ctvit_and_superres(capsys, tmp_path):
+    """--superres: the reconstruction is super-resolved back to the phantom's grid, conditioned on the
+    phantom's stored prompt, and measured there; --superres alone is refused."""
+    from flax import nnx
+
+    from ctgen.convert.ctvit_store import save_ctvit_dir
+    from ctgen.convert.superres_store import save_superres_dir
+    from ctgen.data.sources import PhantomSource
+    from ctgen.data.preprocess import GridConfig
+    from ctgen.eval.phantom_validate import phantom_prompt
+    from ctgen.models.ctvit import CTViT, CTViTConfig
+    from ctgen.models.unet import UNet, UNetConfig
+
+    cfg = CTViTConfig.tiny(max_slices=5)
+    save_ctvit_dir(str(tmp_path / "ctvit"), cfg, nnx.state(CTViT(cfg, rngs=nnx.Rngs(0))))
+    unet_cfg = UNetConfig.tiny()
+    save_superres_dir(str(tmp_path / "sr"), unet_cfg, nnx.state(UNet(unet_cfg, rngs=nnx.Rngs(0)), nnx.Param))
+
+    src = PhantomSource(1, 0, GridConfig(shape=(5, 64, 64)))
+    ph = src.load(src.scan()[0][0])
+    assert phantom_prompt(ph).startswith(f"{ph['age']} years old ") and ph["report"]["impression"] in phantom_prompt(ph)
+
+    out = tmp_path / "v.json"
+    assert phantom_measure.main(["--validate", "1", "--shape", "5,64,64", "--tokenizer", str(tmp_path / "ctvit"),
+                                 "--superres", str(tmp_path / "sr"), "--sr-sampler", "ddim", "--sr-steps", "2",
+                                 "--json", str(out)]) == 0
+    assert "super-resolved by" in capsys.readouterr().out
+    import json
+
+    record = json.load(open(out))
+    assert record["sr_sampler"]["steps"] == 2 and record["superres"] == str(tmp_path / "sr")
+    with pytest.raises(SystemExit):
+        phantom_measure.main(["--validate", "1", "--superres", str(tmp_path / "sr")])
