@@ -399,12 +399,14 @@ def _ctr(heart: np.ndarray, thorax: np.ndarray, spacing: np.ndarray) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`--validate N --shape D,H,W [--tokenizer DIR]`: agreement with N phantoms' label-based truth
-    (Markdown table); with --tokenizer, of the measurements of their CT-ViT reconstructions."""
+    """`--validate N --shape D,H,W [--tokenizer DIR [--superres DIR]]`: agreement with N phantoms'
+    label-based truth (Markdown table); with --tokenizer, of the measurements of their CT-ViT
+    reconstructions; with --superres too, of those reconstructions super-resolved back to the grid."""
     import argparse
     import json
 
-    from ctgen.eval.phantom_validate import cascade_transform, ctvit_transform, summarize, summary_table, validate
+    from ctgen.eval.phantom_validate import (cascade_transform, ctvit_transform, summarize, summarize_tissue,
+                                             summary_table, tissue_table, validate)
 
     p = argparse.ArgumentParser(prog="python -m ctgen.eval.phantom_measure", description=main.__doc__)
     p.add_argument("--validate", type=int, required=True, metavar="N", help="number of phantoms")
@@ -447,10 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(rows)} phantoms on {shape[0]}x{shape[1]}x{shape[2]} (seed {args.seed}){through}, "
           f"{seconds:.2f} s per measurement\n")
     print(summary_table(summary))
+    tissue = summarize_tissue(rows)
+    if tissue:
+        print("\nHU error of the handed-back volume against the phantom, inside each label (2 voxels from its edge):\n")
+        print(tissue_table(tissue))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": shape, "seed": args.seed, "tokenizer": args.tokenizer, "superres": args.superres,
-                       "sr_sampler": sr_settings, "summary": summary, "rows": rows},
+                       "sr_sampler": sr_settings, "summary": summary, "tissue": tissue, "rows": rows},
                       f, indent=1, default=str)
     return 0
 

@@ -89,24 +89,58 @@ def validate(n: int, shape: Sequence[int], *, seed: int = 0, p_normal: float = 0
     """Measure the first `n` phantoms of `PhantomSource(n, seed)` on grid `shape`; one row per phantom.
     transform: applied to each phantom before it is measured (e.g. `ctvit_transform`); the truth
     stays the phantom's own. progress: a progress bar over the phantoms (stderr)."""
+    from tqdm import tqdm
+
     from ctgen.data.preprocess import GridConfig
     from ctgen.data.sources import PhantomSource
 
     src = PhantomSource(n, seed, GridConfig(shape=tuple(int(s) for s in shape)), p_normal=p_normal)
     records, _ = src.scan()
-    from tqdm import tqdm
-
     rows = []
     for rec in tqdm(records, desc="phantoms", unit="phantom", disable=not progress):
         ph = src.load(rec)
         hu, spacing = ph["volume_DxHxW"], np.asarray(ph["spacing"], np.float64)
+        row = {"source_id": rec.source_id}
         if transform is not None:
             hu, spacing = transform(hu, spacing, ph)
+            if hu.shape == ph["labels"].shape:
+                row["tissue"] = tissue_errors(ph["volume_DxHxW"], hu, ph["labels"])
         t0 = time.perf_counter()
         measured = measure_volume(hu, spacing, cfg)
-        rows.append({"source_id": rec.source_id, "seconds": time.perf_counter() - t0,
-                     "compare": compare(measured, phantom_truth(ph["attributes"], spacing, cfg))})
+        row.update(seconds=time.perf_counter() - t0,
+                   compare=compare(measured, phantom_truth(ph["attributes"], spacing, cfg)))
+        rows.append(row)
     return rows
+
+
+def tissue_errors(truth_hu: np.ndarray, hu: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
+    """Per anatomy label: [voxels, sum of (hu - truth), sum of its square] over the label's voxels
+    two in-plane voxels or more from its edge (partial volume aside), both clipped to [-1000, 1000]."""
+    from scipy import ndimage
+
+    from ctgen.data.anatomy import LABELS
+
+    diff = np.clip(hu, -1000, 1000).astype(np.float64) - np.clip(truth_hu, -1000, 1000)
+    out = {}
+    for name, code in LABELS.items():
+        inner = ndimage.binary_erosion(labels == code, structure=np.ones((1, 5, 5), bool))
+        if inner.any():
+            d = diff[inner]
+            out[name] = [float(d.size), float(d.sum()), float(np.square(d).sum())]
+    return out
+
+
+def summarize_tissue(rows: list[dict]) -> dict[str, dict]:
+    """Per label over all rows with tissue errors: voxels, mean error (bias) and its sd, in HU."""
+    acc: dict[str, np.ndarray] = {}
+    for r in rows:
+        for name, v in r.get("tissue", {}).items():
+            acc[name] = acc.get(name, np.zeros(3)) + np.asarray(v)
+    out = {}
+    for name, (n, s, s2) in acc.items():
+        mean = s / n
+        out[name] = {"voxels": int(n), "bias_hu": float(mean), "sd_hu": float(np.sqrt(max(s2 / n - mean ** 2, 0.0)))}
+    return out
 
 
 def ctvit_transform(tokenizer: str) -> Transform:
@@ -133,7 +167,8 @@ def phantom_prompt(phantom: dict) -> str:
     """The prompt `ctgen prepare --source phantom` stores for this phantom (default dataset settings)."""
     from ctgen.data.features import DatasetConfig, text_fields
 
-    return text_fields(phantom["report"], DatasetConfig(name="phantom"), float(phantom["age"]), phantom["sex"])[0]["prompt"]
+    fields, _ = text_fields(phantom["report"], DatasetConfig(name="phantom"), float(phantom["age"]), phantom["sex"])
+    return fields["prompt"]
 
 
 def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_length: int = 128, seed: int = 0) -> Transform:
@@ -184,6 +219,13 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
                     "sd_error": float(np.nanstd(errs)) if errs.size else None,
                     "max_abs_error": float(np.nanmax(np.abs(errs))) if errs.size else None}
     return out
+
+
+def tissue_table(tissue: dict[str, dict]) -> str:
+    """Markdown table of `summarize_tissue`'s result."""
+    lines = ["| tissue (label) | voxels | bias (HU) | sd (HU) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['voxels']} | {v['bias_hu']:.1f} | {v['sd_hu']:.1f} |" for k, v in tissue.items()]
+    return "\n".join(lines)
 
 
 def summary_table(summary: dict[str, dict]) -> str:

@@ -136,10 +136,29 @@ def test_validate_through_ctvit_and_superres(capsys, tmp_path):
     assert phantom_measure.main(["--validate", "1", "--shape", "5,64,64", "--tokenizer", str(tmp_path / "ctvit"),
                                  "--superres", str(tmp_path / "sr"), "--sr-sampler", "ddim", "--sr-steps", "2",
                                  "--json", str(out)]) == 0
-    assert "super-resolved by" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "super-resolved by" in text and "HU error of the handed-back volume" in text  # same grid: tissue errors
     import json
 
     record = json.load(open(out))
     assert record["sr_sampler"]["steps"] == 2 and record["superres"] == str(tmp_path / "sr")
+    assert record["tissue"]["body"]["voxels"] > 0
     with pytest.raises(SystemExit):
         phantom_measure.main(["--validate", "1", "--superres", str(tmp_path / "sr")])
+
+
+def test_validate_reports_tissue_errors_of_a_transform():
+    """A transform that adds 10 HU everywhere: every label's interior reads bias 10, sd 0 (voxels
+    clipped at 1000 HU aside), and the measurements see the shifted volume."""
+    from ctgen.eval.phantom_validate import summarize_tissue, tissue_table, validate
+
+    rows = validate(2, (5, 64, 64), transform=lambda hu, sp, ph: (np.asarray(hu, np.float32) + 10.0, sp))
+    tissue = summarize_tissue(rows)
+    assert {"heart", "lung_right", "lung_left", "body"} <= set(tissue)
+    for name in ("heart", "aorta", "effusion"):  # soft tissue: nowhere near the clipping
+        if name in tissue:
+            assert tissue[name]["voxels"] > 0
+            assert tissue[name]["bias_hu"] == pytest.approx(10.0, abs=1e-6) and tissue[name]["sd_hu"] < 1e-3
+    assert tissue["lung_right"]["bias_hu"] == pytest.approx(10.0, abs=0.1)  # a few voxels below -1000 HU
+    assert "| heart |" in tissue_table(tissue)
+    assert "tissue" not in validate(1, (5, 64, 64))[0]  # no transform, no tissue errors
