@@ -179,7 +179,8 @@ def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_lengt
     in-plane size must be the CT-ViT's times an integer."""
     from ctgen.convert.superres_store import load_superres
     from ctgen.sampling.superres import SamplerConfig, SliceSampler, upsample_volume
-    from ctgen.text.encode import encode_text
+    from ctgen.errors import UserError
+    from ctgen.text.encode import encode_text_to_length
     from ctgen.text.load import load_text_encoder
     from ctgen.volume import hu_to_sr
 
@@ -193,15 +194,12 @@ def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_lengt
         low, _ = recon(hu, spacing)
         scale = hu.shape[1] // low.shape[1]
         if scale * low.shape[1] != hu.shape[1] or hu.shape[1] != hu.shape[2]:
-            raise ValueError(f"phantom slices {hu.shape[1:]} are not the CT-ViT's {low.shape[1:]} times an integer")
-        emb, mask = encode_text(text_model, tok, [phantom_prompt(phantom)], max_length=text_length)
-        text = np.zeros((text_length, emb.shape[-1]), np.float32)
-        full = np.zeros((text_length,), bool)
-        text[: emb.shape[1]], full[: mask.shape[1]] = np.asarray(emb)[0], np.asarray(mask)[0]
+            raise UserError(f"phantom slices {hu.shape[1:]} are not the CT-ViT's {low.shape[1:]} times an integer")
+        text, full = encode_text_to_length(text_model, tok, [phantom_prompt(phantom)], text_length)
         size = (hu.shape[1], hu.shape[2])
         if size not in runs:
             runs[size] = SliceSampler(model, sampler, size, None, None)
-        out = upsample_volume(model, hu_to_sr(low), text, full, sampler=sampler, scale=scale, output_range="hu",
+        out = upsample_volume(model, hu_to_sr(low), text[0], full[0], sampler=sampler, scale=scale, output_range="hu",
                               progress=False, rng=seed, slice_sampler=runs[size])
         return out, np.asarray(spacing, np.float64)
 

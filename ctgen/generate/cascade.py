@@ -190,16 +190,9 @@ def _put_batch(x: np.ndarray, mesh, rules):
 def _encode(models: Models, prompts: list[str], length: int, mesh, rules) -> tuple[np.ndarray, np.ndarray]:
     """T5 states (G, length, E) and mask, zero-padded to `length` whatever the prompts' lengths: one
     shape for every group (one compile), and a prompt's states never depend on its neighbours."""
-    import jax
+    from ctgen.text.encode import encode_text_to_length
 
-    from ctgen.text.encode import encode_text
-
-    emb, mask = encode_text(models.text, models.tokenizer, prompts, max_length=length, mesh=mesh, rules=rules)
-    emb, mask = np.asarray(jax.device_get(emb)), np.asarray(jax.device_get(mask))
-    text = np.zeros((len(prompts), length, emb.shape[-1]), np.float32)
-    full = np.zeros((len(prompts), length), bool)
-    text[:, : emb.shape[1]], full[:, : mask.shape[1]] = emb, mask
-    return text, full
+    return encode_text_to_length(models.text, models.tokenizer, prompts, length, mesh=mesh, rules=rules)
 
 
 def run_cascade(samples: Sequence[Sample], config, stages: Mapping[str, StageWeights], *, timer: StageTimer,

@@ -113,11 +113,16 @@ class CTViTLossConfig:
         object.__setattr__(self, "soft_tissue_hu", (lo, hi))
 
 
+def soft_tissue_mask(volume: jax.Array, hu_range: tuple[float, float]) -> jax.Array:
+    """1.0 where the target (model units, HU / 1000) lies in `hu_range` HU, else 0.0."""
+    lo, hi = hu_range[0] / HU_MAX, hu_range[1] / HU_MAX
+    return ((volume >= lo) & (volume <= hi)).astype(jnp.float32)
+
+
 def soft_tissue_mse(volume: jax.Array, recon: jax.Array, hu_range: tuple[float, float]) -> jax.Array:
     """Squared error (model units, HU / 1000) averaged over the voxels whose target HU lies in
     `hu_range` (0 if there are none)."""
-    lo, hi = hu_range[0] / HU_MAX, hu_range[1] / HU_MAX
-    inside = ((volume >= lo) & (volume <= hi)).astype(jnp.float32)
+    inside = soft_tissue_mask(volume, hu_range)
     return jnp.sum(inside * jnp.square(volume - recon)) / jnp.maximum(jnp.sum(inside), 1.0)
 
 

@@ -33,7 +33,7 @@ from ctgen.errors import UserError
 from ctgen.eval.image_metrics import psnr, ssim
 from ctgen.models.ctvit import CTViT, CTViTConfig
 from ctgen.models.ctvit_losses import (CTViTLossConfig, LossNetworksConfig, discriminator_loss, generator_loss,
-                                       split_model_config)
+                                       soft_tissue_mask, split_model_config)
 from ctgen.models.discriminator import Discriminator
 from ctgen.models.vgg import VGG16
 from ctgen.models.vq import codebook_metrics
@@ -160,8 +160,7 @@ class CTViTStage:
         valid = valid_rows(batch, vol.shape[0])
         recon = jnp.clip(out.recon_BxFxHxW, -1.0, 1.0)
         mse = jnp.mean(jnp.square(out.recon_BxFxHxW - vol), axis=(1, 2, 3))
-        lo, hi = (v / HU_MAX for v in self.loss_cfg.soft_tissue_hu)
-        inside = ((vol >= lo) & (vol <= hi)).astype(jnp.float32)
+        inside = soft_tissue_mask(vol, self.loss_cfg.soft_tissue_hu)
         soft_mae = (jnp.sum(inside * jnp.abs(recon - vol), axis=(1, 2, 3))
                     / jnp.maximum(jnp.sum(inside, axis=(1, 2, 3)), 1.0) * HU_MAX)
         weights = jnp.broadcast_to(valid.reshape(-1, 1, 1, 1), out.ids_BxTxhxw.shape).reshape(-1)

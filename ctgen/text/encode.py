@@ -112,3 +112,18 @@ def encode_text(
     """
     ids_BxL, mask_BxL = tokenizer.batch_encode(texts, max_length=max_length, allow_empty=allow_empty)
     return encode_ids(model, ids_BxL, mask_BxL, mesh=mesh, rules=rules, batch_size=batch_size)
+
+
+def encode_text_to_length(
+    model: T5Encoder, tokenizer: T5Tokenizer, texts: Sequence[str | bytes], length: int, *,
+    mesh: Mesh | None = None, rules=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_text` zero-padded to exactly `length` tokens, on the host: (B, length, D) float32 and
+    mask (B, length) bool. One shape whatever the prompts' lengths (one compile downstream), and a
+    prompt's states never depend on the other prompts of the call."""
+    emb, mask = encode_text(model, tokenizer, texts, max_length=length, mesh=mesh, rules=rules)
+    emb, mask = np.asarray(jax.device_get(emb)), np.asarray(jax.device_get(mask))
+    text = np.zeros((len(texts), length, emb.shape[-1]), np.float32)
+    full = np.zeros((len(texts), length), bool)
+    text[:, : emb.shape[1]], full[:, : mask.shape[1]] = emb, mask
+    return text, full
