@@ -37,6 +37,7 @@ from ctgen.config_dataclass import build_dataclass
 from ctgen.data.pipelines import LoaderOptions, ReconstructionLowRes, sr_pipeline
 from ctgen.errors import UserError
 from ctgen.eval.image_metrics import psnr, ssim
+from ctgen.models.ctvit_losses import soft_tissue_mask
 from ctgen.models.unet import UNet, UNetConfig
 from ctgen.sampling import diffusion as df
 from ctgen.sampling.superres import SamplerConfig, bicubic_upsample, diffusion_x0, nearest_upsample, sample_slices
@@ -70,6 +71,11 @@ class SuperresStage:
         self.aug_max = float(config.diffusion.get("lowres_aug_max", 1.0))
         if not 0.0 < self.aug_max <= 1.0:
             raise UserError(f"diffusion.lowres_aug_max={self.aug_max} must be in (0, 1]")
+        self.soft_weight = float(config.diffusion.get("soft_tissue_weight", 0.0))
+        self.soft_hu = tuple(float(v) for v in config.diffusion.get("soft_tissue_hu", (-200.0, 200.0)))
+        if self.soft_weight < 0 or len(self.soft_hu) != 2 or not self.soft_hu[0] < self.soft_hu[1]:
+            raise UserError(f"diffusion.soft_tissue_weight={self.soft_weight} must be >= 0 and "
+                            f"diffusion.soft_tissue_hu={self.soft_hu} an increasing (low, high) HU pair")
         d = config.data
         if not d.embeddings_dir:
             log.warning("no data.embeddings_dir (T5 embedding cache): the U-Net sees only its null text embedding")
@@ -94,8 +100,9 @@ class SuperresStage:
         x0 = diffusion_x0(hires, batch["lowres"], self.cfg.residual)
         # GenerateCT resizes the low-res image with clamping to the [0, 1] input range.
         low = nearest_upsample(jnp.clip(batch["lowres"].astype(jnp.float32), 0.0, 1.0)[..., None], (h, w)) * 2 - 1
+        soft = soft_tissue_mask(hires[..., None] * 2.0 - 1.0, self.soft_hu)  # [0, 1] -> HU / 1000
         if self.config.data.random_crop:
-            x0, low = random_crops([x0, low], self.config.data.random_crop, k_crop)
+            x0, low, soft = random_crops([x0, low, soft], self.config.data.random_crop, k_crop)
         log_snr = df.cosine_log_snr(jax.random.uniform(k_t, (n,)))
         noise = jax.random.normal(k_noise, x0.shape)
         x_t = df.q_sample(x0, log_snr, noise)
@@ -105,9 +112,16 @@ class SuperresStage:
         keep = jax.random.uniform(k_drop, (n,)) >= dc.cond_drop_prob
         text, mask = self._text(batch, n)
         pred = model(x_t, log_snr, low_noisy, aug_log_snr, text, mask, keep)
-        mse = jnp.mean(jnp.square(pred - df.v_target(x0, noise, log_snr)), axis=(1, 2, 3))
-        loss = jnp.mean(mse * df.p2_weight(log_snr, dc.p2_loss_weight_gamma, dc.p2_loss_weight_k))
-        return loss, {"mse": jnp.mean(mse)}
+        sq = jnp.square(pred - df.v_target(x0, noise, log_snr))
+        mse = jnp.mean(sq, axis=(1, 2, 3))
+        metrics = {"mse": jnp.mean(mse)}
+        per_sample = mse
+        if self.soft_weight > 0:
+            soft_mse = jnp.sum(soft * sq, axis=(1, 2, 3)) / jnp.maximum(jnp.sum(soft, axis=(1, 2, 3)), 1.0)
+            per_sample = mse + self.soft_weight * soft_mse
+            metrics["soft_tissue_mse"] = jnp.mean(soft_mse)
+        loss = jnp.mean(per_sample * df.p2_weight(log_snr, dc.p2_loss_weight_gamma, dc.p2_loss_weight_k))
+        return loss, metrics
 
     def phases(self):
         return [Phase("main", self.loss)]

@@ -97,3 +97,48 @@ def test_the_diffusion_target_is_the_slice_or_its_residual_over_bicubic(residual
 def test_phantom_preset_generates_the_residual_and_paper_the_slice():
     assert load(f"{CONFIG}:phantom", []).model.residual is True
     assert load(f"{CONFIG}:paper", []).model.residual is False
+
+
+def _soft_tissue_case(weight, where):
+    """One loss call of a network that predicts the true v plus 0.5 on the pixels `where` picks
+    ("soft": targets inside -200..200 HU, "air": the others). Returns (loss, metrics, p2 weights)."""
+    stage = _stage(**{"diffusion.soft_tissue_weight": weight, "model.residual": False})
+    rng = np.random.default_rng(5)
+    hu = np.where(rng.uniform(size=(2, 32, 32)) < 0.4, rng.uniform(-150, 150, (2, 32, 32)),
+                  rng.uniform(-1000, -400, (2, 32, 32)))
+    hires = ((hu + 1000.0) / 2000.0).astype(np.float32)
+    soft = ((hu >= -200) & (hu <= 200))[..., None]
+    x0 = jnp.asarray(hires * 2 - 1)[..., None]
+    seen = {}
+
+    def spy(x_t, log_snr, low_noisy, aug_log_snr, text, mask, keep):
+        alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in df.alpha_sigma(log_snr))
+        seen["log_snr"] = log_snr
+        v = (alpha * x_t - x0) / sigma
+        return v + 0.5 * jnp.asarray(soft if where == "soft" else ~soft, jnp.float32)
+
+    batch = {"hires": hires, "lowres": hires.reshape(2, 8, 4, 8, 4).mean(axis=(2, 4))}
+    loss, aux = stage.loss(spy, batch, jax.random.key(1))
+    p2 = np.asarray(df.p2_weight(seen["log_snr"], 0.5, 1.0))
+    return float(loss), {k: float(v) for k, v in aux.items()}, p2, soft
+
+
+def test_soft_tissue_term_prices_only_soft_tissue_pixels():
+    base, aux0, p2, soft = _soft_tissue_case(0.0, "air")
+    assert "soft_tissue_mse" not in aux0  # off: GenerateCT's loss, no extra metric
+    loss, aux, _, _ = _soft_tissue_case(5.0, "air")
+    assert aux["soft_tissue_mse"] < 1e-8  # errors outside the band cost nothing extra
+    np.testing.assert_allclose(loss, base, rtol=1e-5)
+    # errors inside the band: the term is their mean square (0.25), weighted by p2 and the weight
+    base, aux0, p2, soft = _soft_tissue_case(0.0, "soft")
+    loss, aux, _, _ = _soft_tissue_case(5.0, "soft")
+    np.testing.assert_allclose(aux["soft_tissue_mse"], 0.25, rtol=1e-4)
+    np.testing.assert_allclose(aux0["mse"], 0.25 * soft.mean(), rtol=1e-3)
+    np.testing.assert_allclose(loss - base, 5.0 * np.mean(0.25 * p2), rtol=1e-3)
+
+
+@pytest.mark.parametrize("over", [{"diffusion.soft_tissue_weight": -1.0},
+                                  {"diffusion.soft_tissue_hu": "(200.0, -200.0)"}])
+def test_bad_soft_tissue_settings_are_refused(over):
+    with pytest.raises(UserError, match="diffusion.soft_tissue"):
+        _stage(**over)
