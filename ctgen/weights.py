@@ -168,7 +168,10 @@ def load_weights(path: str, abstract_params: Any, abstract_model_state: Any = No
     The abstract trees (nnx.State or nested dicts of ShapeDtypeStructs, e.g. from
     `abstract_model`) name what to read and give dtypes and target shardings; the results have
     the same types. The stored tree may hold more (partial restore)."""
-    out = _restore(path, {"params": abstract_params, "model_state": abstract_model_state or {}})
+    # `is None`, not `or`: an empty nnx.State (a model without non-trainable state) is falsy but must
+    # come back as an nnx.State, the type the train state's shardings expect
+    out = _restore(path, {"params": abstract_params, "model_state": {} if abstract_model_state is None
+                          else abstract_model_state})
     return out["params"], out["model_state"]
 
 
@@ -177,7 +180,7 @@ def load_weights_and_ema(path: str, abstract_params: Any, abstract_model_state: 
     """`load_weights` plus the EMA copies `{phase: params}` (`abstract_ema`, like the train
     state's `ema`) when `path` is a workdir: (params, model_state, ema). A weights directory
     keeps no EMA, so ema is None there."""
-    target = {"params": abstract_params, "model_state": abstract_model_state or {}}
+    target = {"params": abstract_params, "model_state": {} if abstract_model_state is None else abstract_model_state}
     if weights_info(path) is None and abstract_ema:
         target["ema"] = abstract_ema
     out = _restore(path, target)

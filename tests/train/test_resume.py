@@ -103,6 +103,23 @@ def test_init_from_warm_starts_params_only(tmp_path):
     np.testing.assert_allclose(ema, params_numpy(src["state"])["mid/kernel"], rtol=1e-6, atol=1e-7)
 
 
+def test_warm_start_of_a_model_without_non_trainable_state_keeps_the_state_type(tmp_path):
+    """A model with no non-trainable state (the SR U-Net) has an empty nnx.State there; loading
+    must hand back an nnx.State, not a dict, or the jitted step's shardings no longer match
+    (the SR fine-tune with init_from failed so)."""
+    from flax import nnx
+
+    cfg = _cfg(**{"train.steps": 1})
+    src = train(cfg, str(tmp_path / "src"), ToyStage(cfg))
+    empty = nnx.State({})
+    assert not empty  # falsy: the case `x or {}` turned into a dict
+    params, model_state = weights_lib.load_weights(str(tmp_path / "src"), src["state"]["params"], empty)
+    assert isinstance(model_state, nnx.State) and not jax.tree.leaves(model_state)
+    assert_params_equal(params_numpy({"params": params}), params_numpy(src["state"]))
+    _, model_state, _ = weights_lib.load_weights_and_ema(str(tmp_path / "src"), src["state"]["params"], empty, None)
+    assert isinstance(model_state, nnx.State)
+
+
 def test_weights_directory_roundtrip(tmp_path):
     cfg = _cfg(**{"train.steps": 2})
     out = train(cfg, str(tmp_path / "run"), ToyStage(cfg))
