@@ -84,7 +84,7 @@ def get_config(arg: str = "paper"):
     # schedule (GenerateCT: 1.0; the level sampled at inference is sample.noise_level).
     dc.lowres_aug_max = 1.0
     # ctgen addition, off by default (GenerateCT has no such term): extra squared v-error averaged over
-    # the pixels whose high-res target lies in soft_tissue_hu HU, times soft_tissue_weight
+    # the pixels the clean low-res input shows in soft_tissue_hu HU, times soft_tissue_weight
     # (docs/superres.md, "Soft-tissue term"; the CT-ViT's loss.soft_tissue_weight is the same idea).
     dc.soft_tissue_weight = 0.0
     dc.soft_tissue_hu = (-200.0, 200.0)

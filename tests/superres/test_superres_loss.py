@@ -99,15 +99,17 @@ def test_phantom_preset_generates_the_residual_and_paper_the_slice():
     assert load(f"{CONFIG}:paper", []).model.residual is False
 
 
-def _soft_tissue_case(weight, where):
+def _soft_tissue_case(weight, where, lowres_all_soft=False):
     """One loss call of a network that predicts the true v plus 0.5 on the pixels `where` picks
-    ("soft": targets inside -200..200 HU, "air": the others). Returns (loss, metrics, p2 weights)."""
+    ("soft": inside -200..200 HU, "air": the others; 4 x 4 blocks, so the 8 x 8 low-res input shows
+    the same pattern). lowres_all_soft: a low-res input of soft tissue everywhere instead.
+    Returns (loss, metrics, p2 weights, soft-tissue pixels)."""
     stage = _stage(**{"diffusion.soft_tissue_weight": weight, "model.residual": False})
     rng = np.random.default_rng(5)
-    hu = np.where(rng.uniform(size=(2, 32, 32)) < 0.4, rng.uniform(-150, 150, (2, 32, 32)),
-                  rng.uniform(-1000, -400, (2, 32, 32)))
+    blocks = np.repeat(np.repeat(rng.uniform(size=(2, 8, 8)) < 0.4, 4, axis=1), 4, axis=2)
+    hu = np.where(blocks, rng.uniform(-150, 150, (2, 32, 32)), rng.uniform(-1000, -400, (2, 32, 32)))
     hires = ((hu + 1000.0) / 2000.0).astype(np.float32)
-    soft = ((hu >= -200) & (hu <= 200))[..., None]
+    soft = blocks[..., None]
     x0 = jnp.asarray(hires * 2 - 1)[..., None]
     seen = {}
 
@@ -117,8 +119,8 @@ def _soft_tissue_case(weight, where):
         v = (alpha * x_t - x0) / sigma
         return v + 0.5 * jnp.asarray(soft if where == "soft" else ~soft, jnp.float32)
 
-    batch = {"hires": hires, "lowres": hires.reshape(2, 8, 4, 8, 4).mean(axis=(2, 4))}
-    loss, aux = stage.loss(spy, batch, jax.random.key(1))
+    lowres = np.full((2, 8, 8), 0.52, np.float32) if lowres_all_soft else hires.reshape(2, 8, 4, 8, 4).mean(axis=(2, 4))
+    loss, aux = stage.loss(spy, {"hires": hires, "lowres": lowres}, jax.random.key(1))
     p2 = np.asarray(df.p2_weight(seen["log_snr"], 0.5, 1.0))
     return float(loss), {k: float(v) for k, v in aux.items()}, p2, soft
 
@@ -135,6 +137,14 @@ def test_soft_tissue_term_prices_only_soft_tissue_pixels():
     np.testing.assert_allclose(aux["soft_tissue_mse"], 0.25, rtol=1e-4)
     np.testing.assert_allclose(aux0["mse"], 0.25 * soft.mean(), rtol=1e-3)
     np.testing.assert_allclose(loss - base, 5.0 * np.mean(0.25 * p2), rtol=1e-3)
+
+
+def test_soft_tissue_pixels_are_read_from_the_low_res_input_not_the_target():
+    """The weight must not depend on the target (it would bias the minimiser): with a low-res input
+    of soft tissue everywhere, every pixel is priced, whatever the high-res slice holds."""
+    _, aux, _, soft = _soft_tissue_case(5.0, "air", lowres_all_soft=True)
+    np.testing.assert_allclose(aux["soft_tissue_mse"], 0.25 * (~soft).mean(), rtol=1e-3)
+    np.testing.assert_allclose(aux["soft_tissue_mse"], aux["mse"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("over", [{"diffusion.soft_tissue_weight": -1.0},
