@@ -416,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokenizer", metavar="DIR", help="measure each phantom's reconstruction by this CT-ViT "
                    "(workdir, weights directory or GenerateCT file) on its grid instead of the phantom")
     p.add_argument("--superres", metavar="DIR", help="with --tokenizer: super-resolve each reconstruction back to "
-                   "the phantom's grid with this SR (workdir or weights directory), conditioned on the phantom's prompt")
+                   "the phantom's grid with this SR (workdir or weights directory), conditioned on the phantom's prompt; "
+                   "'bicubic' upsamples it bicubically instead (the baseline an SR should beat)")
     p.add_argument("--sr-sampler", default="ancestral", help="SR sampler: ancestral (default) or ddim")
     p.add_argument("--sr-steps", type=int, default=25, help="SR sampling steps (default 25)")
     p.add_argument("--sr-noise-level", type=float, default=0.1, help="SR low-res noise level (default 0.1)")
@@ -430,7 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.superres and not args.tokenizer:
         p.error("--superres needs --tokenizer (the CT-ViT whose reconstructions it upsamples)")
     transform, through, sr_settings = None, "", None
-    if args.superres:
+    if args.superres == "bicubic":
+        from ctgen.eval.phantom_validate import bicubic_transform
+
+        transform = bicubic_transform(args.tokenizer)
+        through = f", reconstructed by the CT-ViT {args.tokenizer} and upsampled bicubically"
+    elif args.superres:
         from ctgen.sampling.superres import SamplerConfig
 
         sampler = SamplerConfig(sampler=args.sr_sampler, steps=args.sr_steps, noise_level=args.sr_noise_level,

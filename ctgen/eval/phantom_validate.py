@@ -206,6 +206,30 @@ def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_lengt
     return transform
 
 
+def bicubic_transform(tokenizer: str) -> Transform:
+    """A phantom -> its CT-ViT reconstruction (`ctvit_transform`) upsampled bicubically back to the
+    phantom's in-plane size (`ctgen.sampling.superres.bicubic_upsample`, the baseline the SR's eval
+    reports): what an SR that adds nothing would hand the measurement. Same grid rule as
+    `cascade_transform`."""
+    import jax.numpy as jnp
+
+    from ctgen.errors import UserError
+    from ctgen.sampling.superres import bicubic_upsample
+    from ctgen.volume import hu_to_sr, sr_to_hu
+
+    recon = ctvit_transform(tokenizer)
+
+    def transform(hu: np.ndarray, spacing: np.ndarray, phantom: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        low, _ = recon(hu, spacing)
+        scale = hu.shape[1] // low.shape[1]
+        if scale * low.shape[1] != hu.shape[1] or hu.shape[1] != hu.shape[2]:
+            raise UserError(f"phantom slices {hu.shape[1:]} are not the CT-ViT's {low.shape[1:]} times an integer")
+        up = np.asarray(bicubic_upsample(jnp.asarray(hu_to_sr(low)), (hu.shape[1], hu.shape[2])))
+        return sr_to_hu(up), np.asarray(spacing, np.float64)
+
+    return transform
+
+
 def summarize(rows: list[dict]) -> dict[str, dict]:
     """Per attribute: judged count, passed count, mean / sd / max |error| over the judged rows."""
     out = {}
