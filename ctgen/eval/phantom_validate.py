@@ -171,6 +171,17 @@ def phantom_prompt(phantom: dict) -> str:
     return fields["prompt"]
 
 
+def _upsampling_factor(hu: np.ndarray, low: np.ndarray) -> int:
+    """The in-plane factor from a CT-ViT reconstruction `low` back to the phantom `hu` (square slices,
+    an integer multiple), else UserError."""
+    from ctgen.errors import UserError
+
+    scale = hu.shape[1] // low.shape[1]
+    if scale * low.shape[1] != hu.shape[1] or hu.shape[1] != hu.shape[2]:
+        raise UserError(f"phantom slices {hu.shape[1:]} are not the CT-ViT's {low.shape[1:]} times an integer")
+    return scale
+
+
 def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_length: int = 128, seed: int = 0) -> Transform:
     """A phantom -> its CT-ViT reconstruction (`ctvit_transform`) super-resolved by the SR U-Net at
     `superres` (workdir or weights directory) back to the phantom's in-plane size, conditioned on
@@ -179,7 +190,6 @@ def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_lengt
     in-plane size must be the CT-ViT's times an integer."""
     from ctgen.convert.superres_store import load_superres
     from ctgen.sampling.superres import SamplerConfig, SliceSampler, upsample_volume
-    from ctgen.errors import UserError
     from ctgen.text.encode import encode_text_to_length
     from ctgen.text.load import load_text_encoder
     from ctgen.volume import hu_to_sr
@@ -192,9 +202,7 @@ def cascade_transform(tokenizer: str, superres: str, sampler=None, *, text_lengt
 
     def transform(hu: np.ndarray, spacing: np.ndarray, phantom: dict) -> tuple[np.ndarray, np.ndarray]:
         low, _ = recon(hu, spacing)
-        scale = hu.shape[1] // low.shape[1]
-        if scale * low.shape[1] != hu.shape[1] or hu.shape[1] != hu.shape[2]:
-            raise UserError(f"phantom slices {hu.shape[1:]} are not the CT-ViT's {low.shape[1:]} times an integer")
+        scale = _upsampling_factor(hu, low)
         text, full = encode_text_to_length(text_model, tok, [phantom_prompt(phantom)], text_length)
         size = (hu.shape[1], hu.shape[2])
         if size not in runs:
@@ -213,7 +221,6 @@ def bicubic_transform(tokenizer: str) -> Transform:
     `cascade_transform`."""
     import jax.numpy as jnp
 
-    from ctgen.errors import UserError
     from ctgen.sampling.superres import bicubic_upsample
     from ctgen.volume import hu_to_sr, sr_to_hu
 
@@ -221,9 +228,7 @@ def bicubic_transform(tokenizer: str) -> Transform:
 
     def transform(hu: np.ndarray, spacing: np.ndarray, phantom: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         low, _ = recon(hu, spacing)
-        scale = hu.shape[1] // low.shape[1]
-        if scale * low.shape[1] != hu.shape[1] or hu.shape[1] != hu.shape[2]:
-            raise UserError(f"phantom slices {hu.shape[1:]} are not the CT-ViT's {low.shape[1:]} times an integer")
+        _upsampling_factor(hu, low)
         up = np.asarray(bicubic_upsample(jnp.asarray(hu_to_sr(low)), (hu.shape[1], hu.shape[2])))
         return sr_to_hu(up), np.asarray(spacing, np.float64)
 
