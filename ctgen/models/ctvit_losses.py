@@ -114,7 +114,8 @@ class CTViTLossConfig:
 
 
 def soft_tissue_mask(volume: jax.Array, hu_range: tuple[float, float]) -> jax.Array:
-    """1.0 where the target (model units, HU / 1000) lies in `hu_range` HU, else 0.0."""
+    """1.0 where `volume` (model units, HU / 1000) lies in `hu_range` HU, else 0.0 (the CT-ViT term
+    reads its target, the SR term its low-res input)."""
     lo, hi = hu_range[0] / HU_MAX, hu_range[1] / HU_MAX
     return ((volume >= lo) & (volume <= hi)).astype(jnp.float32)
 
