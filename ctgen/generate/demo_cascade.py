@@ -20,7 +20,11 @@ Packing (after the training commands in docs/demo_cascade.md):
         [--set superres.steps=20 ...] [--quality quality.json] --out ctgen/assets/demo_cascade
 
 takes each stage's latest checkpoint (the SR's EMA weights), casts its floating-point arrays to
-bfloat16 and writes the directory and its manifest.
+bfloat16 and writes the directory and its manifest. A cascade trained stage by stage can be packed
+stage by stage (`pack --ctvit D/ctvit --out ctgen/assets/demo_cascade` writes only `ctvit/`, no
+manifest), so a finished stage is committed once and survives the loss of the machine its later
+stages train on; the final pack names the packed directory (`--ctvit ctgen/assets/demo_cascade/ctvit`),
+which is copied byte for byte.
 """
 from __future__ import annotations
 
@@ -144,9 +148,19 @@ def _files(root: str) -> dict[str, str]:
     return out
 
 
-def pack(ctvit: str, maskgit: str, superres: str, out: str, *, settings: Mapping[str, Any] | None = None,
-         quality: Mapping[str, Any] | None = None) -> dict:
-    """Write the demo cascade directory `out` from three training workdirs (or weights directories)."""
+def _packed_stage(path: str) -> dict | None:
+    """The weights marker of `path` if it is a stage directory written by `pack` (its marker records
+    `packed_from`), else None."""
+    from ctgen.weights import weights_info
+
+    info = weights_info(path) if os.path.isdir(path) else None
+    return info if info and "packed_from" in info else None
+
+
+def _pack_stage(stage: str, source: str, dest: str) -> dict:
+    """Write one stage's bfloat16 weights directory `dest` from `source` and return its manifest
+    record. A source that is already a packed stage is copied byte for byte (its files, and so
+    their hashes, stay as committed), not re-cast and re-written."""
     import shutil
 
     from ctgen.convert import ctvit_store, maskgit_store, superres_store
@@ -154,39 +168,93 @@ def pack(ctvit: str, maskgit: str, superres: str, out: str, *, settings: Mapping
     from ctgen.generate.orientation import resolve_layout
     from ctgen.weights import weights_info
 
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    stages = {}
-    cfg, nets, states = ctvit_store.load_ctvit_state(ctvit)
-    state = states["ctvit"]
-    ctvit_store.save_ctvit_dir(os.path.join(out, "ctvit"), cfg, _bf16(state),
-                               info={"packed_from": os.path.abspath(ctvit)})
-    stages["ctvit"] = {"from": latest_step_dir(ctvit) or ctvit, "parameters": _count(state)}
+    packed = _packed_stage(source)
+    if packed is not None:
+        shutil.copytree(source, dest)
+        record = {"from": packed.get("packed_checkpoint", packed["packed_from"]), "copied_from": os.path.abspath(source)}
+        for key in ("parameters", "layout", "weights"):
+            if key in packed:
+                record[key] = packed[key]
+        return record
+    checkpoint = latest_step_dir(source) or source
+    info = {"packed_from": os.path.abspath(source), "packed_checkpoint": os.path.abspath(checkpoint)}
+    if stage == "ctvit":
+        cfg, _, states = ctvit_store.load_ctvit_state(source)
+        state = states["ctvit"]
+        info["parameters"] = _count(state)
+        ctvit_store.save_ctvit_dir(dest, cfg, _bf16(state), info=info)
+    elif stage == "maskgit":
+        mcfg, mstate = maskgit_store.load_maskgit_state(source)
+        # the array layout the MaskGIT was trained in travels with it ("canonical" for a ctgen training
+        # workdir, "generatect" for imported GenerateCT weights): `ctgen generate` maps its output by it
+        info["layout"] = resolve_layout("auto", weights_info(source) or {})
+        info["parameters"] = _count(mstate)
+        maskgit_store.save_maskgit_dir(dest, mcfg, _bf16(mstate), tokenizer="../ctvit", info=info)
+    else:
+        ucfg, _, live, ema, _step = superres_store.load_params(source)
+        params, info["weights"] = (ema, "ema") if ema is not None else (live, "live")
+        info["parameters"] = _count(params)
+        superres_store.save_superres_dir(dest, ucfg, _bf16(params), info=info)
+    record = {"from": checkpoint}
+    for key in ("parameters", "layout", "weights"):
+        if key in info:
+            record[key] = info[key]
+    return record
 
-    mcfg, mstate = maskgit_store.load_maskgit_state(maskgit)
-    # the array layout the MaskGIT was trained in travels with it ("canonical" for a ctgen training
-    # workdir, "generatect" for imported GenerateCT weights): `ctgen generate` maps its output by it
-    layout = resolve_layout("auto", weights_info(maskgit) or {})
-    maskgit_store.save_maskgit_dir(os.path.join(out, "maskgit"), mcfg, _bf16(mstate), tokenizer="../ctvit",
-                                   info={"packed_from": os.path.abspath(maskgit), "layout": layout})
-    stages["maskgit"] = {"from": latest_step_dir(maskgit) or maskgit, "parameters": _count(mstate),
-                         "layout": layout}
 
-    ucfg, _, live, ema, step = superres_store.load_params(superres)
-    params, which = (ema, "ema") if ema is not None else (live, "live")
-    superres_store.save_superres_dir(os.path.join(out, "superres"), ucfg, _bf16(params),
-                                     info={"packed_from": os.path.abspath(superres), "weights": which})
-    stages["superres"] = {"from": latest_step_dir(superres) or superres, "parameters": _count(params),
-                          "weights": which}
+def pack(ctvit: str | None, maskgit: str | None, superres: str | None, out: str, *,
+         settings: Mapping[str, Any] | None = None, quality: Mapping[str, Any] | None = None) -> dict:
+    """Write the demo cascade directory `out` from training workdirs (or weights directories).
 
-    manifest = {"name": NAME, "description": DESCRIPTION, "packed": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "generate": {**DEFAULT_SETTINGS, **(settings or {})}, "stages": stages,
-                "quality": dict(quality or {}), "files": _files(out)}
-    manifest["bytes"] = sum(os.path.getsize(os.path.join(out, rel)) for rel in manifest["files"])
-    with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, default=list)
-        f.write("\n")
+    With all three stages, `out` becomes the cascade with its manifest. With only some (a cascade
+    trained stage by stage, each stage committed once when it is final), only those stage
+    directories are (re)written in `out` and no manifest is written: `ctgen generate` does not use
+    the directory until a full pack. A stage given as an already packed directory (e.g. `out/ctvit`
+    itself) is copied byte for byte. Everything is written beside `out` first and swapped in at the
+    end, so a failed pack leaves `out` as it was."""
+    import shutil
+    import tempfile
+
+    sources = {"ctvit": ctvit, "maskgit": maskgit, "superres": superres}
+    given = [s for s in STAGES if sources[s]]
+    if not given:
+        raise UserError("pack: give at least one of --ctvit, --maskgit, --superres")
+    for stage in given:
+        if not os.path.isdir(sources[stage]):
+            raise UserError(f"{sources[stage]}: no such directory (--{stage})")
+    full = len(given) == len(STAGES)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".pack-", dir=parent)
+    try:
+        stages = {stage: _pack_stage(stage, sources[stage], os.path.join(tmp, stage)) for stage in given}
+        manifest = {"name": NAME, "description": DESCRIPTION, "packed": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "generate": {**DEFAULT_SETTINGS, **(settings or {})}, "stages": stages,
+                    "quality": dict(quality or {}), "files": _files(tmp)}
+        manifest["bytes"] = sum(os.path.getsize(os.path.join(tmp, rel)) for rel in manifest["files"])
+        if full:
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2, default=list)
+                f.write("\n")
+            old = out + ".old" if os.path.exists(out) else None
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+            os.replace(tmp, out)
+            if old:
+                shutil.rmtree(old)
+        else:
+            os.makedirs(out, exist_ok=True)
+            for stage in given:
+                dest = os.path.join(out, stage)
+                if os.path.exists(dest):
+                    shutil.rmtree(dest)
+                os.replace(os.path.join(tmp, stage), dest)
+            stale = os.path.join(out, MANIFEST)
+            if os.path.exists(stale):  # its hashes no longer describe the directory
+                os.remove(stale)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
@@ -204,9 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ctgen.generate.demo_cascade", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    k = sub.add_parser("pack", help="write the demo cascade directory from three training workdirs")
+    k = sub.add_parser("pack", help="write the demo cascade directory from its stages' training workdirs")
     for stage in STAGES:
-        k.add_argument(f"--{stage}", required=True, metavar="DIR")
+        k.add_argument(f"--{stage}", metavar="DIR", help=f"the {stage} training workdir, weights directory or "
+                       "already packed stage directory (copied as it is); all three make the cascade, fewer "
+                       "(re)write only those stages and no manifest")
     k.add_argument("--out", default=default_dir(), metavar="DIR")
     k.add_argument("--set", dest="settings", action="append", type=_setting, default=[], metavar="FIELD=VALUE",
                    help="generation setting stored with the weights (e.g. superres.steps=20)")
@@ -218,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             quality = json.load(f)
     man = pack(args.ctvit, args.maskgit, args.superres, args.out, settings=dict(args.settings), quality=quality)
     print(f"wrote {args.out}: {len(man['files'])} files, {man['bytes'] / 2**20:.2f} MiB")
+    if len(man["stages"]) < len(STAGES):
+        print(f"partial pack ({', '.join(man['stages'])}): no {MANIFEST} written; `ctgen generate` uses the "
+              "directory once all three stages are packed")
     return 0
 
 

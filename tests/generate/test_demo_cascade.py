@@ -105,3 +105,39 @@ def test_which_runs_use_the_demo():
     assert demo_cascade.uses_demo(None, [("maskgit.steps", "4")])
     assert not demo_cascade.uses_demo("ckpt/", [])
     assert not demo_cascade.uses_demo(None, [("checkpoints.maskgit", "'m/'")])
+
+
+def test_a_cascade_packed_stage_by_stage_keeps_the_first_stage_byte_for_byte(packed, tmp_path):
+    """A finished stage packed alone (committed once), then the full pack naming that packed
+    directory: its files are copied, not re-written, so their hashes do not change; a partial pack
+    writes no manifest and removes a stale one."""
+    full, _ = packed
+    src = full  # its stage directories stand in for the training workdirs
+    out = str(tmp_path / "assets")
+    assert demo_cascade.main(["pack", "--ctvit", os.path.join(src, "ctvit"), "--out", out]) == 0
+    assert sorted(os.listdir(out)) == ["ctvit"] and not demo_cascade.available(out)
+    first = demo_cascade._files(out)
+    assert first and all(rel.startswith("ctvit/") for rel in first)
+    # the shipped manifest's record of the CT-ViT is the same file, byte for byte
+    shipped = demo_cascade.read_manifest(full)["files"]
+    assert all(shipped[rel] == digest for rel, digest in first.items())
+    assert demo_cascade.main(["pack", "--ctvit", os.path.join(out, "ctvit"), "--maskgit", os.path.join(src, "maskgit"),
+                              "--superres", os.path.join(src, "superres"), "--out", out]) == 0
+    man = demo_cascade.read_manifest(out)
+    assert {rel: d for rel, d in man["files"].items() if rel.startswith("ctvit/")} == first
+    assert man["stages"]["ctvit"]["parameters"] == demo_cascade.read_manifest(full)["stages"]["ctvit"]["parameters"]
+    assert man["stages"]["maskgit"]["layout"] == "canonical"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".pack-") or n.endswith(".old")]
+    # a partial pack over a full cascade leaves no manifest whose hashes would no longer hold
+    assert demo_cascade.main(["pack", "--maskgit", os.path.join(src, "maskgit"), "--out", out]) == 0
+    assert not demo_cascade.available(out) and sorted(os.listdir(out)) == ["ctvit", "maskgit", "superres"]
+
+
+def test_pack_names_a_missing_stage_directory(tmp_path):
+    from ctgen.errors import UserError
+
+    with pytest.raises(UserError, match=r"nowhere: no such directory \(--maskgit\)"):
+        demo_cascade.pack(None, str(tmp_path / "nowhere"), None, str(tmp_path / "out"))
+    with pytest.raises(UserError, match="give at least one"):
+        demo_cascade.pack(None, None, None, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
