@@ -71,6 +71,11 @@ def read_manifest(path: str | None = None) -> dict:
     path = path or default_dir()
     marker = os.path.join(path, MANIFEST)
     if not os.path.exists(marker):
+        packed = [s for s in STAGES if os.path.isdir(os.path.join(path, s))]
+        if packed:  # a cascade committed stage by stage, not finished in this version
+            raise UserError(f"{path}: the built-in demo cascade is not complete in this version of ctgen (packed so "
+                            f"far: {', '.join(packed)}; no {MANIFEST}; docs/demo_cascade.md); give --checkpoints DIR "
+                            "(docs/generate.md)")
         raise UserError(f"{path}: no built-in demo cascade here (no {MANIFEST}); give --checkpoints DIR "
                         "(docs/generate.md) or reinstall ctgen")
     with open(marker, encoding="utf-8") as f:

@@ -97,6 +97,9 @@ def test_a_damaged_demo_is_refused(packed, tmp_path, capsys, monkeypatch):
     assert "maskgit/ctgen_weights.json: content differs from the one shipped" in err and "reinstall" in err
     os.remove(os.path.join(broken, demo_cascade.MANIFEST))
     assert main(["generate", "Cardiomegaly.", "--out", str(tmp_path / "o")]) == 2
+    assert "the built-in demo cascade is not complete" in capsys.readouterr().err
+    monkeypatch.setattr(demo_cascade, "default_dir", lambda: str(tmp_path / "empty"))
+    assert main(["generate", "Cardiomegaly.", "--out", str(tmp_path / "o")]) == 2
     assert "no built-in demo cascade here" in capsys.readouterr().err
 
 
@@ -131,6 +134,11 @@ def test_a_cascade_packed_stage_by_stage_keeps_the_first_stage_byte_for_byte(pac
     # a partial pack over a full cascade leaves no manifest whose hashes would no longer hold
     assert demo_cascade.main(["pack", "--maskgit", os.path.join(src, "maskgit"), "--out", out]) == 0
     assert not demo_cascade.available(out) and sorted(os.listdir(out)) == ["ctvit", "maskgit", "superres"]
+    from ctgen.errors import UserError
+
+    with pytest.raises(UserError, match=r"not complete in this version of ctgen \(packed so far: ctvit, maskgit, "
+                                        r"superres; no demo_cascade.json"):
+        demo_cascade.read_manifest(out)
 
 
 def test_pack_names_a_missing_stage_directory(tmp_path):
