@@ -169,18 +169,16 @@ def _pack_stage(stage: str, source: str, dest: str) -> dict:
     import shutil
 
     from ctgen.convert import ctvit_store, maskgit_store, superres_store
-    from ctgen.generate.checkpoints import latest_step_dir
+    from ctgen.generate.checkpoints import MODELS, latest_step_dir
     from ctgen.generate.orientation import resolve_layout
     from ctgen.weights import weights_info
 
     packed = _packed_stage(source)
     if packed is not None:
+        if packed.get("model") != MODELS[stage]:
+            raise UserError(f"{source}: a packed {packed.get('model')!r} stage, not a {MODELS[stage]!r} one (--{stage})")
         shutil.copytree(source, dest)
-        record = {"from": packed.get("packed_checkpoint", packed["packed_from"]), "copied_from": os.path.abspath(source)}
-        for key in ("parameters", "layout", "weights"):
-            if key in packed:
-                record[key] = packed[key]
-        return record
+        return {**_stage_record(packed), "copied_from": os.path.abspath(source)}
     checkpoint = latest_step_dir(source) or source
     info = {"packed_from": os.path.abspath(source), "packed_checkpoint": os.path.abspath(checkpoint)}
     if stage == "ctvit":
@@ -200,10 +198,13 @@ def _pack_stage(stage: str, source: str, dest: str) -> dict:
         params, info["weights"] = (ema, "ema") if ema is not None else (live, "live")
         info["parameters"] = _count(params)
         superres_store.save_superres_dir(dest, ucfg, _bf16(params), info=info)
-    record = {"from": checkpoint}
-    for key in ("parameters", "layout", "weights"):
-        if key in info:
-            record[key] = info[key]
+    return _stage_record(info)
+
+
+def _stage_record(info: Mapping[str, Any]) -> dict:
+    """A stage's manifest record, from the marker `_pack_stage` wrote into its weights directory."""
+    record = {"from": info.get("packed_checkpoint", info["packed_from"])}
+    record.update({k: info[k] for k in ("parameters", "layout", "weights") if k in info})
     return record
 
 

@@ -149,3 +149,11 @@ def test_pack_names_a_missing_stage_directory(tmp_path):
     with pytest.raises(UserError, match="give at least one"):
         demo_cascade.pack(None, None, None, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_pack_refuses_a_packed_stage_in_the_wrong_slot(packed, tmp_path):
+    from ctgen.errors import UserError
+
+    with pytest.raises(UserError, match=r"a packed 'maskgit' stage, not a 'ctvit' one \(--ctvit\)"):
+        demo_cascade.pack(os.path.join(packed[0], "maskgit"), None, None, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out") and not os.listdir(tmp_path)
