@@ -422,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sr-steps", type=int, default=25, help="SR sampling steps (default 25)")
     p.add_argument("--sr-noise-level", type=float, default=0.1, help="SR low-res noise level (default 0.1)")
     p.add_argument("--sr-threshold", type=float, default=0.95, help="SR dynamic threshold, 0 = clip (default 0.95)")
+    p.add_argument("--sr-cond-scale", type=float, default=1.0,
+                   help="SR classifier-free guidance scale on the phantom's prompt (default 1: no guidance)")
     args = p.parse_args(argv)
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
@@ -440,12 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ctgen.sampling.superres import SamplerConfig
 
         sampler = SamplerConfig(sampler=args.sr_sampler, steps=args.sr_steps, noise_level=args.sr_noise_level,
-                                threshold=args.sr_threshold)
+                                threshold=args.sr_threshold, cond_scale=args.sr_cond_scale)
         transform = cascade_transform(args.tokenizer, args.superres, sampler)
         sr_settings = {"sampler": sampler.sampler, "steps": sampler.steps, "noise_level": sampler.noise_level,
-                       "threshold": sampler.threshold}
+                       "threshold": sampler.threshold, "cond_scale": sampler.cond_scale}
+        guided = f", guidance {sampler.cond_scale:g}" if sampler.cond_scale != 1 else ""
         through = (f", reconstructed by the CT-ViT {args.tokenizer} and super-resolved by {args.superres} "
-                   f"({sampler.sampler} {sampler.steps} steps)")
+                   f"({sampler.sampler} {sampler.steps} steps{guided})")
     elif args.tokenizer:
         transform = ctvit_transform(args.tokenizer)
         through = f", reconstructed by the CT-ViT {args.tokenizer}"
