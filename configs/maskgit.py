@@ -110,7 +110,7 @@ def get_config(arg: str = "paper"):
         t.steps = 4000
         c.optim.main.learning_rate = 5e-4
         c.optim.main.warmup_steps = 300
-        c.optim.main.decay_steps = 3700
+        c.optim.main.decay_steps = 0  # until train.steps (3700 here; steps=N moves the end with the run)
         c.optim.main.end_learning_rate_factor = 0.05
         t.log_every = 50
         t.checkpoint_every = 250
