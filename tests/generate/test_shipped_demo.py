@@ -22,19 +22,24 @@ def _held_out_phantoms(n: int, shape=(17, 32, 32)):
     return [src.load(r) for r in records]
 
 
-def test_the_shipped_ctvit_is_packed_bfloat16():
+def _packed_stage_config(stage: str) -> dict:
+    """The committed stage's model config, after checking it is a packed bfloat16 weights directory:
+    under 3 bytes per parameter on disk (about 1.6 measured, the checkpoint format compresses);
+    float32 would take 4."""
     from ctgen.weights import weights_info
 
-    path = os.path.join(SHIPPED, "ctvit")
+    path = os.path.join(SHIPPED, stage)
     info = weights_info(path)
-    assert info is not None, f"{path}: no committed CT-ViT stage"
-    assert info["model"] == "ctvit" and "packed_from" in info and info["parameters"] > 1_000_000
-    cfg = info["model_config"]
-    assert (cfg["image_size"], cfg["patch_size"], cfg["codebook_size"]) == (32, 4, 2048)
-    # under 3 bytes per parameter on disk (1.6 measured, the checkpoint format compresses): bfloat16;
-    # float32 would take 4
+    assert info is not None, f"{path}: no committed {stage} stage"
+    assert info["model"] == stage and "packed_from" in info and info["parameters"] > 1_000_000
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
     assert info["parameters"] <= size < 3 * info["parameters"]
+    return info["model_config"]
+
+
+def test_the_shipped_ctvit_is_packed_bfloat16():
+    cfg = _packed_stage_config("ctvit")
+    assert (cfg["image_size"], cfg["patch_size"], cfg["codebook_size"]) == (32, 4, 2048)
 
 
 def test_the_shipped_ctvit_reconstructs_held_out_phantoms():
@@ -61,16 +66,8 @@ def test_the_shipped_ctvit_reconstructs_held_out_phantoms():
 
 # ----------------------------------------------------------------------------- the MaskGIT stage
 def test_the_shipped_maskgit_is_packed_bfloat16():
-    from ctgen.weights import weights_info
-
-    path = os.path.join(SHIPPED, "maskgit")
-    info = weights_info(path)
-    assert info is not None, f"{path}: no committed MaskGIT stage"
-    assert info["model"] == "maskgit" and "packed_from" in info and info["parameters"] > 1_000_000
-    cfg = info["model_config"]
+    cfg = _packed_stage_config("maskgit")
     assert (cfg["num_tokens"], cfg["dim_context"], cfg["dim"]) == (2048, 64, 192)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-    assert info["parameters"] <= size < 3 * info["parameters"]
 
 
 def test_the_shipped_maskgit_follows_its_prompts(tmp_path):
