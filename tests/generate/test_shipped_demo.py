@@ -6,7 +6,6 @@ bfloat16 ones and that they still do what their quality bar says, at a size CI c
 import os
 
 import numpy as np
-import pytest
 
 from ctgen.generate import demo_cascade
 
@@ -86,11 +85,13 @@ def test_the_shipped_maskgit_follows_its_prompts(tmp_path):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(entries))
     out = str(tmp_path / "out")
-    assert main(["generate", "--prompts", str(prompts), "--num-samples", "2", "--seed", "0", "--out", out,
+    # the demo's generation settings (slices, text length, phantom extent) with the guidance scale its
+    # pack command sets (docs/demo_cascade.md, step 6)
+    settings = demo_cascade.settings_overrides({**demo_cascade.DEFAULT_SETTINGS, "maskgit.cond_scale": 5.0})
+    assert main(["generate", "--prompts", str(prompts), "--num-samples", "2", "--seed", "0", "--out", out, "--no-sr",
                  "--config.checkpoints.text=builtin", f"--config.checkpoints.ctvit={os.path.join(SHIPPED, 'ctvit')}",
-                 f"--config.checkpoints.maskgit={os.path.join(SHIPPED, 'maskgit')}", "--config.text_max_length=128",
-                 "--slices", "17", "--cond-scale", "5", "--no-sr",
-                 "--config.geometry.extent_mm=(301.5,350.0,350.0)"]) == 0
+                 f"--config.checkpoints.maskgit={os.path.join(SHIPPED, 'maskgit')}"]
+                + [f"--config.{k}={v}" for k, v in settings]) == 0
     assert main(["eval", "--generated", out, "--out", os.path.join(out, "eval")]) == 0
     with open(os.path.join(out, "eval", "adherence.json")) as f:
         s = json.load(f)["adherence"]["summary"]
