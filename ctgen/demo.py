@@ -122,7 +122,7 @@ def run(args) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("demo", help="the main job: phantoms -> CT-ViT training -> eval -> export",
+    p = subparsers.add_parser("demo", help="example: phantoms -> CT-ViT training -> eval -> export (stage 1)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where everything goes (default runs/demo)")
     p.add_argument("--phantoms", type=int, default=64, help="number of synthetic studies")

@@ -1,4 +1,4 @@
-"""`ctgen demo`, the README's main job, end to end at a very small size, on 8 emulated devices."""
+"""`ctgen demo`, the README's second example (stage 1 training), end to end at a very small size, on 8 emulated devices."""
 import json
 
 import pytest

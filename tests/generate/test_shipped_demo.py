@@ -1,11 +1,14 @@
 """The demo cascade's weights as committed in ctgen/assets/demo_cascade (docs/demo_cascade.md).
 
-The cascade is trained and committed stage by stage; each stage committed so far is checked here
-on held-out phantoms (seed 1; the demo trained on seed 0's): that the files are the packed,
-bfloat16 ones and that they still do what their quality bar says, at a size CI can afford."""
+The cascade was trained and committed stage by stage; each stage is checked here on held-out
+phantoms (seed 1; the demo trained on seed 0's) or fixed prompts: that the files are the packed,
+bfloat16 ones and that they still do what their quality bar says, at a size CI can afford. The
+last part runs the whole shipped cascade the way the README's first command does."""
+import json
 import os
 
 import numpy as np
+import pytest
 
 from ctgen.generate import demo_cascade
 
@@ -63,6 +66,23 @@ def test_the_shipped_ctvit_reconstructs_held_out_phantoms():
     assert p >= 27.0 and s >= 0.85
 
 
+PROBE_PROMPTS = ("normal", "cardiomegaly", "right_effusion")  # from ctgen/assets/eval/phantom_prompts.json
+
+
+def _probe_prompts(path) -> dict:
+    """Writes the probe's entries of the fixed prompt set to `path`; returns name -> prompt."""
+    with open(os.path.join(os.path.dirname(demo_cascade.__file__), "..", "assets", "eval",
+                           "phantom_prompts.json")) as f:
+        entries = [e for e in json.load(f) if e["name"] in PROBE_PROMPTS]
+    path.write_text(json.dumps(entries))
+    return {e["name"]: e["prompt"] for e in entries}
+
+
+def _adherence_summary(out: str) -> dict:
+    with open(os.path.join(out, "eval", "adherence.json")) as f:
+        return json.load(f)["adherence"]["summary"]
+
+
 # ----------------------------------------------------------------------------- the MaskGIT stage
 def test_the_shipped_maskgit_is_packed_bfloat16():
     cfg = _packed_stage_config("maskgit")
@@ -75,15 +95,10 @@ def test_the_shipped_maskgit_follows_its_prompts(tmp_path):
     8-seed `--no-sr` probe (CTR gap 0.159, right effusions 16/16, fluid without effusion 11/32).
     Loose for 2 seeds; a MaskGIT that ignores its prompt has a CTR gap of noise around 0 and no
     tie between the right-effusion prompt and fluid on the right."""
-    import json
-
     from ctgen.cli import main
 
-    with open(os.path.join(os.path.dirname(demo_cascade.__file__), "..", "assets", "eval",
-                           "phantom_prompts.json")) as f:
-        entries = [e for e in json.load(f) if e["name"] in ("normal", "cardiomegaly", "right_effusion")]
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps(entries))
+    _probe_prompts(prompts)
     out = str(tmp_path / "out")
     # the demo's generation settings (slices, text length, phantom extent) with the guidance scale its
     # pack command sets (docs/demo_cascade.md, step 6)
@@ -93,9 +108,91 @@ def test_the_shipped_maskgit_follows_its_prompts(tmp_path):
                  f"--config.checkpoints.maskgit={os.path.join(SHIPPED, 'maskgit')}"]
                 + [f"--config.{k}={v}" for k, v in settings]) == 0
     assert main(["eval", "--generated", out, "--out", os.path.join(out, "eval")]) == 0
-    with open(os.path.join(out, "eval", "adherence.json")) as f:
-        s = json.load(f)["adherence"]["summary"]
+    s = _adherence_summary(out)
     print("shipped MaskGIT --no-sr, 2 seeds:", {k: s[k] for k in sorted(s)})
     assert s["n_cardiomegaly"] == 2 and s["n_normal"] == 4
     assert s["ctr_gap"] is not None and s["ctr_gap"] >= 0.05
     assert s["n_right_effusion"] == 2 and s["right_effusion_detected_fraction"] >= 0.5
+
+
+# ----------------------------------------------------------------------------- the SR stage
+def test_the_shipped_superres_is_packed_bfloat16():
+    cfg = _packed_stage_config("superres")
+    assert (cfg["dim"], cfg["text_embed_dim"], cfg["residual"]) == (16, 64, True)
+
+
+# ----------------------------------------------------------------------------- the whole shipped cascade
+def test_the_shipped_cascade_is_complete_small_and_hashed():
+    """All three stages with a manifest, under the issue's 25 MB, every file's sha256 recorded and
+    matching; `ctgen generate` checks the same hashes before it samples (test_demo_cascade.py)."""
+    from ctgen.weights import weights_info
+
+    man = demo_cascade.read_manifest(SHIPPED)
+    assert set(man["stages"]) == set(demo_cascade.STAGES)
+    assert man["bytes"] <= 25 * 10 ** 6
+    assert man["files"] == demo_cascade._files(SHIPPED)
+    assert man["generate"]["slices"] == 17 and man["generate"]["superres.scale"] == 4
+    assert man["stages"]["maskgit"]["layout"] == "canonical"
+    for stage in demo_cascade.STAGES:
+        info = weights_info(os.path.join(SHIPPED, stage))
+        assert info["model"] == stage and "packed_from" in info
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """The README's first command at probe size: 3 fixed prompts x 2 seeds through the whole shipped
+    cascade with no --checkpoints (as docs/demo_cascade.md's "Prompt adherence" runs 7 x 8), then
+    `ctgen eval --generated`."""
+    from ctgen.cli import main
+
+    root = tmp_path_factory.mktemp("shipped_probe")
+    prompts = _probe_prompts(root / "prompts.json")
+    out = str(root / "out")
+    assert main(["generate", "--prompts", str(root / "prompts.json"), "--num-samples", "2", "--seed", "0",
+                 "--out", out]) == 0
+    assert main(["eval", "--generated", out, "--out", os.path.join(out, "eval")]) == 0
+    return out, _adherence_summary(out), prompts
+
+
+def _volume(path):
+    import nibabel as nib
+
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_the_shipped_cascade_follows_its_prompts(probe):
+    """Heart size and effusion side follow the prompt through the SR (8-seed numbers in
+    docs/demo_cascade.md: CTR gap 0.126, right effusions 16/16). Loose for 2 seeds; a cascade that
+    ignores its prompt has a CTR gap of noise around 0 and no tie between the right-effusion prompt
+    and fluid on the right. The fluid it also finds without an effused prompt (21/32 over 8 seeds,
+    the issue's bar is 20%) is printed, not asserted: that bar is not met yet."""
+    out, s, _ = probe
+    print("shipped cascade, 2 seeds x", PROBE_PROMPTS, {k: s[k] for k in sorted(s)})
+    assert s["n_cardiomegaly"] == 2 and s["n_normal"] == 4
+    assert s["ctr_gap"] is not None and s["ctr_gap"] >= 0.05
+    assert s["n_right_effusion"] == 2 and s["right_effusion_detected_fraction"] >= 0.5
+    vol = _volume(os.path.join(out, "cardiomegaly_s0.nii.gz"))
+    assert sorted(vol.shape) == [17, 128, 128] and vol.dtype == np.int16
+    assert vol.min() < -800 and vol.max() > 0  # air outside the body, soft tissue inside: a CT, in HU
+    assert os.path.isfile(os.path.join(out, "previews", "cardiomegaly_s0.png"))
+    with open(os.path.join(out, "provenance", "cardiomegaly_s0.json")) as f:
+        assert demo_cascade.NAME in json.dumps(json.load(f))
+
+
+def test_the_shipped_cascade_is_deterministic(probe, tmp_path):
+    """Same command -> the same volume, bit for bit. The same prompt, name and seed made in another
+    batch (1 sample instead of the probe's 6) -> the same volume to within 1 HU: the sampled ids do
+    not change, the float rounding of a differently shaped batch may. Another seed -> another volume."""
+    from ctgen.cli import main
+
+    out, _, prompts = probe
+    runs = []
+    for k in range(2):
+        again = str(tmp_path / f"again{k}")
+        assert main(["generate", prompts["cardiomegaly"], "--name", "cardiomegaly", "--seed", "0", "--out", again]) == 0
+        runs.append(_volume(os.path.join(again, "cardiomegaly.nii.gz")).astype(np.int32))  # one sample: no _sN
+    np.testing.assert_array_equal(runs[1], runs[0])
+    first = _volume(os.path.join(out, "cardiomegaly_s0.nii.gz")).astype(np.int32)
+    assert np.abs(runs[0] - first).max() <= 1
+    other_seed = _volume(os.path.join(out, "cardiomegaly_s1.nii.gz")).astype(np.int32)
+    assert np.abs(other_seed - first).mean() > 5
