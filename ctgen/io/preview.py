@@ -14,17 +14,26 @@ Long captions wrap onto as many lines as they need.
 """
 from __future__ import annotations
 
+import functools
 import os
-import textwrap
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ctgen.volume import HU_MAX, model_to_sr
 
 CAPTION_HEIGHT = 14  # pixels per caption line
-CHAR_WIDTH = 6  # PIL's default bitmap font
+CAPTION_FONT_PX = 11
+
+
+@functools.cache
+def caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in Aileron at `CAPTION_FONT_PX` (needs FreeType), else its bitmap font."""
+    try:
+        return ImageFont.load_default(size=CAPTION_FONT_PX)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
 
 
 def _to_uint8(x: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
@@ -73,8 +82,26 @@ def three_plane_grid(*volumes_FxHxW: np.ndarray, pad: int = 4,
 
 
 def caption_lines(caption: str, width_px: int) -> list[str]:
-    """`caption` wrapped to lines that fit `width_px` pixels (at least one line)."""
-    return textwrap.wrap(caption, width=max(8, (width_px - 4) // CHAR_WIDTH)) or [""]
+    """`caption` wrapped at spaces into lines that fit `width_px` pixels in `caption_font` (at least
+    one line; a single word wider than that stays whole on its line)."""
+    lines: list[str] = []
+    for word in caption.split():
+        if lines and caption_width(lines[-1] + " " + word) <= width_px - 4:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _word_gap() -> float:
+    """Pixels between caption words: at least 4 (both built-in fonts have a hair-thin space)."""
+    return max(4.0, caption_font().getlength(" "))
+
+
+def caption_width(line: str) -> float:
+    """Width in pixels of `line` as `_write_png` draws it (word by word, `_word_gap` apart)."""
+    words = line.split()
+    return sum(caption_font().getlength(w) for w in words) + _word_gap() * max(len(words) - 1, 0)
 
 
 def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = "",
@@ -109,7 +136,10 @@ def _write_png(path: str, grid: np.ndarray, caption: str) -> str:
     img = Image.fromarray(canvas)
     draw = ImageDraw.Draw(img)
     for i, line in enumerate(lines):
-        draw.text((2, 1 + i * CAPTION_HEIGHT), line, fill=255)
+        x = 2.0
+        for word in line.split():
+            draw.text((x, 1 + i * CAPTION_HEIGHT), word, fill=255, font=caption_font())
+            x += caption_font().getlength(word) + _word_gap()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path

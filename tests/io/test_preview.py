@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from ctgen.io.preview import CAPTION_HEIGHT, caption_lines, three_plane_grid, write_planes, write_three_planes
+from ctgen.io.preview import CAPTION_HEIGHT, caption_lines, caption_width, three_plane_grid, write_planes, write_three_planes
 from ctgen.volume import LUNG_WINDOW, MEDIASTINAL_WINDOW
 
 
@@ -45,3 +45,15 @@ def test_preview_windows(tmp_path):
     zoom = round(640 / plain.shape[1])
     lines = caption_lines(caption, plain.shape[1] * zoom)
     assert len(lines) > 2 and img.shape[0] == plain.shape[0] * zoom + CAPTION_HEIGHT * len(lines)
+
+
+def test_caption_lines_fit_their_width_and_keep_every_word():
+    caption = "70 years old female: Cardiomegaly. Moderate right pleural effusion. " * 6
+    lines = caption_lines(caption, 300)
+    assert len(lines) > 3 and " ".join(lines) == " ".join(caption.split())
+    assert all(caption_width(line) <= 296 for line in lines)
+    # each line is full: its next word would not have fitted
+    assert all(caption_width(a + " " + b.split()[0]) > 296 for a, b in zip(lines, lines[1:]))
+    # words stand at least 4 px apart (the built-in fonts' own space is about 2 px)
+    assert caption_width("70 years") >= caption_width("70") + caption_width("years") + 4
+    assert caption_lines("", 300) == [""] and caption_lines("x" * 200, 300) == ["x" * 200]
