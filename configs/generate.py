@@ -30,6 +30,7 @@ Fields:
                          distribution, ~0.8 s slower per step at 201 slices)
   superres.*             enabled, sampler ("ancestral" | "ddim"), steps, cond_scale, lowres_noise_level,
                          threshold (x0 dynamic-thresholding percentile, GenerateCT 0.95; 0 = clip to [-1, 1]),
+                         average (samples per slice averaged, 1 = GenerateCT's single sample; K costs K x),
                          batch_size (slices per SR batch over all local devices; 0 = as many as memory allows),
                          scale (output size / CT-ViT image size; GenerateCT: 128 -> 512 = 4)
   checkpoints.dir        a directory with text/, ctvit/, maskgit/, superres/; checkpoints.<stage>
@@ -64,7 +65,7 @@ def get_config(arg: str = "paper"):
                                            "batch_size": 0, "attention_block": 2048, "draw": "cdf"})
     c.superres = ml_collections.ConfigDict({
         "enabled": True, "sampler": "ancestral", "steps": a.sr_steps or 25, "cond_scale": 1.0,
-        "lowres_noise_level": 0.1, "threshold": 0.95, "batch_size": 0, "scale": 4})
+        "lowres_noise_level": 0.1, "threshold": 0.95, "average": 1, "batch_size": 0, "scale": 4})
     c.checkpoints = ml_collections.ConfigDict({"dir": "", "text": "", "ctvit": "", "maskgit": "", "superres": ""})
     c.geometry = ml_collections.ConfigDict({"extent_mm": tuple(DEFAULT_EXTENT_MM)})
     c.layout = "auto"

@@ -95,6 +95,7 @@ def get_config(arg: str = "paper"):
     s.noise_level = 0.1
     s.cond_scale = 1.0
     s.threshold = 0.95
+    s.average = 1  # samples per slice averaged (SamplerConfig.average)
 
     c.tokenizer = ml_collections.ConfigDict({"weights": ""})  # frozen CT-ViT (see docstring)
 

@@ -424,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sr-threshold", type=float, default=0.95, help="SR dynamic threshold, 0 = clip (default 0.95)")
     p.add_argument("--sr-cond-scale", type=float, default=1.0,
                    help="SR classifier-free guidance scale on the phantom's prompt (default 1: no guidance)")
+    p.add_argument("--sr-average", type=int, default=1, help="SR samples per slice averaged (default 1)")
     args = p.parse_args(argv)
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
@@ -442,11 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ctgen.sampling.superres import SamplerConfig
 
         sampler = SamplerConfig(sampler=args.sr_sampler, steps=args.sr_steps, noise_level=args.sr_noise_level,
-                                threshold=args.sr_threshold, cond_scale=args.sr_cond_scale)
+                                threshold=args.sr_threshold, cond_scale=args.sr_cond_scale, average=args.sr_average)
         transform = cascade_transform(args.tokenizer, args.superres, sampler)
         sr_settings = {"sampler": sampler.sampler, "steps": sampler.steps, "noise_level": sampler.noise_level,
-                       "threshold": sampler.threshold, "cond_scale": sampler.cond_scale}
+                       "threshold": sampler.threshold, "cond_scale": sampler.cond_scale, "average": sampler.average}
         guided = f", guidance {sampler.cond_scale:g}" if sampler.cond_scale != 1 else ""
+        guided += f", mean of {sampler.average} samples" if sampler.average != 1 else ""
         through = (f", reconstructed by the CT-ViT {args.tokenizer} and super-resolved by {args.superres} "
                    f"({sampler.sampler} {sampler.steps} steps{guided})")
     elif args.tokenizer:

@@ -147,7 +147,8 @@ def superres_options(config):
 
     return SamplerConfig(sampler=str(config.superres.sampler), steps=int(config.superres.steps),
                          noise_level=float(config.superres.lowres_noise_level),
-                         cond_scale=float(config.superres.cond_scale), threshold=float(config.superres.threshold))
+                         cond_scale=float(config.superres.cond_scale), threshold=float(config.superres.threshold),
+                         average=int(config.superres.average))
 
 
 def decode_program(models: Models, config, *, ctvit: bool = True):

@@ -130,6 +130,7 @@ def check_settings(config) -> None:
     """One-line errors for settings no sampler can use (before any file or device is touched)."""
     for field, value, low in (("num_samples", config.num_samples, 1), ("maskgit.steps", config.maskgit.steps, 1),
                               ("superres.steps", config.superres.steps, 1), ("superres.scale", config.superres.scale, 1),
+                              ("superres.average", config.superres.average, 1),
                               ("maskgit.batch_size", config.maskgit.batch_size, 0),
                               ("maskgit.attention_block", config.maskgit.attention_block, 0),
                               ("superres.batch_size", config.superres.batch_size, 0),

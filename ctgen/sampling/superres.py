@@ -46,19 +46,25 @@ class SamplerConfig:
     """sampler: "ancestral" (GenerateCT's: 25 steps) or "ddim" (deterministic, fewer steps).
     noise_level: low-res augmentation time at sampling (GenerateCT: 0.1).
     cond_scale: classifier-free guidance scale (GenerateCT samples with 1: no guidance).
-    threshold: dynamic-thresholding percentile (GenerateCT: 0.95); 0 clips x0 to [-1, 1]."""
+    threshold: dynamic-thresholding percentile (GenerateCT: 0.95); 0 clips x0 to [-1, 1].
+    average: independent samples drawn per slice and averaged (beyond GenerateCT; 1 = one sample).
+      The mean of K samples approaches the conditional mean of the slice: flatter tissue (the
+      sampler's blotches average out) at K times the compute and memory of a batch."""
 
     sampler: str = "ancestral"
     steps: int = 25
     noise_level: float = 0.1
     cond_scale: float = 1.0
     threshold: float = 0.95
+    average: int = 1
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise UserError(f"sampler steps must be >= 1, got {self.steps}")
+        if self.average < 1:
+            raise UserError(f"average (samples per slice) must be >= 1, got {self.average}")
 
 
 def nearest_upsample(x_BxhxwxC: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -106,7 +112,16 @@ def lowres_condition(lowres_Bxhxw: jax.Array, size: tuple[int, int], noise_BxHxW
 
 def sample_slices(model: UNet, lowres_Bxhxw: jax.Array, text_BxLxE: jax.Array, text_mask_BxL: jax.Array,
                   keys_B: jax.Array, size: tuple[int, int], cfg: SamplerConfig = SamplerConfig()) -> jax.Array:
-    """Super-resolved slices (B, H, W) in [0, 1] (jit-able); see the module docstring."""
+    """Super-resolved slices (B, H, W) in [0, 1] (jit-able); see the module docstring. With
+    `cfg.average` K > 1, slice b is the mean of K samples drawn with keys fold_in(keys_B[b], k)."""
+    k = cfg.average
+    if k > 1:
+        keys_BK = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k)))(keys_B)
+        rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  (b0, b0, ..., b1, ...) as the keys
+        one = dataclasses.replace(cfg, average=1)
+        out = sample_slices(model, rep(lowres_Bxhxw), rep(text_BxLxE), rep(text_mask_BxL),
+                            keys_BK.reshape(-1, keys_BK.shape[-1]), size, one)
+        return out.reshape(lowres_Bxhxw.shape[0], k, *size).mean(axis=1)
     b = lowres_Bxhxw.shape[0]
     shape = (*size, model.cfg.channels)
     low_keys, sample_keys = jax.vmap(lambda k: jax.random.split(k))(keys_B).transpose(1, 0, 2)

@@ -135,14 +135,15 @@ def test_validate_through_ctvit_and_superres(capsys, tmp_path):
     out = tmp_path / "v.json"
     assert phantom_measure.main(["--validate", "1", "--shape", "5,64,64", "--tokenizer", str(tmp_path / "ctvit"),
                                  "--superres", str(tmp_path / "sr"), "--sr-sampler", "ddim", "--sr-steps", "2",
-                                 "--sr-cond-scale", "2", "--json", str(out)]) == 0
+                                 "--sr-cond-scale", "2", "--sr-average", "2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "(ddim 2 steps, guidance 2)" in text
+    assert "(ddim 2 steps, guidance 2, mean of 2 samples)" in text
     assert "super-resolved by" in text and "HU error of the handed-back volume" in text  # same grid: tissue errors
     import json
 
     record = json.load(open(out))
     assert record["sr_sampler"]["steps"] == 2 and record["sr_sampler"]["cond_scale"] == 2.0
+    assert record["sr_sampler"]["average"] == 2
     assert record["superres"] == str(tmp_path / "sr")
     assert record["tissue"]["body"]["voxels"] > 0
     with pytest.raises(SystemExit):

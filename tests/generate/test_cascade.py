@@ -222,21 +222,23 @@ def test_generation_sets_the_maskgit_attention_block(tmp_path, checkpoints, caps
 
 
 def test_generation_passes_the_sr_sampler_settings(tmp_path, checkpoints, capsys, monkeypatch):
-    """superres.threshold / lowres_noise_level reach the slice sampler (GenerateCT: 0.95 and 0.1)."""
+    """superres.threshold / lowres_noise_level / average reach the slice sampler (GenerateCT: 0.95,
+    0.1 and one sample)."""
     import ctgen.sampling.superres as sr
 
     seen, real = [], sr.SliceSampler
 
     def spy(model, cfg, *args, **kwargs):
-        seen.append((cfg.threshold, cfg.noise_level))
+        seen.append((cfg.threshold, cfg.noise_level, cfg.average))
         return real(model, cfg, *args, **kwargs)
 
     monkeypatch.setattr(sr, "SliceSampler", spy)
-    for i, setting in enumerate(([], ["--config.superres.threshold=0", "--config.superres.lowres_noise_level=0"])):
+    for i, setting in enumerate(([], ["--config.superres.threshold=0", "--config.superres.lowres_noise_level=0",
+                                      "--config.superres.average=2"])):
         rc, captured = _generate(capsys, "Cardiomegaly.", "--out", str(tmp_path / f"out{i}"), "--checkpoints",
                                  checkpoints, "--sr-steps", "1", *setting)
         assert rc == 0, captured.err
-    assert seen == [(0.95, 0.1), (0.0, 0.0)]
+    assert seen == [(0.95, 0.1, 1), (0.0, 0.0, 2)]
 
 
 @pytest.mark.multiprocess

@@ -271,6 +271,8 @@ def test_input_errors(tmp_path, checkpoints, prompts_csv, capsys, monkeypatch):
          "superres.threshold=1.5: must be 0 .* or a percentile in \\(0, 1\\)"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--config.maskgit.attention_block=-1"],
          "maskgit.attention_block=-1: must be at least 0"),
+        (["x", "--out", out, "--checkpoints", checkpoints, "--config.superres.average=0"],
+         "superres.average=0: must be at least 1"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--config.stepz=3"], "unknown config key"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--shard", "2/2"], "--shard 2/2: need 0 <= I < N"),
         (["x", "--out", out, "--checkpoints", checkpoints, "--config.layout=generatect",

@@ -174,3 +174,23 @@ def test_a_residual_unet_adds_its_sample_to_bicubic_upsampling():
     base = np.asarray(bicubic_upsample(lowres, (32, 32)))
     np.testing.assert_allclose(res, np.clip(base + (plain * 2 - 1), 0, 1), atol=1e-5)
     assert np.abs(res - plain).max() > 0.05  # the flag changes the output
+
+
+def test_averaged_sampling_is_the_mean_of_independent_samples(tiny_model):
+    """average=K: slice b is the mean of K ordinary samples drawn with keys fold_in(key_b, k)."""
+    from ctgen.sampling.superres import sample_slices
+
+    rng = np.random.default_rng(5)
+    lowres = jnp.asarray(rng.uniform(size=(2, 8, 8)), jnp.float32)
+    text = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+    mask = jnp.ones((2, 4), bool)
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    one = SamplerConfig(steps=2, threshold=0.0)
+    avg = np.asarray(sample_slices(tiny_model, lowres, text, mask, keys, (32, 32), dataclasses.replace(one, average=3)))
+    draws = [np.asarray(sample_slices(tiny_model, lowres, text, mask, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys),
+                                      (32, 32), one)) for i in range(3)]
+    np.testing.assert_allclose(avg, np.mean(draws, axis=0), atol=1e-5)
+    assert np.abs(draws[0] - draws[1]).max() > 0.01  # the draws differ, so the mean is not one of them
+    assert avg.std() < np.mean([d.std() for d in draws])  # averaging flattens
+    with pytest.raises(UserError, match="average"):
+        SamplerConfig(average=0)
