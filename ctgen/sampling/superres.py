@@ -117,10 +117,10 @@ def sample_slices(model: UNet, lowres_Bxhxw: jax.Array, text_BxLxE: jax.Array, t
     k = cfg.average
     if k > 1:
         keys_BK = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k)))(keys_B)
-        rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  (b0, b0, ..., b1, ...) as the keys
-        one = dataclasses.replace(cfg, average=1)
-        out = sample_slices(model, rep(lowres_Bxhxw), rep(text_BxLxE), rep(text_mask_BxL),
-                            keys_BK.reshape(-1, keys_BK.shape[-1]), size, one)
+        # rows b0 k0, b0 k1, ..., b1 k0, ...: each input repeated K times in place, as the keys
+        lowres_K, text_K, mask_K = (jnp.repeat(x, k, axis=0) for x in (lowres_Bxhxw, text_BxLxE, text_mask_BxL))
+        out = sample_slices(model, lowres_K, text_K, mask_K, keys_BK.reshape(-1, keys_BK.shape[-1]), size,
+                            dataclasses.replace(cfg, average=1))
         return out.reshape(lowres_Bxhxw.shape[0], k, *size).mean(axis=1)
     b = lowres_Bxhxw.shape[0]
     shape = (*size, model.cfg.channels)
