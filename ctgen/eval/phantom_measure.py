@@ -445,8 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = SamplerConfig(sampler=args.sr_sampler, steps=args.sr_steps, noise_level=args.sr_noise_level,
                                 threshold=args.sr_threshold, cond_scale=args.sr_cond_scale, average=args.sr_average)
         transform = cascade_transform(args.tokenizer, args.superres, sampler)
-        sr_settings = {"sampler": sampler.sampler, "steps": sampler.steps, "noise_level": sampler.noise_level,
-                       "threshold": sampler.threshold, "cond_scale": sampler.cond_scale, "average": sampler.average}
+        sr_settings = dataclasses.asdict(sampler)
         guided = f", guidance {sampler.cond_scale:g}" if sampler.cond_scale != 1 else ""
         guided += f", mean of {sampler.average} samples" if sampler.average != 1 else ""
         through = (f", reconstructed by the CT-ViT {args.tokenizer} and super-resolved by {args.superres} "

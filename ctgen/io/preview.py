@@ -98,10 +98,18 @@ def _word_gap() -> float:
     return max(4.0, caption_font().getlength(" "))
 
 
+def _word_positions(line: str) -> tuple[list[tuple[float, str]], float]:
+    """(x offset, word) of each word of `line` as drawn, `_word_gap` apart, and the line's width."""
+    font, gap, x, out = caption_font(), _word_gap(), 0.0, []
+    for word in line.split():
+        out.append((x, word))
+        x += font.getlength(word) + gap
+    return out, max(x - gap, 0.0)
+
+
 def caption_width(line: str) -> float:
     """Width in pixels of `line` as `_write_png` draws it (word by word, `_word_gap` apart)."""
-    words = line.split()
-    return sum(caption_font().getlength(w) for w in words) + _word_gap() * max(len(words) - 1, 0)
+    return _word_positions(line)[1]
 
 
 def write_planes(path: str, volumes_FxHxW: Sequence[np.ndarray], caption: str = "",
@@ -136,10 +144,8 @@ def _write_png(path: str, grid: np.ndarray, caption: str) -> str:
     img = Image.fromarray(canvas)
     draw = ImageDraw.Draw(img)
     for i, line in enumerate(lines):
-        x = 2.0
-        for word in line.split():
-            draw.text((x, 1 + i * CAPTION_HEIGHT), word, fill=255, font=caption_font())
-            x += caption_font().getlength(word) + _word_gap()
+        for x, word in _word_positions(line)[0]:
+            draw.text((2 + x, 1 + i * CAPTION_HEIGHT), word, fill=255, font=caption_font())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path
