@@ -15,10 +15,10 @@ from typing import Iterable
 import numpy as np
 
 from ctgen.data.phantom import make_phantom
-from ctgen.data.preprocess import GridConfig
+from ctgen.data.preprocess import GridConfig, resize_volume
 from ctgen.data.writer import Issue, Record
 from ctgen.io.nifti import read_nifti
-from ctgen.volume import VolumeError, extent_spacing
+from ctgen.volume import VolumeError, clip_hu, extent_spacing, to_int16_hu
 
 
 # ----------------------------------------------------------------------------- CSV helpers
@@ -67,14 +67,29 @@ def find_niftis(root: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- phantoms
 class PhantomSource:
-    """`count` synthetic chest phantoms; phantom i is drawn from seed (seed, i)."""
+    """`count` synthetic chest phantoms; phantom i is drawn from seed (seed, i).
+
+    supersample: 1 renders each phantom on the grid itself, every voxel taking the tissue at its
+    centre (no partial volume: a 13 mm muscle layer is one or two full-density voxels at 11 mm, or
+    missing). K > 1 renders it at K times the in-plane resolution and averages it down with the
+    antialiased resize `ctgen prepare` applies to real CT (HU clipped to [-1000, 1000] first), so
+    edges are partial-volumed and the voxel noise drops by about K. A phantom prepared at 32 x 32
+    with K = 4 is then the 128 x 128 phantom (same seed, same extent) resized to 32 x 32 as
+    `ctgen prepare --source sr-pairs` and the SR evaluation make their low-res inputs (up to the
+    int16 rounding of storage). Label maps
+    are the fine render's label at each coarse voxel's centre; the attributes (the phantom's truth)
+    are measured on the fine render.
+    """
 
     kind = "phantom"
 
-    def __init__(self, count: int, seed: int, grid: GridConfig, p_normal: float = 0.3):
+    def __init__(self, count: int, seed: int, grid: GridConfig, p_normal: float = 0.3, supersample: int = 1):
         if count < 1:
             raise ValueError("phantom count must be at least 1")
+        if int(supersample) != supersample or supersample < 1:
+            raise ValueError(f"phantom supersample must be a whole number >= 1, got {supersample}")
         self.count, self.seed, self.grid, self.p_normal = int(count), int(seed), grid, float(p_normal)
+        self.supersample = int(supersample)
 
     def grid_spacing(self) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
         D, H, W = self.grid.shape
@@ -85,7 +100,10 @@ class PhantomSource:
         return (D, H, W), extent_spacing((D, H, W))
 
     def fingerprint(self) -> dict:
-        return {"kind": self.kind, "count": self.count, "seed": self.seed, "p_normal": self.p_normal}
+        fp = {"kind": self.kind, "count": self.count, "seed": self.seed, "p_normal": self.p_normal}
+        if self.supersample > 1:  # absent at 1, so datasets prepared before the option keep their fingerprint
+            fp["supersample"] = self.supersample
+        return fp
 
     def scan(self) -> tuple[list[Record], list[Issue]]:
         recs = []
@@ -97,10 +115,21 @@ class PhantomSource:
 
     def load(self, record: Record) -> dict:
         shape, spacing = self.grid_spacing()
-        ph = make_phantom(record.payload, shape, spacing, p_normal=self.p_normal)
-        return {"volume_DxHxW": ph.hu, "spacing": ph.spacing, "labels": ph.labels, "attributes": ph.attributes,
-                "report": ph.report, "age": ph.attributes["age"], "sex": ph.attributes["sex"], "orientation": "LPS",
-                "notes": {"attributes": {"normal": ph.attributes["normal"]}}}
+        k = self.supersample
+        if k == 1:
+            ph = make_phantom(record.payload, shape, spacing, p_normal=self.p_normal)
+            hu, labels, attributes = ph.hu, ph.labels, ph.attributes
+        else:
+            (d, h, w), (dz, dy, dx) = shape, spacing
+            ph = make_phantom(record.payload, (d, h * k, w * k), (dz, dy / k, dx / k), p_normal=self.p_normal)
+            hu = to_int16_hu(resize_volume(clip_hu(ph.hu.astype(np.float32)), shape))
+            labels = np.ascontiguousarray(ph.labels[:, k // 2::k, k // 2::k])
+            attributes = {**ph.attributes, "shape": [int(n) for n in shape], "spacing": [float(x) for x in spacing],
+                          "supersample": k}
+        return {"volume_DxHxW": hu, "spacing": np.asarray(spacing, np.float32), "labels": labels,
+                "attributes": attributes,
+                "report": ph.report, "age": attributes["age"], "sex": attributes["sex"], "orientation": "LPS",
+                "notes": {"attributes": {"normal": attributes["normal"]}}}
 
 
 # ----------------------------------------------------------------------------- NIfTI + CSV

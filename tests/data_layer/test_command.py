@@ -53,4 +53,6 @@ def test_bad_options_are_user_errors(tmp_path, capsys):
     assert command.main(["--source", "phantom", "--out", str(tmp_path), "--slices", "16"]) == 2
     err = capsys.readouterr().err
     assert "--slices 16 is even" in err and "--even-slices" in err
+    assert command.main(["--source", "phantom", "--out", str(tmp_path), "--supersample", "0"]) == 2
+    assert "--supersample 0" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(tmp_path, "ctgen_ct"))  # refused before any work

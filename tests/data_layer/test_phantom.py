@@ -120,3 +120,30 @@ def test_measure_on_handmade_labels():
     m = measure(lab, np.full(lab.shape, -900, np.int16), (1, 1, 1))
     assert m["cardiothoracic_ratio"] == pytest.approx(6 / 16)
     assert m["laa950_percent"] == 0 and m["mean_lung_hu"] == -900
+
+
+def test_supersampled_source_is_the_fine_render_resized_as_sr_inputs_are():
+    """`PhantomSource(supersample=K)` at H x W is the K*H x K*W phantom of the same seed resized down the
+    way SR pairs and the SR evaluation make their low-res inputs (clip, antialiased resize), so a
+    CT-ViT trained on it sees what the cascade later feeds it; labels are the fine labels at the
+    coarse voxel centres, the truth is the fine render's."""
+    from ctgen.data.preprocess import GridConfig, resize_volume
+    from ctgen.data.sources import PhantomSource
+    from ctgen.volume import clip_hu, extent_spacing, to_int16_hu
+
+    coarse = PhantomSource(2, 5, GridConfig(shape=(17, 16, 16)), supersample=4)
+    fine = PhantomSource(2, 5, GridConfig(shape=(17, 64, 64)))
+    native = PhantomSource(2, 5, GridConfig(shape=(17, 16, 16)))
+    recs, _ = coarse.scan()
+    for rec in recs:
+        c, f, n = coarse.load(rec), fine.load(rec), native.load(rec)
+        want = to_int16_hu(resize_volume(clip_hu(f["volume_DxHxW"].astype(np.float32)), (17, 16, 16)))
+        np.testing.assert_array_equal(c["volume_DxHxW"], want)
+        np.testing.assert_array_equal(c["labels"], f["labels"][:, 2::4, 2::4])
+        np.testing.assert_allclose(c["spacing"], extent_spacing((17, 16, 16)), rtol=1e-6)
+        assert c["attributes"]["measured"] == f["attributes"]["measured"] and c["report"] == f["report"]
+        assert c["attributes"]["shape"] == [17, 16, 16] and c["attributes"]["supersample"] == 4
+        assert not np.array_equal(c["volume_DxHxW"], n["volume_DxHxW"])  # not the point-sampled render
+    assert "supersample" not in native.fingerprint() and coarse.fingerprint()["supersample"] == 4
+    with pytest.raises(ValueError, match="supersample"):
+        PhantomSource(2, 5, GridConfig(shape=(17, 16, 16)), supersample=0)
