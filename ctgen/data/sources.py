@@ -76,9 +76,8 @@ class PhantomSource:
     edges are partial-volumed and the voxel noise drops by about K. A phantom prepared at 32 x 32
     with K = 4 is then the 128 x 128 phantom (same seed, same extent) resized to 32 x 32 as
     `ctgen prepare --source sr-pairs` and the SR evaluation make their low-res inputs (up to the
-    int16 rounding of storage). Label maps
-    are the fine render's label at each coarse voxel's centre; the attributes (the phantom's truth)
-    are measured on the fine render.
+    int16 rounding of storage). Label maps are the fine render's label at each coarse voxel's
+    centre; the attributes (the phantom's truth) are measured on the fine render.
     """
 
     kind = "phantom"
