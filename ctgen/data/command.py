@@ -142,10 +142,9 @@ def make_source(args: argparse.Namespace, grid):
     from ctgen.errors import UserError
 
     if args.source == "phantom":
-        supersample = getattr(args, "supersample", 1)
-        if supersample < 1:
-            raise UserError(f"--supersample {supersample}: give a whole number >= 1 (1 = no supersampling)")
-        return PhantomSource(args.count, args.seed, grid, p_normal=args.p_normal, supersample=supersample)
+        if args.supersample < 1:
+            raise UserError(f"--supersample {args.supersample}: give a whole number >= 1 (1 = no supersampling)")
+        return PhantomSource(args.count, args.seed, grid, p_normal=args.p_normal, supersample=args.supersample)
     if args.source == "ctrate":
         found = discover(args.root) if args.root else {"volumes": [], "reports": [], "metadata": []}
         return CtRateSource(args.volumes or found["volumes"], args.reports or found["reports"],

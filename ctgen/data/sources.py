@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from ctgen.data.phantom import make_phantom
-from ctgen.data.preprocess import GridConfig, resize_volume
+from ctgen.data.preprocess import GridConfig, to_grid
 from ctgen.data.writer import Issue, Record
 from ctgen.io.nifti import read_nifti
 from ctgen.volume import VolumeError, clip_hu, extent_spacing, to_int16_hu
@@ -121,7 +121,7 @@ class PhantomSource:
         else:
             (d, h, w), (dz, dy, dx) = shape, spacing
             ph = make_phantom(record.payload, (d, h * k, w * k), (dz, dy / k, dx / k), p_normal=self.p_normal)
-            hu = to_int16_hu(resize_volume(clip_hu(ph.hu.astype(np.float32)), shape))
+            hu = to_int16_hu(to_grid(clip_hu(ph.hu.astype(np.float32)), ph.spacing, self.grid)[0])  # as real CT
             labels = np.ascontiguousarray(ph.labels[:, k // 2::k, k // 2::k])
             attributes = {**ph.attributes, "shape": [int(n) for n in shape], "spacing": [float(x) for x in spacing],
                           "supersample": k}
