@@ -38,7 +38,9 @@ missing; an interrupted sample is made again. Each of N processes (jax.distribut
 --shard I/N for independent jobs) takes samples I, I+N, I+2N, ... into the same folder.
 
 --checkpoints DIR holds text/ (a Hugging Face or T5X T5, or ctgen weights), ctvit/, maskgit/ and superres/
-(ctgen weights directories from `ctgen import` or training workdirs). --slices must be 1 + 2k (the CT-ViT
+(ctgen weights directories from `ctgen import` or training workdirs). A folder made by
+`python -m ctgen.generate.demo_cascade pack` (no text/; a demo_cascade.json) brings its own generation settings
+and the built-in T5, as the built-in demo does; options and --config overrides win. --slices must be 1 + 2k (the CT-ViT
 turns every pair of slices after the first into one row of tokens); other counts fail naming the nearest
 valid ones. Every field of configs/generate.py can be set as --config.<field>=value. See docs/generate.md.
 """
@@ -230,8 +232,14 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
     from ctgen.generate import demo_cascade
 
     demo = demo_cascade.uses_demo(args.checkpoints, overrides)
-    if demo and demo_cascade.available():  # its own settings first; the user's overrides and options win
+    # A cascade's own settings first (the built-in demo, or --checkpoints DIR packed like it, which
+    # carries the demo manifest); the user's overrides and options win.
+    packed = None if demo else (args.checkpoints if args.checkpoints and demo_cascade.available(args.checkpoints)
+                                else None)
+    if demo and demo_cascade.available():
         overrides = demo_cascade.overrides() + list(overrides)
+    elif packed:
+        overrides = demo_cascade.overrides(packed) + list(overrides)
     config = load(args.config, overrides)
     apply_options(config, args)
     if args.print_config:
@@ -254,7 +262,7 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
     layout = resolve_layout(config.layout, stages["maskgit"].info)
     if layout == "generatect":
         axcodes_affine(config.generatect_axcodes)  # fails early on bad codes
-    return _generate(args, config, samples, stages, layout, out_dir, demo=demo)
+    return _generate(args, config, samples, stages, layout, out_dir, demo=demo, packed=packed)
 
 
 def _samples(args, config):
@@ -271,7 +279,8 @@ def _default_slices(config, ctvit) -> None:
     check_slices(config.slices, temporal_patch)
 
 
-def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool = False) -> int:
+def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool = False,
+              packed: str | None = None) -> int:
     """Initialise `jax.distributed` if asked, make this process's share, and in a multi-process run
     wait for every process before returning.
 
@@ -286,7 +295,7 @@ def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo:
     maybe_initialize(config.distributed)  # before anything touches a device
     import jax
 
-    rc = _generate_share(args, config, samples, stages, layout, out_dir, demo=demo)
+    rc = _generate_share(args, config, samples, stages, layout, out_dir, demo=demo, packed=packed)
     if jax.process_count() > 1:
         # Only after a success: a process that failed exits at once, and jax.distributed's exit
         # barrier then ends the others within its timeout instead of leaving them waiting here.
@@ -296,8 +305,10 @@ def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo:
     return rc
 
 
-def _generate_share(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool) -> int:
-    """Make this process's share of `samples` (after `jax.distributed` is up, if asked for)."""
+def _generate_share(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool,
+                    packed: str | None = None) -> int:
+    """Make this process's share of `samples` (after `jax.distributed` is up, if asked for). packed:
+    the --checkpoints folder when it is a packed cascade whose settings were applied."""
     import jax
 
     from ctgen.generate import cascade
@@ -317,6 +328,10 @@ def _generate_share(args, config, samples, stages, layout: str, out_dir: str, *,
         models = f"{demo_cascade.NAME}: {demo_cascade.DESCRIPTION}"
     else:
         models = f"--checkpoints {config.checkpoints.dir}" if config.checkpoints.dir else "per-stage checkpoints"
+        if packed:
+            from ctgen.generate.demo_cascade import MANIFEST
+
+            models += f" (a packed cascade: the generation settings of its {MANIFEST} applied)"
     settings = settings_record(config, layout)
     requests = {s.name: {"prompt": s.prompt, "seed": int(config.seed), "sample_seed": s.seed, "sample_index": s.index,
                          "settings": settings, "checkpoints": {k: v["sha256"] for k, v in hashes.items()}}

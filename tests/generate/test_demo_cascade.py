@@ -157,3 +157,32 @@ def test_pack_refuses_a_packed_stage_in_the_wrong_slot(packed, tmp_path):
     with pytest.raises(UserError, match=r"a packed 'maskgit' stage, not a 'ctvit' one \(--ctvit\)"):
         demo_cascade.pack(os.path.join(packed[0], "maskgit"), None, None, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out") and not os.listdir(tmp_path)
+
+
+def test_checkpoints_of_a_packed_cascade_bring_its_settings(packed, tmp_path, capsys):
+    """`--checkpoints DIR` on a folder made by `pack` applies its manifest's generation settings and
+    the built-in T5 (the folder has no text/), as the built-in demo does; the user's options win."""
+    out_dir, _ = packed
+    out = str(tmp_path / "out")
+    assert main(["generate", "Cardiomegaly.", "--checkpoints", out_dir, "--out", out, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "slices: 3" in printed and "text_max_length: 32" in printed and "text: builtin" in printed
+    assert main(["generate", "Cardiomegaly.", "--checkpoints", out_dir, "--out", out, "--slices", "5",
+                 "--print-config"]) == 0
+    assert "slices: 5" in capsys.readouterr().out
+    assert main(["generate", "64 years old female: Cardiomegaly.", "--name", "heart", "--checkpoints", out_dir,
+                 "--out", out]) == 0
+    assert "no --checkpoints" not in capsys.readouterr().out
+    prov = json.loads(open(os.path.join(out, "provenance", "heart.json")).read())
+    assert prov["models"].startswith(f"--checkpoints {out_dir} (a packed cascade")
+    assert prov["config"]["superres"]["scale"] == 2 and prov["config"]["checkpoints"]["text"] == "builtin"
+    # a plain checkpoints folder (no manifest) gets no settings it did not ask for
+    plain = str(tmp_path / "plain")
+    import shutil
+
+    shutil.copytree(out_dir, plain)
+    os.remove(os.path.join(plain, demo_cascade.MANIFEST))
+    assert main(["generate", "Cardiomegaly.", "--checkpoints", plain, "--out", out, "--print-config",
+                 "--config.checkpoints.text=builtin"]) == 0
+    printed = capsys.readouterr().out
+    assert "slices: 3" not in printed and "text_max_length: 32" not in printed
