@@ -232,13 +232,11 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
     from ctgen.generate import demo_cascade
 
     demo = demo_cascade.uses_demo(args.checkpoints, overrides)
-    # A cascade's own settings first (the built-in demo, or --checkpoints DIR packed like it, which
-    # carries the demo manifest); the user's overrides and options win.
-    packed = None if demo else (args.checkpoints if args.checkpoints and demo_cascade.available(args.checkpoints)
-                                else None)
-    if demo and demo_cascade.available():
-        overrides = demo_cascade.overrides() + list(overrides)
-    elif packed:
+    # A packed cascade's own settings first (the built-in demo, or --checkpoints DIR packed like it);
+    # the user's overrides and options win.
+    source = demo_cascade.default_dir() if demo else args.checkpoints
+    packed = source if source and demo_cascade.available(source) else None
+    if packed:
         overrides = demo_cascade.overrides(packed) + list(overrides)
     config = load(args.config, overrides)
     apply_options(config, args)
@@ -308,7 +306,7 @@ def _generate(args, config, samples, stages, layout: str, out_dir: str, *, demo:
 def _generate_share(args, config, samples, stages, layout: str, out_dir: str, *, demo: bool,
                     packed: str | None = None) -> int:
     """Make this process's share of `samples` (after `jax.distributed` is up, if asked for). packed:
-    the --checkpoints folder when it is a packed cascade whose settings were applied."""
+    the packed cascade whose settings were applied (the built-in demo's folder when `demo`)."""
     import jax
 
     from ctgen.generate import cascade
