@@ -39,7 +39,8 @@ missing; an interrupted sample is made again. Each of N processes (jax.distribut
 
 --checkpoints DIR holds text/ (a Hugging Face or T5X T5, or ctgen weights), ctvit/, maskgit/ and superres/
 (ctgen weights directories from `ctgen import` or training workdirs). A folder made by
-`python -m ctgen.generate.demo_cascade pack` (no text/; a demo_cascade.json) brings its own generation settings
+`python -m ctgen.generate.demo_cascade pack` (no text/; a demo_cascade.json), named by --checkpoints or
+--config.checkpoints.dir, brings its own generation settings
 and the built-in T5, as the built-in demo does; options and --config overrides win. --slices must be 1 + 2k (the CT-ViT
 turns every pair of slices after the first into one row of tokens); other counts fail naming the nearest
 valid ones. Every field of configs/generate.py can be set as --config.<field>=value. See docs/generate.md.
@@ -232,9 +233,10 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
     from ctgen.generate import demo_cascade
 
     demo = demo_cascade.uses_demo(args.checkpoints, overrides)
-    # A packed cascade's own settings first (the built-in demo, or --checkpoints DIR packed like it);
-    # the user's overrides and options win.
-    source = demo_cascade.default_dir() if demo else args.checkpoints
+    # A packed cascade's own settings first (the built-in demo, or a folder packed like it named by
+    # --checkpoints DIR or --config.checkpoints.dir=DIR, the option winning as it does below); the
+    # user's overrides and options win.
+    source = demo_cascade.default_dir() if demo else args.checkpoints or dict(overrides).get("checkpoints.dir")
     packed = source if source and demo_cascade.available(source) else None
     if packed:
         overrides = demo_cascade.overrides(packed) + list(overrides)

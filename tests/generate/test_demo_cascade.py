@@ -170,6 +170,11 @@ def test_checkpoints_of_a_packed_cascade_bring_its_settings(packed, tmp_path, ca
     assert main(["generate", "Cardiomegaly.", "--checkpoints", out_dir, "--out", out, "--slices", "5",
                  "--print-config"]) == 0
     assert "slices: 5" in capsys.readouterr().out
+    # the same folder named through the config override
+    assert main(["generate", "Cardiomegaly.", f"--config.checkpoints.dir={out_dir}", "--out", out,
+                 "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "slices: 3" in printed and "text: builtin" in printed
     assert main(["generate", "64 years old female: Cardiomegaly.", "--name", "heart", "--checkpoints", out_dir,
                  "--out", out]) == 0
     assert "no --checkpoints" not in capsys.readouterr().out
